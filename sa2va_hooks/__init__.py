@@ -1,0 +1,25 @@
+"""sa2va_hooks: export exactly what was trained, from the model in memory, with proof.
+
+Layout (the architecture):
+- ``core/``: merge (out-of-place LoRA via PEFT's delta math), sharded safetensors writing with
+  atomic publish, fingerprints, manifest, verification. No mmengine.
+- ``converters/``: one file per model family, registered in ``CONVERTERS`` (an mmengine Registry).
+- ``export.py``: ``export_hf``, the single path from a model to a verified snapshot.
+- ``hooks/``: thin mmengine hooks (``FingerprintHook``, ``HFExportHook``) that read runner state,
+  decide timing and call the core.
+- ``cli.py``: ``python -m sa2va_hooks verify|fingerprint``.
+
+Importing this package registers the hooks in mmengine's ``HOOKS`` and the converters in
+``CONVERTERS``; it does not import xtuner.
+"""
+from .compat import apply_torch_cpu_bf16_shim
+from .converters import CONVERTERS, Converter
+from .core.fingerprint import Fingerprint, FingerprintSet
+from .core.manifest import ExportManifest
+from .core.verify import verify_snapshot
+from .export import export_hf
+from .hooks import FingerprintHook, HFExportHook
+
+__version__ = "0.1.0"
+__all__ = ["CONVERTERS", "Converter", "ExportManifest", "Fingerprint", "FingerprintSet", "FingerprintHook",
+           "HFExportHook", "apply_torch_cpu_bf16_shim", "export_hf", "verify_snapshot"]

@@ -1,0 +1,163 @@
+"""Converter base class and registry.
+
+A converter says three things about one model family, declaratively where it can:
+- which module to walk (``hf_root``) and whether a model is of its family (``matches``, by
+  structure, never by importing the family's code);
+- how training-time names become HF names (``key_rules``: ordered ``(regex, replacement)``
+  pairs, first match wins, ``None`` = dropped on purpose, plus ``post_rules`` applied to every
+  mapped key);
+- what else a loadable snapshot needs (``config.json``, tokenizer, remote code).
+
+A key that no rule maps is an error, not a silent drop. A key that transformers would rename
+on load (``gamma``/``beta`` -> ``weight``/``bias``) is an error unless a rule maps it away.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from mmengine.registry import Registry
+from torch import nn
+
+CONVERTERS = Registry("sa2va_hooks converter", scope="sa2va_hooks")
+
+# transformers' from_pretrained rewrites any key containing these (modeling_utils'
+# legacy fix-up), so the tensor would silently not load under its own name.
+LEGACY_RENAMED_SUBSTRINGS = ("gamma", "beta")
+
+
+class ConversionError(ValueError):
+    """The model cannot be mapped to the target layout without losing or inventing weights."""
+
+
+@dataclasses.dataclass
+class SnapshotContext:
+    """What converters need to know about the export being written."""
+
+    model: nn.Module
+    dtype: Any  # torch.dtype or None (kept as in memory)
+    names: set[str]  # exported tensor names
+    shapes: dict[str, tuple[int, ...]]
+    notes: list[str]
+
+
+def _first_rule(key: str, rules: Sequence[tuple[str, str | None]]) -> tuple[bool, str | None]:
+    for pattern, repl in rules:
+        if re.search(pattern, key):
+            return True, (None if repl is None else re.sub(pattern, repl, key, count=1))
+    return False, None
+
+
+class Converter:
+    name: ClassVar[str] = ""
+    priority: ClassVar[int] = 0  # "auto" tries converters with a higher priority first
+    key_rules: ClassVar[tuple[tuple[str, str | None], ...]] = ((r"^(.*)$", r"\1"),)
+    post_rules: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __init__(self, tokenizer: Any = None) -> None:
+        self.tokenizer = tokenizer
+
+    # -- family detection and tree -------------------------------------------------------
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def hf_root(self, model: nn.Module) -> nn.Module:
+        return model
+
+    # -- names --------------------------------------------------------------------------
+    def map_keys(self, keys: Sequence[str]) -> dict[str, str | None]:
+        """Canonical name -> HF name (None: dropped on purpose). Raises listing every bad key."""
+        out: dict[str, str | None] = {}
+        unmapped, legacy = [], []
+        for key in keys:
+            hit, new = _first_rule(key, self.key_rules)
+            if not hit:
+                unmapped.append(key)
+                continue
+            if new is not None:
+                for pattern, repl in self.post_rules:
+                    new = re.sub(pattern, repl, new)
+                if any(s in new for s in LEGACY_RENAMED_SUBSTRINGS):
+                    legacy.append(f"{key} -> {new}")
+            out[key] = new
+        problems = []
+        if unmapped:
+            problems.append(f"{len(unmapped)} key(s) match no rule of converter '{self.name}': "
+                            f"{_head(unmapped)}. Add a key rule (or register your own converter) so that no "
+                            "weight is dropped without a decision.")
+        if legacy:
+            problems.append(f"{len(legacy)} exported key(s) contain 'gamma' or 'beta', which transformers' "
+                            f"from_pretrained silently renames to 'weight'/'bias' on load: {_head(legacy)}. Map them "
+                            "with a rule of the family (e.g. '.gamma' -> '.g_weight', with the remote code using "
+                            "that name).")
+        dup = _duplicates([v for v in out.values() if v is not None])
+        if dup:
+            problems.append(f"several keys map to the same exported name: {_head(dup)}; fix the converter's rules.")
+        if problems:
+            raise ConversionError("\n".join(problems))
+        return out
+
+    # -- files beside the weights --------------------------------------------------------
+    def hf_config(self, model: nn.Module, ctx: SnapshotContext) -> Any:
+        """An object with ``save_pretrained(dir)`` or a plain dict for config.json."""
+        raise NotImplementedError
+
+    def save_extras(self, model: nn.Module, out_dir: Path, ctx: SnapshotContext) -> None:
+        tok = self.resolve_tokenizer(model)
+        if tok is not None:
+            tok.save_pretrained(str(out_dir))
+
+    def resolve_tokenizer(self, model: nn.Module) -> Any:
+        tok = self.tokenizer if self.tokenizer is not None else getattr(model, "tokenizer", None)
+        if isinstance(tok, (str, Path)):
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(tok), trust_remote_code=True)
+        return tok
+
+
+def _head(items: Sequence[str], n: int = 20) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" ... and {len(items) - n} more" if len(items) > n else "")
+
+
+def _duplicates(items: Sequence[str]) -> list[str]:
+    seen, dup = set(), []
+    for i in items:
+        if i in seen:
+            dup.append(i)
+        seen.add(i)
+    return dup
+
+
+def resolve_converter(spec: Any, model: nn.Module) -> Converter:
+    """'auto', a registered name, an mmengine-style dict, or a Converter instance."""
+    if isinstance(spec, Converter):
+        return spec
+    kwargs: dict = {}
+    if isinstance(spec, dict):
+        kwargs = copy.copy(spec)
+        spec = kwargs.pop("type", "auto")
+    if isinstance(spec, type) and issubclass(spec, Converter):
+        return spec(**kwargs)
+    if spec == "auto":
+        return detect_converter(model)(**kwargs)
+    cls = CONVERTERS.get(spec)
+    if cls is None:
+        raise KeyError(f"unknown converter {spec!r}; known converters: {', '.join(sorted(CONVERTERS.module_dict))}. "
+                       "Register your own with @CONVERTERS.register_module().")
+    return cls(**kwargs)
+
+
+def detect_converter(model: nn.Module) -> type[Converter]:
+    ranked = sorted(CONVERTERS.module_dict.values(), key=lambda c: -c.priority)
+    for cls in ranked:
+        if cls.matches(model):
+            return cls
+    raise ConversionError(
+        f"no converter matches a model of class {type(model).__module__}.{type(model).__qualname__}; "
+        f"known converters: {', '.join(sorted(CONVERTERS.module_dict))}. Pass converter=NAME, or register a "
+        "converter for this family with @sa2va_hooks.CONVERTERS.register_module().")

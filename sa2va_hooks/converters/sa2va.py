@@ -1,0 +1,107 @@
+"""Sa2VA with an InternVL-style mllm, recognised by structure (Sa2VA is not a pip package).
+
+Training tree -> HF tree:
+- ``mllm.model.{vision_model,language_model,mlp1}.*`` -> ``{vision_model,language_model,mlp1}.*``
+- ``grounding_encoder.*`` and ``text_hidden_fcs.*`` are kept;
+- ``.gamma`` -> ``.g_weight``: SAM2's memory encoder has ``gamma`` layer scales, which
+  transformers would silently rename to ``weight`` on load; Sa2VA's HF code names them
+  ``g_weight``.
+config.json is the base InternVL config (the live ``mllm.model.config``, which came from the
+base model directory) with ``llm_config.vocab_size`` set to the embedding rows (Sa2VA adds
+``[SEG]`` and friends), plus ``template``, ``auto_map`` and ``architectures``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .base import CONVERTERS, ConversionError, Converter, SnapshotContext
+from .causal_lm import embedding_rows, unwrap_hf
+
+OFFICIAL_AUTO_MAP = {
+    "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
+    "AutoModel": "modeling_sa2va_chat.Sa2VAChatModel",
+    "AutoModelForCausalLM": "modeling_sa2va_chat.Sa2VAChatModel",
+}
+
+
+@CONVERTERS.register_module(name="sa2va")
+class Sa2VAConverter(Converter):
+    name = "sa2va"
+    priority = 100
+    key_rules = (
+        (r"^mllm\.model\.(vision_model|language_model|mlp1)\.", r"\1."),
+        (r"^(grounding_encoder|text_hidden_fcs)\.", r"\1."),
+    )
+    post_rules = ((r"\.gamma$", ".g_weight"),)
+
+    def __init__(self, *, hf_code_dir: str | None = None, template: str | None = None,
+                 auto_map: dict | None = None, architectures: list[str] | None = None,
+                 base_config: str | None = None, tokenizer: Any = None) -> None:
+        super().__init__(tokenizer=tokenizer)
+        self.hf_code_dir = hf_code_dir
+        self.template = template
+        self.auto_map = auto_map or OFFICIAL_AUTO_MAP
+        self.architectures = architectures or [self.auto_map["AutoModel"].rsplit(".", 1)[-1]]
+        self.base_config = base_config
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        inner = getattr(getattr(model, "mllm", None), "model", None)
+        return (inner is not None and all(hasattr(inner, a) for a in ("vision_model", "language_model", "mlp1"))
+                and hasattr(model, "grounding_encoder") and hasattr(model, "text_hidden_fcs"))
+
+    def _base_config_dict(self, model: nn.Module) -> dict:
+        if self.base_config:
+            return json.loads(Path(self.base_config).read_text())
+        cfg = getattr(model.mllm.model, "config", None)
+        if cfg is None:
+            raise ConversionError("the Sa2VA mllm has no .config to build config.json from; pass "
+                                  "converter=dict(type='sa2va', base_config='BASE_DIR/config.json').")
+        return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+    def hf_config(self, model: nn.Module, ctx: SnapshotContext) -> dict:
+        cfg = self._base_config_dict(model)
+        if "llm_config" not in cfg:
+            raise ConversionError("the base config has no 'llm_config'; an InternVL-style Sa2VA config is expected. "
+                                  "Use converter 'sa2va_qwen' for Qwen-VL-style mllms.")
+        rows = embedding_rows(model.mllm.model.language_model)
+        old = cfg["llm_config"].get("vocab_size")
+        if old != rows:
+            ctx.notes.append(f"llm_config.vocab_size set from {old} to {rows}, the embedding rows")
+        cfg["llm_config"]["vocab_size"] = rows
+        template = self.template or getattr(model, "template", None) or cfg.get("template")
+        if isinstance(template, dict):
+            template = template.get("name", template)
+        cfg["template"] = template
+        cfg["auto_map"] = dict(self.auto_map)
+        cfg["architectures"] = list(self.architectures)
+        if ctx.dtype is not None:
+            dtype_name = str(ctx.dtype).removeprefix("torch.")
+            cfg["torch_dtype"] = dtype_name
+            cfg["llm_config"]["torch_dtype"] = dtype_name
+        inner = unwrap_hf(model.mllm.model.language_model)
+        if getattr(inner.config, "tie_word_embeddings", False) and "language_model.lm_head.weight" in ctx.names:
+            cfg["llm_config"]["tie_word_embeddings"] = False
+            ctx.notes.append("llm_config.tie_word_embeddings set to False: lm_head was trained apart from "
+                             "embed_tokens, so both are exported")
+        return cfg
+
+    def save_extras(self, model: nn.Module, out_dir: Path, ctx: SnapshotContext) -> None:
+        if self.hf_code_dir:
+            code = sorted(Path(self.hf_code_dir).glob("*.py"))
+            if not code:
+                raise ConversionError(f"hf_code_dir {self.hf_code_dir} has no .py files; point it at the directory "
+                                      "with Sa2VA's modeling_*.py and configuration_*.py.")
+            for f in code:
+                shutil.copy2(f, out_dir / f.name)
+        missing = [v.split(".")[0] + ".py" for v in self.auto_map.values()
+                   if not (out_dir / (v.split(".")[0] + ".py")).exists()]
+        if missing:
+            ctx.notes.append(f"remote code {sorted(set(missing))} named in auto_map is not in the snapshot; "
+                             "pass hf_code_dir so that from_pretrained(trust_remote_code=True) can load it")
+        super().save_extras(model, out_dir, ctx)

@@ -1,0 +1,152 @@
+"""Tensor fingerprints: a content digest plus dtype-tolerant statistics.
+
+A digest answers "is this exactly the tensor that was trained?"; the fp64 norm and
+sum answer "is it numerically the same tensor after a dtype change?". Both are
+needed: an export is usually cast (fp32 training -> bf16 snapshot), so the bytes
+change while the values should not move by more than the cast allows.
+
+The digest covers name, dtype, shape and bytes, so a renamed, reshaped or recast
+tensor never collides with the original. The algorithm string records every
+setting that changes the output, so two fingerprints are only ever compared when
+they were made the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Iterable, Mapping
+
+import torch
+import xxhash
+
+DIGEST_ALGORITHM = "xxh3_128(name,dtype,shape,bytes);v1"
+ROOT_ALGORITHM = "xxh3_128(sorted name=digest lines);v1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """What one tensor was, in a form that survives JSON."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    digest: str
+    norm: float
+    sum: float
+    algorithm: str = DIGEST_ALGORITHM
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "Fingerprint":
+        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]), digest=d["digest"],
+                   norm=float(d["norm"]), sum=float(d["sum"]), algorithm=d.get("algorithm", DIGEST_ALGORITHM))
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+
+def tensor_bytes(t: torch.Tensor):
+    """The raw little-endian bytes of `t` as a numpy uint8 array, without a dtype round trip.
+
+    Viewing as uint8 works for every dtype numpy lacks (bfloat16, float8), and it hashes what
+    safetensors writes, byte for byte.
+    """
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def fingerprint_tensor(name: str, t: torch.Tensor) -> Fingerprint:
+    """Digest and fp64 statistics of one tensor, read once from host memory."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    h = xxhash.xxh3_128()
+    shape = tuple(int(s) for s in t.shape)
+    h.update(json.dumps([name, dtype_name(t.dtype), list(shape)]).encode())
+    h.update(tensor_bytes(t))
+    if t.is_floating_point() or t.is_complex():
+        t64 = t.to(torch.float64)
+        norm, total = float(torch.linalg.vector_norm(t64)), float(t64.sum())
+    elif t.dtype == torch.bool:
+        norm, total = float(t.sum()), float(t.sum())
+    else:
+        t64 = t.to(torch.float64)
+        norm, total = float(torch.linalg.vector_norm(t64)), float(t64.sum())
+    return Fingerprint(name=name, dtype=dtype_name(t.dtype), shape=shape, digest=h.hexdigest(),
+                       norm=norm, sum=total)
+
+
+def root_digest(fingerprints: Iterable[Fingerprint] | Mapping[str, Fingerprint]) -> str:
+    """One digest over a set of tensors, independent of their order."""
+    fps = fingerprints.values() if isinstance(fingerprints, Mapping) else fingerprints
+    lines = sorted(f"{fp.name}={fp.digest}" for fp in fps)
+    return xxhash.xxh3_128("\n".join(lines).encode()).hexdigest()
+
+
+def fingerprint_state(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, Fingerprint]:
+    """Fingerprints of many tensors, keyed by name."""
+    return {name: fingerprint_tensor(name, t) for name, t in named_tensors}
+
+
+@dataclasses.dataclass(frozen=True)
+class FingerprintSet:
+    """The trained (or frozen) tensors of a model at one moment, and their root digest."""
+
+    tensors: dict[str, Fingerprint]
+    root: str
+    algorithm: str = ROOT_ALGORITHM
+
+    @classmethod
+    def of(cls, fps: Mapping[str, Fingerprint]) -> "FingerprintSet":
+        return cls(tensors=dict(fps), root=root_digest(fps))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(fp.nbytes for fp in self.tensors.values())
+
+    def to_json(self) -> dict:
+        return {"algorithm": self.algorithm, "root": self.root, "count": len(self.tensors),
+                "bytes": self.nbytes, "tensors": {k: v.to_json() for k, v in sorted(self.tensors.items())}}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "FingerprintSet":
+        fps = {k: Fingerprint.from_json(v) for k, v in d["tensors"].items()}
+        return cls(tensors=fps, root=d["root"], algorithm=d.get("algorithm", ROOT_ALGORITHM))
+
+
+@dataclasses.dataclass(frozen=True)
+class FingerprintMismatch:
+    kind: str  # "missing" | "extra" | "mismatch"
+    name: str
+    expected: str | None = None
+    got: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "mismatch":
+            return f"mismatch {self.name}: expected {self.expected}, got {self.got}"
+        return f"{self.kind} {self.name}"
+
+
+def compare_fingerprints(expected: Mapping[str, Fingerprint],
+                         got: Mapping[str, Fingerprint]) -> list[FingerprintMismatch]:
+    """Every difference between two fingerprint maps, one entry per tensor."""
+    problems = [FingerprintMismatch("missing", k) for k in sorted(set(expected) - set(got))]
+    problems += [FingerprintMismatch("extra", k) for k in sorted(set(got) - set(expected))]
+    for k in sorted(set(expected) & set(got)):
+        if expected[k].digest != got[k].digest:
+            problems.append(FingerprintMismatch("mismatch", k, expected[k].digest, got[k].digest))
+    return problems

@@ -1,0 +1,110 @@
+"""Check a written snapshot against its manifest, and trained fingerprints against an export.
+
+Every check appends a one-line problem instead of raising, so one run reports everything that
+is wrong ("missing X", "extra Y", "mismatch Z: expected A, got B").
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+from safetensors import SafetensorError, safe_open
+
+from .fingerprint import Fingerprint, compare_fingerprints, fingerprint_tensor, root_digest
+from .manifest import MANIFEST_FILE, ExportManifest, sha256_file
+from .writer import INDEX_FILE, SINGLE_FILE
+
+
+def hash_safetensors_file(path: Path) -> dict[str, Fingerprint]:
+    """Fingerprints of every tensor in one file, read back from disk one tensor at a time."""
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            out[name] = fingerprint_tensor(name, f.get_tensor(name))
+    return out
+
+
+def _check_files(root: Path, manifest: ExportManifest) -> list[str]:
+    problems = []
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST_FILE}
+    for rel in sorted(set(manifest.files) - present):
+        problems.append(f"missing file {rel}")
+    for rel in sorted(present - set(manifest.files)):
+        problems.append(f"extra file {rel}")
+    for rel in sorted(set(manifest.files) & present):
+        entry = manifest.files[rel]
+        size = (root / rel).stat().st_size
+        if size != entry["size"]:
+            problems.append(f"mismatch size of {rel}: expected {entry['size']}, got {size}")
+        elif "sha256" in entry and sha256_file(root / rel) != entry["sha256"]:
+            problems.append(f"mismatch sha256 of {rel}: expected {entry['sha256']}, got {sha256_file(root / rel)}")
+    return problems
+
+
+def _check_index(root: Path, manifest: ExportManifest) -> list[str]:
+    expected_map = {name: t["file"] for name, t in manifest.tensors.items()}
+    shard_files = sorted(set(expected_map.values()))
+    if shard_files == [SINGLE_FILE]:
+        return [f"extra file {INDEX_FILE} beside a single {SINGLE_FILE}"] if (root / INDEX_FILE).exists() else []
+    index_path = root / INDEX_FILE
+    if not index_path.is_file():
+        return [f"missing {INDEX_FILE} for {len(shard_files)} shards"]
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map, total = index["weight_map"], index["metadata"]["total_size"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return [f"corrupt {INDEX_FILE}: {e}"]
+    problems = [f"index maps {k} to {weight_map.get(k)}, manifest says {v}"
+                for k, v in sorted(expected_map.items()) if weight_map.get(k) != v]
+    problems += [f"extra index entry {k}" for k in sorted(set(weight_map) - set(expected_map))]
+    expected_total = sum(_nbytes(t) for t in manifest.tensors.values())
+    if total != expected_total:
+        problems.append(f"mismatch index total_size: expected {expected_total}, got {total}")
+    return problems
+
+
+def _nbytes(t: Mapping) -> int:
+    return Fingerprint.from_json({**t, "name": ""}).nbytes
+
+
+def _check_tensors(root: Path, manifest: ExportManifest) -> list[str]:
+    expected = {name: Fingerprint.from_json({**t, "name": name}) for name, t in manifest.tensors.items()}
+    got: dict[str, Fingerprint] = {}
+    problems = []
+    for fname in sorted({t["file"] for t in manifest.tensors.values()}):
+        path = root / fname
+        if not path.is_file():
+            continue  # already reported as a missing file
+        try:
+            file_fps = hash_safetensors_file(path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            problems.append(f"unreadable shard {fname}: {e}")
+            continue
+        for name, fp in file_fps.items():
+            if name in got:
+                problems.append(f"duplicate tensor {name} in {fname}")
+            if name in manifest.tensors and manifest.tensors[name]["file"] != fname:
+                problems.append(f"misplaced tensor {name}: expected in {manifest.tensors[name]['file']}, got {fname}")
+            got[name] = fp
+    unread = {n for n, t in manifest.tensors.items() if not (root / t["file"]).is_file() or
+              any(p.startswith(f"unreadable shard {t['file']}") for p in problems)}
+    problems += [str(m) for m in compare_fingerprints(expected, got) if not (m.kind == "missing" and m.name in unread)]
+    if not problems and root_digest(got) != manifest.root_digest:
+        problems.append(f"mismatch root digest: expected {manifest.root_digest}, got {root_digest(got)}")
+    return problems
+
+
+def verify_snapshot(snapshot_dir: str | Path) -> list[str]:
+    """All problems found in a snapshot; an empty list means it is exactly what was exported."""
+    root = Path(snapshot_dir)
+    try:
+        manifest = ExportManifest.load(root)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
+        return [str(e)]
+    return _check_files(root, manifest) + _check_index(root, manifest) + _check_tensors(root, manifest)
+
+
+def verify_trained(manifest_trained: Mapping[str, Fingerprint], recorded: Mapping[str, Fingerprint]) -> list[str]:
+    """The export's trained fingerprints against those a checkpoint recorded."""
+    return [str(m) for m in compare_fingerprints(recorded, manifest_trained)]

@@ -1,0 +1,169 @@
+"""Streaming, sharded safetensors writing with HF index conventions and atomic publish.
+
+Shards are planned from names, shapes and dtypes before any data exists, so the file names
+(``model-00001-of-00003.safetensors``) are final from the start. Then each shard's tensors are
+produced, fingerprinted while in memory, written with safetensors' own ``save_file`` and
+dropped: peak extra memory is one shard.
+
+A snapshot is written into ``NAME.incomplete-<id>`` beside its final place and renamed only
+once everything, the manifest last, is on disk and fsynced. A reader therefore either sees a
+complete snapshot or none, and a crash leaves only an ``.incomplete-*`` directory behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5e9 bytes, '2GiB' -> 2**31, as transformers' max_shard_size does."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} is not a size; use an int of bytes or e.g. '5GB', '500MiB'.")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    files: list[tuple[str, list[TensorSlot]]]  # in write order
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for _, slots in self.files for s in slots)
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {s.name: f for f, slots in self.files for s in slots}
+
+
+def plan_shards(slots: Sequence[TensorSlot], max_shard_size: int | str) -> ShardPlan:
+    """Greedy, order-preserving split, as transformers does: a tensor larger than the limit
+    gets a shard of its own rather than being refused."""
+    limit = parse_size(max_shard_size)
+    groups: list[list[TensorSlot]] = [[]]
+    size = 0
+    for s in slots:
+        if groups[-1] and size + s.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(s)
+        size += s.nbytes
+    if len(groups) == 1:
+        return ShardPlan([(SINGLE_FILE, groups[0])])
+    n = len(groups)
+    return ShardPlan([(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)])
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory, so a rename that follows cannot outrun the data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj: object) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_shards(staging: Path, plan: ShardPlan, produce: Callable[[TensorSlot], torch.Tensor],
+                 *, on_shard_done: Callable[[str, int], None] | None = None) -> None:
+    """Produce and write each shard in turn; at most one shard's tensors are alive at once."""
+    for fname, slots in plan.files:
+        tensors = {}
+        for slot in slots:
+            t = produce(slot)
+            if tuple(t.shape) != slot.shape or t.dtype != slot.dtype:
+                raise RuntimeError(f"tensor '{slot.name}' came out as {t.dtype}{list(t.shape)} but was planned as "
+                                   f"{slot.dtype}{list(slot.shape)}; this is a converter bug, please report it.")
+            tensors[slot.name] = t
+        path = staging / fname
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        fsync_path(path)
+        del tensors
+        if on_shard_done:
+            on_shard_done(fname, path.stat().st_size)
+    if len(plan.files) > 1:
+        write_json(staging / INDEX_FILE, {"metadata": {"total_size": plan.total_size},
+                                          "weight_map": dict(sorted(plan.weight_map.items()))})
+
+
+def staging_dir_for(out_dir: Path) -> Path:
+    return out_dir.parent / f"{out_dir.name}.incomplete-{uuid.uuid4().hex[:12]}"
+
+
+def check_free_space(directory: Path, need_bytes: int) -> None:
+    """Refuse before writing a byte, rather than fail halfway with a half-written snapshot."""
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise OSError(f"not enough free space in {directory}: the export needs about {need_bytes / 2**30:.2f} GiB "
+                      f"and {free / 2**30:.2f} GiB are free. Free some space or lower keep_last.")
+
+
+def publish(staging: Path, out_dir: Path, *, overwrite: bool) -> None:
+    """Rename a complete staging directory into place; an old snapshot is replaced only after
+    the new one is complete, and is moved aside (not deleted) until the rename succeeded."""
+    fsync_path(staging)
+    old = None
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"snapshot directory {out_dir} already exists; pass overwrite=True (--overwrite) "
+                                  "to replace it, or choose another output directory.")
+        old = out_dir.parent / f"{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(out_dir, old)
+    try:
+        os.rename(staging, out_dir)
+    except OSError:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    fsync_path(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def file_entries(directory: Path, exclude: Iterable[str] = ()) -> dict[str, int]:
+    """Relative path -> size of every regular file under directory."""
+    skip = set(exclude)
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and rel not in skip:
+            out[rel] = p.stat().st_size
+    return out
