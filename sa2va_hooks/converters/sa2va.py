@@ -93,7 +93,7 @@ class Sa2VAConverter(Converter):
 
     def save_extras(self, model: nn.Module, out_dir: Path, ctx: SnapshotContext) -> None:
         if self.hf_code_dir:
-            code = sorted(Path(self.hf_code_dir).glob("*.py"))
+            code = sorted(f for f in Path(self.hf_code_dir).glob("*.py") if f.name != "__init__.py")
             if not code:
                 raise ConversionError(f"hf_code_dir {self.hf_code_dir} has no .py files; point it at the directory "
                                       "with Sa2VA's modeling_*.py and configuration_*.py.")

@@ -120,7 +120,7 @@ class HFExportHook(Hook):
             f"{effect['trained_differ_from_base']}/{effect['trained_tensors']} trained tensors differ from the base, "
             f"max relative LoRA delta {effect['lora_rel_delta_max']}")
         for note in manifest.notes:
-            runner.logger.warning(f"[sa2va_hooks] {note}")
+            runner.logger.info(f"[sa2va_hooks] note: {note}")
         if effect["identical_to_base"] and point["iter"] > 0:
             runner.logger.error(
                 f"[sa2va_hooks] export {out} is IDENTICAL to the base model at iteration {point['iter']}: none of its "
