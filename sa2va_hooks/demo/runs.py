@@ -1,0 +1,41 @@
+"""Run the tiny Sa2VA demo config with the real mmengine Runner (demo and tests share this)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmengine.config import Config
+from mmengine.runner import Runner
+
+from .tiny_sa2va import make_tiny_base
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_sa2va_demo.py"
+
+
+def tiny_config(work_dir: str | Path, base_dir: str | Path, *, seed: int = 0, data_seed: int = 0,
+                max_iters: int = 6, save_interval: int = 3, lr: float | None = None,
+                resume_from: str | Path | None = None, hooks: list[dict] | None = None,
+                config_file: str | Path = DEMO_CONFIG) -> Config:
+    make_tiny_base(base_dir)
+    cfg = Config.fromfile(str(config_file))
+    cfg.work_dir = str(work_dir)
+    cfg.model.base_dir = str(base_dir)
+    cfg.train_dataloader.dataset.base_dir = str(base_dir)
+    cfg.train_dataloader.dataset.seed = data_seed
+    cfg.randomness = dict(seed=seed, deterministic=False)
+    cfg.train_cfg.max_iters = max_iters
+    cfg.default_hooks.checkpoint.interval = save_interval
+    if lr is not None:
+        cfg.optim_wrapper.optimizer.lr = lr
+    if resume_from is not None:
+        cfg.resume = True
+        cfg.load_from = str(resume_from)
+    if hooks is not None:
+        cfg.custom_hooks = hooks
+    return cfg
+
+
+def train_tiny(work_dir: str | Path, base_dir: str | Path, **kwargs: Any) -> Runner:
+    runner = Runner.from_cfg(tiny_config(work_dir, base_dir, **kwargs))
+    runner.train()
+    return runner

@@ -1,0 +1,26 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def _pins(name: str) -> list[str]:
+    return [line.strip() for line in Path(name).read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+setup(
+    name="sa2va_hooks",
+    version="0.1.0",
+    description="mmengine/xtuner hooks that export exactly what was trained: merged LoRA, HF snapshots, "
+                "fingerprints, and verify/diff tools",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sa2va_hooks", "sa2va_hooks.*"]),
+    install_requires=_pins("requirements.txt"),
+    extras_require={
+        # xtuner pins bitsandbytes==0.45.0, which does not import with torch 2.14.1 and breaks PEFT;
+        # scripts/setup_env.sh installs bitsandbytes==0.49.2 afterwards (docs/environment.md).
+        "xtuner": ["xtuner==0.2.0"],
+        "test": ["xtuner==0.2.0", "pytest==8.3.4", "psutil==7.2.2", "matplotlib==3.11.2"],
+    },
+    entry_points={"console_scripts": ["sa2va-hooks=sa2va_hooks.cli:main"]},
+)
