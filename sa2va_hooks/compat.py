@@ -26,3 +26,35 @@ def apply_torch_cpu_bf16_shim() -> bool:
         return False
     torch.cpu.is_bf16_supported = _cpu_bf16_unsupported  # type: ignore[attr-defined]
     return True
+
+
+def mmengine_checkpoint_safe_globals() -> list:
+    """The non-tensor types inside a checkpoint written by mmengine's CheckpointHook.
+
+    torch >= 2.6 loads with ``weights_only=True`` by default, and mmengine 0.10.6's resume calls
+    ``torch.load`` without ``weights_only``, so resuming fails on every mmengine checkpoint
+    until these are allowed (``get_unsafe_globals_in_checkpoint`` lists exactly these):
+    - ``HistoryBuffer`` (message_hub's logged scalars) and numpy's ``ndarray``/``dtype``/
+      ``_reconstruct``/``scalar``, which its buffers hold;
+    - ``builtins.getattr``: HistoryBuffer pickles its statistics methods as
+      ``getattr(buffer, "min")``. Allowing it is safe in the weights_only unpickler because
+      REDUCE only ever calls allowlisted callables: getattr can fetch an attribute of an object
+      the unpickler was already allowed to build, but what it fetches can never be called.
+    Nothing here can run code from the file.
+    """
+    import builtins
+
+    import numpy as np
+    from mmengine.logging.history_buffer import HistoryBuffer
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    types = [HistoryBuffer, np.ndarray, np.dtype, multiarray.multiarray._reconstruct,
+             multiarray.multiarray.scalar, builtins.getattr]
+    # numpy 2 pickles dtypes through their concrete classes (np.dtypes.Float64DType, ...)
+    types += [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
+    return types
+
+
+def allow_mmengine_checkpoint_globals() -> None:
+    """Let ``torch.load(weights_only=True)`` (torch's default) read mmengine checkpoints, so that
+    resume works; see :func:`mmengine_checkpoint_safe_globals` for why each type is safe."""
+    torch.serialization.add_safe_globals(mmengine_checkpoint_safe_globals())

@@ -1,6 +1,7 @@
 """Run the tiny Sa2VA demo config with the real mmengine Runner (demo and tests share this)."""
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ def tiny_config(work_dir: str | Path, base_dir: str | Path, *, seed: int = 0, da
     make_tiny_base(base_dir)
     cfg = Config.fromfile(str(config_file))
     cfg.work_dir = str(work_dir)
+    # mmengine keys its logger by experiment name (to the second); two runs in one second would
+    # otherwise share the first run's log file.
+    cfg.experiment_name = f"tiny_sa2va_{uuid.uuid4().hex[:12]}"
     cfg.model.base_dir = str(base_dir)
     cfg.train_dataloader.dataset.base_dir = str(base_dir)
     cfg.train_dataloader.dataset.seed = data_seed

@@ -14,6 +14,7 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
+from ..compat import allow_mmengine_checkpoint_globals
 from ..core.fingerprint import FingerprintSet, fingerprint_state
 from ..core.merge import trainable_parameters
 from .common import META_KEY, ensure_baseline, unwrapped_model
@@ -27,6 +28,7 @@ class FingerprintHook(Hook):
     priority = "LOWEST"
 
     def __init__(self) -> None:
+        allow_mmengine_checkpoint_globals()  # so that mmengine can resume from our checkpoints
         self._pending: dict | None = None
         self._last: FingerprintSet | None = None
 

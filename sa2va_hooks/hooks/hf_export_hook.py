@@ -17,6 +17,7 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
+from ..compat import allow_mmengine_checkpoint_globals
 from ..core.manifest import MANIFEST_FILE
 from ..export import export_hf
 from .common import build_callable_cfg, config_sha256, ensure_baseline, unwrapped_model
@@ -45,6 +46,7 @@ class HFExportHook(Hook):
     def __init__(self, out_dir: str | None = None, interval: int | None = None, converter: Any = "auto",
                  dtype: Any = None, max_shard_size: int | str = "5GB", keep_last: int | None = None,
                  tokenizer: Any = None) -> None:
+        allow_mmengine_checkpoint_globals()  # so that mmengine can resume from our checkpoints
         if interval is not None and interval < 1:
             raise ValueError(f"HFExportHook interval must be a positive number of iterations, got {interval}")
         if keep_last is not None and keep_last < 1:

@@ -1,0 +1,99 @@
+"""FingerprintHook and HFExportHook in real mmengine Runner trainings of the tiny Sa2VA model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sa2va_hooks.core.fingerprint import FingerprintSet, fingerprint_state
+from sa2va_hooks.core.manifest import ExportManifest
+from sa2va_hooks.demo.runs import train_tiny
+from sa2va_hooks.demo.tiny_sa2va import TinySa2VA
+
+
+def _log_text(work: Path) -> str:
+    return "\n".join(p.read_text() for p in work.glob("*/*.log"))
+
+
+def _trained_fps(model) -> FingerprintSet:
+    return FingerprintSet.of(fingerprint_state((n, p) for n, p in model.named_parameters() if p.requires_grad))
+
+
+def test_checkpoint_meta_and_sidecar_match_the_reloaded_model(trained_run, tiny_base):
+    _, work = trained_run
+    for it in (3, 6):
+        ckpt = torch.load(work / f"iter_{it}.pth", map_location="cpu", weights_only=False)
+        recorded = FingerprintSet.from_json(ckpt["meta"]["sa2va_hooks"]["trained"])
+        sidecar = json.loads((work / f"iter_{it}.pth.fingerprints.json").read_text())
+        assert sidecar["trained"]["root"] == recorded.root
+        model = TinySa2VA(base_dir=str(tiny_base))
+        result = model.load_state_dict(ckpt["state_dict"], strict=False)
+        assert result.unexpected_keys == []
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable.isdisjoint(result.missing_keys)
+        assert _trained_fps(model).tensors == recorded.tensors
+        assert ExportManifest.load(work / "hf" / f"iter_{it}").trained["root"] == recorded.root
+    log = _log_text(work)
+    assert "checkpoint at iter 3: 38 trainable tensors" in log and "38 changed since the last checkpoint" in log
+
+
+def test_different_seeds_give_different_digests_same_frozen_tensors(trained_run, tiny_base, tmp_path):
+    _, work0 = trained_run
+    train_tiny(tmp_path, tiny_base, seed=1, data_seed=1)
+    a, b = ExportManifest.load(work0 / "hf" / "iter_6"), ExportManifest.load(tmp_path / "hf" / "iter_6")
+    assert a.root_digest != b.root_digest
+    differ = {n for n in a.tensors if a.tensors[n]["digest"] != b.tensors[n]["digest"]}
+    trained = {n for n, t in a.tensors.items() if t["role"] != "frozen"}
+    assert differ == trained and len(trained) == 24
+
+
+def test_resumed_run_reproduces_the_same_digests(trained_run, tiny_base, tmp_path):
+    _, work0 = trained_run
+    train_tiny(tmp_path, tiny_base, seed=0, data_seed=0, resume_from=work0 / "iter_3.pth")
+    a, b = ExportManifest.load(work0 / "hf" / "iter_6"), ExportManifest.load(tmp_path / "hf" / "iter_6")
+    assert a.root_digest == b.root_digest
+    assert a.trained["root"] == b.trained["root"]
+    assert not (tmp_path / "hf" / "iter_3").exists()  # resumed after iteration 3
+
+
+def test_failed_export_is_logged_and_training_goes_on(tiny_base, tmp_path):
+    hooks = [dict(type="FingerprintHook"), dict(type="HFExportHook", converter="no_such_converter")]
+    runner = train_tiny(tmp_path, tiny_base, hooks=hooks)
+    assert runner.iter == 6 and (tmp_path / "iter_6.pth").is_file()
+    log = _log_text(tmp_path)
+    assert "HF export of iteration 6" in log and "FAILED" in log and "no_such_converter" in log
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+
+
+def test_export_identical_to_base_is_reported_as_an_error(tiny_base, tmp_path):
+    train_tiny(tmp_path, tiny_base, lr=0.0)
+    log = _log_text(tmp_path)
+    assert "IDENTICAL to the base model at iteration 3" in log
+    m = ExportManifest.load(tmp_path / "hf" / "iter_6")
+    assert m.training_effect["identical_to_base"] and m.training_effect["trained_differ_from_base"] == 0
+
+
+def test_keep_last_prunes_old_snapshots(tiny_base, tmp_path):
+    hooks = [dict(type="HFExportHook", interval=2, keep_last=2)]
+    train_tiny(tmp_path, tiny_base, hooks=hooks, save_interval=100)
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iter_4", "iter_6"]
+
+
+def test_verify_cli_detects_a_flipped_byte(trained_run, tmp_path):
+    import shutil
+    _, work = trained_run
+    snap = tmp_path / "snap"
+    shutil.copytree(work / "hf" / "iter_6", snap)
+    cmd = [sys.executable, "-m", "sa2va_hooks", "verify", str(snap)]
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    shard = snap / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0x01
+    shard.write_bytes(bytes(data))
+    bad = subprocess.run(cmd, capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "mismatch" in bad.stdout and "FAILED" in bad.stdout
