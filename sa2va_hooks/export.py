@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from .converters.base import SnapshotContext, resolve_converter
-from .core.fingerprint import Fingerprint, FingerprintSet, compare_fingerprints, fingerprint_state, fingerprint_tensor
+from .core.fingerprint import (Fingerprint, FingerprintSet, compare_fingerprints, fingerprint_state, fingerprint_tensor,
+                               root_digest)
+from .core.host import HostStager
 from .core.manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
 from .core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, plan_merged_tensors, trainable_parameters
 from .core.verify import hash_safetensors_file
@@ -47,7 +49,7 @@ def trained_fingerprints(model: nn.Module) -> FingerprintSet:
 
 
 def _readback(staging: Path, files: list[str], expected: Mapping[str, dict]) -> None:
-    got: dict[str, Fingerprint] = {}
+    got: dict[str, str] = {}
     for fname in files:
         got.update(hash_safetensors_file(staging / fname))
     want = {n: Fingerprint.from_json({**t, "name": n}) for n, t in expected.items()}
@@ -115,15 +117,18 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
         effect = TrainingEffect()
         bar = _progress(plan.total_size, progress)
 
+        stager = HostStager()
+
         def produce(slot: TensorSlot) -> torch.Tensor:
             st = by_name[slot.name]
             merged = st.materialize(dt)
-            fp = fingerprint_tensor(slot.name, merged.tensor)
+            host = stager.to_host(merged.tensor)
+            fp = fingerprint_tensor(slot.name, merged.tensor, host=host)
             tensors[slot.name] = {**{k: v for k, v in fp.to_json().items() if k != "name"},
                                   "file": weight_map[slot.name], "role": st.role, "sources": list(st.sources)}
             _record(effect, slot.name, st.role, merged, st.sources, trained, baseline)
             bar.update(slot.nbytes)
-            return merged.tensor
+            return host
 
         write_shards(staging, plan, produce)
         bar.close()
@@ -142,8 +147,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
         manifest = ExportManifest(
             converter=conv.name, dtype=str(dt).removeprefix("torch.") if dt else "as_in_memory",
             tensors=dict(sorted(tensors.items())),
-            root_digest=FingerprintSet.of({n: Fingerprint.from_json({**t, "name": n})
-                                           for n, t in tensors.items()}).root,
+            root_digest=root_digest({n: t["digest"] for n, t in tensors.items()}),
             files=files, trained=trained.to_json(), training_effect=effect.to_json(),
             provenance={**(provenance or {}), "versions": package_versions(),
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},

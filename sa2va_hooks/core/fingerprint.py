@@ -69,31 +69,41 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def fingerprint_tensor(name: str, t: torch.Tensor) -> Fingerprint:
-    """Digest and fp64 statistics of one tensor, read once from host memory."""
+def tensor_stats(t: torch.Tensor) -> tuple[float, float]:
+    """fp64 L2 norm and sum, computed where the tensor lives (the GPU is far faster at this)."""
     t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
+    if t.dtype == torch.bool:
+        n = float(t.sum())
+        return n, n
+    t64 = t.to(torch.float64) if not t.is_complex() else t.abs().to(torch.float64)
+    return float(torch.linalg.vector_norm(t64)), float(t64.sum())
+
+
+def digest_tensor(name: str, host: torch.Tensor) -> str:
+    """xxh3-128 over name, dtype, shape and the raw bytes of a host tensor."""
     h = xxhash.xxh3_128()
-    shape = tuple(int(s) for s in t.shape)
-    h.update(json.dumps([name, dtype_name(t.dtype), list(shape)]).encode())
-    h.update(tensor_bytes(t))
-    if t.is_floating_point() or t.is_complex():
-        t64 = t.to(torch.float64)
-        norm, total = float(torch.linalg.vector_norm(t64)), float(t64.sum())
-    elif t.dtype == torch.bool:
-        norm, total = float(t.sum()), float(t.sum())
-    else:
-        t64 = t.to(torch.float64)
-        norm, total = float(torch.linalg.vector_norm(t64)), float(t64.sum())
-    return Fingerprint(name=name, dtype=dtype_name(t.dtype), shape=shape, digest=h.hexdigest(),
-                       norm=norm, sum=total)
+    h.update(json.dumps([name, dtype_name(host.dtype), [int(s) for s in host.shape]]).encode())
+    h.update(tensor_bytes(host))
+    return h.hexdigest()
 
 
-def root_digest(fingerprints: Iterable[Fingerprint] | Mapping[str, Fingerprint]) -> str:
-    """One digest over a set of tensors, independent of their order."""
-    fps = fingerprints.values() if isinstance(fingerprints, Mapping) else fingerprints
-    lines = sorted(f"{fp.name}={fp.digest}" for fp in fps)
+def fingerprint_tensor(name: str, t: torch.Tensor, host: torch.Tensor | None = None) -> Fingerprint:
+    """Digest and fp64 statistics of one tensor. ``host`` is a CPU copy of ``t`` when the caller
+    already made one (the exporter does), so the bytes cross the bus only once."""
+    norm, total = tensor_stats(t)
+    if host is None:
+        host = t.detach().cpu() if t.device.type != "cpu" else t.detach()
+    return Fingerprint(name=name, dtype=dtype_name(t.dtype), shape=tuple(int(s) for s in t.shape),
+                       digest=digest_tensor(name, host), norm=norm, sum=total)
+
+
+def _digest(x: "Fingerprint | str") -> str:
+    return x.digest if isinstance(x, Fingerprint) else x
+
+
+def root_digest(fingerprints: Mapping[str, "Fingerprint | str"]) -> str:
+    """One digest over a set of tensors (name -> Fingerprint or digest), independent of order."""
+    lines = sorted(f"{name}={_digest(fp)}" for name, fp in fingerprints.items())
     return xxhash.xxh3_128("\n".join(lines).encode()).hexdigest()
 
 
@@ -141,12 +151,12 @@ class FingerprintMismatch:
         return f"{self.kind} {self.name}"
 
 
-def compare_fingerprints(expected: Mapping[str, Fingerprint],
-                         got: Mapping[str, Fingerprint]) -> list[FingerprintMismatch]:
-    """Every difference between two fingerprint maps, one entry per tensor."""
+def compare_fingerprints(expected: Mapping[str, "Fingerprint | str"],
+                         got: Mapping[str, "Fingerprint | str"]) -> list[FingerprintMismatch]:
+    """Every difference between two maps of name -> Fingerprint (or bare digest), one per tensor."""
     problems = [FingerprintMismatch("missing", k) for k in sorted(set(expected) - set(got))]
     problems += [FingerprintMismatch("extra", k) for k in sorted(set(got) - set(expected))]
     for k in sorted(set(expected) & set(got)):
-        if expected[k].digest != got[k].digest:
-            problems.append(FingerprintMismatch("mismatch", k, expected[k].digest, got[k].digest))
+        if _digest(expected[k]) != _digest(got[k]):
+            problems.append(FingerprintMismatch("mismatch", k, _digest(expected[k]), _digest(got[k])))
     return problems

@@ -73,14 +73,16 @@ class SourceTensor:
         return self.dtype
 
     def materialize(self, dtype: torch.dtype | None) -> MergedTensor:
-        """Produce the exported tensor on the CPU, contiguous, in ``out_dtype(dtype)``."""
+        """Produce the exported tensor on its source device, contiguous, in ``out_dtype(dtype)``."""
         return self._produce(self.out_dtype(dtype))
 
 
-def _cast_cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # .to() on a CPU tensor of the same dtype returns the same storage; clone so the writer
-    # never holds a view of a live parameter that training may update mid-write.
-    out = t.detach().to(device="cpu", dtype=dtype)
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A private, contiguous copy in ``dtype`` on the tensor's own device (the GPU does the
+    arithmetic; the exporter moves the result to the host once)."""
+    # .to() of the same dtype returns the same storage; clone so the writer never holds a view
+    # of a live parameter that training may update mid-write.
+    out = t.detach().to(dtype=dtype)
     if out.data_ptr() == t.data_ptr():
         out = out.clone()
     return out.contiguous()
@@ -88,7 +90,7 @@ def _cast_cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _plain(name: str, t: torch.Tensor, role: str, source: str) -> SourceTensor:
     def produce(dtype: torch.dtype) -> MergedTensor:
-        return MergedTensor(_cast_cpu(t, dtype))
+        return MergedTensor(_cast(t, dtype))
 
     return SourceTensor(name, tuple(t.shape), t.dtype, role, (source,), produce)
 
@@ -158,7 +160,7 @@ def _lora_target(name: str, layer: nn.Module, weight: torch.Tensor, source: str,
             "merge with PEFT offline or disable that option.")
 
     def produce(dtype: torch.dtype) -> MergedTensor:
-        base32 = weight.detach().float()
+        base32 = weight.detach().float()  # a copy unless already fp32; never written to
         merged32 = base32
         for adapter in adapters:
             delta = type(layer).get_delta_weight(_fp32_adapter_proxy(layer, adapter), adapter)
@@ -168,8 +170,8 @@ def _lora_target(name: str, layer: nn.Module, weight: torch.Tensor, source: str,
                                      "are not finite. Check the training loss for divergence before exporting.")
         delta_norm = float(torch.linalg.vector_norm((merged32 - base32).double()))
         base_norm = float(torch.linalg.vector_norm(base32.double()))
-        out = _cast_cpu(merged32, dtype)
-        differs = not torch.equal(out, _cast_cpu(weight, dtype))
+        out = _cast(merged32, dtype)
+        differs = not torch.equal(out, _cast(weight, dtype))
         return MergedTensor(out, delta_norm / base_norm if base_norm else float("inf") if delta_norm else 0.0,
                             differs)
 
@@ -182,8 +184,8 @@ def _lora_target(name: str, layer: nn.Module, weight: torch.Tensor, source: str,
 
 def _saved_copy(name: str, t: torch.Tensor, original: torch.Tensor | None, source: str) -> SourceTensor:
     def produce(dtype: torch.dtype) -> MergedTensor:
-        out = _cast_cpu(t, dtype)
-        differs = None if original is None else not torch.equal(out, _cast_cpu(original, dtype))
+        out = _cast(t, dtype)
+        differs = None if original is None else not torch.equal(out, _cast(original, dtype))
         return MergedTensor(out, None, differs)
 
     return SourceTensor(name, tuple(t.shape), t.dtype, ROLE_SAVED_COPY, (source,), produce)
