@@ -8,8 +8,9 @@ command -v "$PY" >/dev/null || PY=python3
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import sa2va_hooks, xtuner, bitsandbytes, pytest" >/dev/null 2>&1 \
-   || ! .venv/bin/python -c "import importlib.metadata as m; assert m.version('bitsandbytes') == '0.49.2'" >/dev/null 2>&1; then
+VPY="$PWD/.venv/bin/python"
+if ! (cd / && "$VPY" -c "import sa2va_hooks, xtuner, bitsandbytes, pytest") >/dev/null 2>&1 \
+   || ! "$VPY" -c "import importlib.metadata as m; assert m.version('bitsandbytes') == '0.49.2'" >/dev/null 2>&1; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
   # xtuner 0.2.0 pins bitsandbytes==0.45.0, which fails to import with torch 2.14.1
   # ("No module named 'triton.ops'"); PEFT imports bitsandbytes whenever it is installed,

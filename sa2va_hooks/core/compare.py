@@ -1,0 +1,129 @@
+"""Reading tensors from snapshot directories and comparing two of them (``diff``).
+
+A directory may be a sa2va_hooks export (with a manifest) or any HF model directory with
+safetensors files. Tensors are read one at a time, so comparing two 15 GiB snapshots needs
+memory for two tensors, not two models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from .manifest import MANIFEST_FILE
+
+
+class TensorDir:
+    """Name -> file for every tensor in the safetensors files of a directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path} is not a directory; diff compares export or HF model directories")
+        self.files = sorted(self.path.glob("*.safetensors"))
+        if not self.files:
+            raise FileNotFoundError(f"{self.path} has no *.safetensors files; convert .bin checkpoints first or pass "
+                                    "an export directory")
+        self.where: dict[str, Path] = {}
+        for f in self.files:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    self.where[k] = f
+        manifest = self.path / MANIFEST_FILE
+        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
+
+    def names(self) -> set[str]:
+        return set(self.where)
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.where[name]), framework="pt") as h:
+            return h.get_tensor(name)
+
+    def role(self, name: str) -> str | None:
+        if self.manifest and name in self.manifest["tensors"]:
+            return self.manifest["tensors"][name].get("role")
+        return None
+
+
+@dataclasses.dataclass
+class TensorDiff:
+    name: str
+    status: str  # identical | differs | shape | only_a | only_b
+    max_abs: float | None = None
+    rel_norm: float | None = None  # ||a - b|| / ||b||
+
+    def line(self) -> str:
+        if self.status == "differs":
+            return f"differs   {self.name}: max |a-b| {self.max_abs:.3e}, ||a-b||/||b|| {self.rel_norm:.3e}"
+        return {"identical": f"identical {self.name}", "shape": f"shape     {self.name}: {self.max_abs}",
+                "only_a": f"only in A {self.name}", "only_b": f"only in B {self.name}"}[self.status]
+
+
+def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff:
+    if a.shape != b.shape:
+        return TensorDiff(name, "shape", f"A {list(a.shape)} vs B {list(b.shape)}")  # type: ignore[arg-type]
+    if a.dtype == b.dtype and torch.equal(a, b):
+        return TensorDiff(name, "identical")
+    if a.dtype != b.dtype and a.is_floating_point() and b.is_floating_point():
+        # An fp32 base against a bf16 export: equal after casting to the narrower dtype means the
+        # export holds the base unchanged (training did not touch it), not a difference.
+        narrow = a.dtype if a.element_size() <= b.element_size() else b.dtype
+        if torch.equal(a.to(narrow), b.to(narrow)):
+            return TensorDiff(name, "identical")
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    d = a64 - b64
+    max_abs = float(d.abs().max()) if d.numel() else 0.0
+    if max_abs == 0.0:
+        return TensorDiff(name, "identical")
+    bn = float(torch.linalg.vector_norm(b64))
+    return TensorDiff(name, "differs", max_abs, float(torch.linalg.vector_norm(d)) / bn if bn else float("inf"))
+
+
+def diff_dirs(a: TensorDir, b: TensorDir) -> Iterator[TensorDiff]:
+    for name in sorted(a.names() | b.names()):
+        if name not in b.where:
+            yield TensorDiff(name, "only_a")
+        elif name not in a.where:
+            yield TensorDiff(name, "only_b")
+        else:
+            yield compare_tensors(name, a.get(name), b.get(name))
+
+
+_LAYER = re.compile(r"^(?P<prefix>.*?)\.layers\.(?P<layer>\d+)\.(?P<module>.+?)(?:\.weight|\.bias)?$")
+
+
+def plot_rel_delta(rel: dict[str, float], path: str | Path, title: str) -> bool:
+    """Heat map of relative ||dW|| by layer (columns) and module (rows). Returns False when no
+    tensor name has a layer index."""
+    cells: dict[tuple[str, int], float] = {}
+    for name, value in rel.items():
+        m = _LAYER.match(name)
+        if m and value is not None:
+            cells[(f"{m['prefix'].split('.')[-2] if '.' in m['prefix'] else m['prefix']}:{m['module']}",
+                   int(m["layer"]))] = value
+    if not cells:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted({r for r, _ in cells})
+    cols = sorted({c for _, c in cells})
+    grid = torch.full((len(rows), len(cols)), float("nan"))
+    for (r, c), v in cells.items():
+        grid[rows.index(r), cols.index(c)] = v
+    fig, ax = plt.subplots(figsize=(max(6, len(cols) * 0.4 + 4), max(3, len(rows) * 0.35 + 1.5)))
+    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="relative ||dW||")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=100)
+    plt.close(fig)
+    return True
