@@ -59,8 +59,38 @@ def main() -> int:
     print(f"from_pretrained({snap.relative_to(work)}) vs the model in memory: max |logit diff| {diff:.4f} "
           "(bf16 export)")
     ok &= diff < 0.1
+
+    print("\n--- offline re-export of the last checkpoint, then verify and diff against the in-loop export ---")
+    ok &= _offline_roundtrip(work, base)
     print("RESULT:", "OK" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def _run(cmd: list[str], work: Path, env: dict) -> int:
+    import subprocess
+    shown = [str(Path(c).relative_to(work)) if c.startswith(str(work)) else
+             str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd]
+    print("$", " ".join(["python", *shown[1:]]))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    print("\n".join("  " + ln for ln in lines[-8:]))
+    if proc.returncode != 0:
+        print("  " + "\n  ".join(proc.stderr.strip().splitlines()[-5:]))
+    return proc.returncode
+
+
+def _offline_roundtrip(work: Path, base: Path) -> bool:
+    import os
+    env = {**os.environ, "SA2VA_TINY_BASE": str(base), "PYTHONPATH": str(ROOT)}
+    py = sys.executable
+    offline, inloop = work / "offline" / "iter_6", work / "train" / "hf" / "iter_6"
+    rc = _run([py, str(ROOT / "tools" / "export.py"), str(ROOT / "configs" / "tiny_sa2va_demo.py"),
+               str(work / "train" / "iter_6.pth"), "--out", str(offline), "--dtype", "bf16"], work, env)
+    rc |= _run([py, "-m", "sa2va_hooks", "verify", str(offline), "--checkpoint", str(work / "train" / "iter_6.pth")],
+               work, env)
+    diff_rc = _run([py, "-m", "sa2va_hooks", "diff", str(offline), str(inloop), "--png", ""], work, env)
+    print("offline export vs in-loop export:", "identical" if diff_rc == 0 else "DIFFERENT")
+    return rc == 0 and diff_rc == 0
 
 
 if __name__ == "__main__":

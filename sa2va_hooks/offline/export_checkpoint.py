@@ -87,8 +87,10 @@ class OfflineExportResult:
     lines: list[str]
 
 
-def build_model_from_config(config: str | Path, cfg_options: dict | None = None) -> tuple[Any, nn.Module]:
-    """Build the model as the Runner does: the config's registry/builder, and the run's seed."""
+def build_model_from_config(config: str | Path, cfg_options: dict | None = None,
+                            seed: int | None = None) -> tuple[Any, nn.Module]:
+    """Build the model as the Runner does: the config's registry/builder, and the run's seed
+    (``seed`` - the one the checkpoint's meta recorded - wins over the config's)."""
     from mmengine.config import Config
     from mmengine.registry import MODELS, init_default_scope
     from mmengine.runner import set_random_seed
@@ -98,10 +100,11 @@ def build_model_from_config(config: str | Path, cfg_options: dict | None = None)
         cfg.merge_from_dict(cfg_options)
     init_default_scope(cfg.get("default_scope", "mmengine"))
     randomness = cfg.get("randomness") or {}
-    if randomness.get("seed") is not None:
+    seed = seed if seed is not None else randomness.get("seed")
+    if seed is not None:
         # Frozen tensors that the model initialises randomly (e.g. rows added to a resized
         # embedding) depend on the seed; without it the frozen root digest cannot match.
-        set_random_seed(randomness["seed"], deterministic=randomness.get("deterministic", False))
+        set_random_seed(seed, deterministic=randomness.get("deterministic", False))
     model = MODELS.build(cfg.model)
     return cfg, model
 
@@ -142,10 +145,11 @@ def export_checkpoint(config: str | Path, checkpoint: str | Path, out_dir: str |
     ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle, log=log)
     state = extract_state_dict(ckpt, checkpoint)
     recorded = recorded_fingerprints(ckpt, checkpoint)
-    cfg, model = build_model_from_config(config, cfg_options)
+    seed = (ckpt.get("meta") or {}).get("seed")
+    cfg, model = build_model_from_config(config, cfg_options, seed=seed)
     model.eval()
 
-    report: dict[str, Any] = {"checkpoint_tensors": len(state), "allow_pickle": allow_pickle}
+    report: dict[str, Any] = {"checkpoint_tensors": len(state), "allow_pickle": allow_pickle, "seed": seed}
     pretrained = cfg.model.get("pretrained_pth")
     if pretrained:
         pre = pretrained_report(model, str(pretrained), allow_pickle=allow_pickle)
