@@ -45,6 +45,7 @@ def test_offline_digest_equals_in_loop_digest(trained_run, tiny_base, tmp_path, 
     res = _offline(work / f"iter_{it}.pth", tmp_path / "off", tiny_base)
     inloop = ExportManifest.load(work / "hf" / f"iter_{it}")
     assert res.manifest.root_digest == inloop.root_digest
+    assert res.manifest.files == inloop.files  # config.json, remote code, tokenizer: byte for byte
     assert res.report["verification"]["checked"] is True
     # the offline manifest knows the baseline from the checkpoint's message_hub, as the hook did
     assert res.manifest.training_effect == inloop.training_effect

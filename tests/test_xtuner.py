@@ -2,8 +2,8 @@
 and the in-loop export equals PEFT's own load-and-merge of the checkpoint xtuner saved."""
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,11 +54,9 @@ def test_xtuner_train_entry_point_exports_what_peft_merges(xtuner_run):
         assert verify_snapshot(snap) == []
         pm, ckpt = _peft_reference(cwd, it)
         recorded = FingerprintSet.from_json(ckpt["meta"]["sa2va_hooks"]["trained"])
-        # the fingerprints recorded in meta are those of the tensors xtuner saved (which PEFT names
-        # without the adapter name)
+        # the fingerprints recorded in meta are those of the tensors xtuner saved, recomputed here
         assert len(recorded.tensors) == 28
-        saved = {re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k): v for k, v in ckpt["state_dict"].items()}
-        assert {k: fingerprint_tensor(k, v).digest for k, v in saved.items()} == \
+        assert {k: fingerprint_tensor(k, v).digest for k, v in ckpt["state_dict"].items()} == \
             {k: fp.digest for k, fp in recorded.tensors.items()}
         ref = {k: v.to(torch.bfloat16) for k, v in pm.merge_and_unload().state_dict().items()}
         got = load_file(snap / "model.safetensors")
@@ -91,3 +89,18 @@ def test_cpu_bf16_shim_applies_only_when_missing(monkeypatch):
     sentinel = lambda: True  # noqa: E731
     monkeypatch.setattr(torch.cpu, "is_bf16_supported", sentinel)
     assert apply_torch_cpu_bf16_shim() is False and torch.cpu.is_bf16_supported is sentinel
+
+
+def test_offline_export_of_xtuner_checkpoint_equals_in_loop_export(xtuner_run):
+    """tools/export.py on the xtuner config (lazy-import mode) and xtuner's own checkpoint."""
+    cwd, _ = xtuner_run
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"),
+                           str(ROOT / "configs" / "xtuner_tiny_lora_sft.py"), str(cwd / "wd" / "iter_6.pth"),
+                           "--out", str(cwd / "offline"), "--json"], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    inloop = json.loads((cwd / "wd" / "hf" / "iter_6" / "export_manifest.json").read_text())
+    offline = json.loads((cwd / "offline" / "export_manifest.json").read_text())
+    assert offline["root_digest"] == inloop["root_digest"] == json.loads(proc.stdout)["root_digest"]
+    assert offline["files"] == inloop["files"]
+    assert offline["provenance"]["offline"]["verification"]["checked"] is True

@@ -24,9 +24,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("config")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="snapshot directory to create")
-    p.add_argument("--converter", default="auto", help="converter name (default: detect by structure)")
-    p.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default: as in memory)")
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--converter", default="auto",
+                   help="converter name (default: the config's HFExportHook setting, else detect by structure)")
+    p.add_argument("--dtype", default=None,
+                   help="bf16, fp16, fp32 (default: the config's HFExportHook setting, else as in memory)")
+    p.add_argument("--max-shard-size", default=None, help="default: the config's HFExportHook setting, else 5GB")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config settings, mmengine style")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing snapshot at --out")

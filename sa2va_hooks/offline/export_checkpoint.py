@@ -135,8 +135,34 @@ def _check_recorded(model: nn.Module, recorded, lines: list[str]) -> dict:
     return {"checked": True, "source": recorded.source, "trained_root": now.root, "frozen_root": frozen_now}
 
 
+def _hook_settings(cfg: Any) -> dict:
+    """The HFExportHook settings in the training config, so that an offline export of a run is
+    made exactly as its in-loop exports were (converter, dtype, tokenizer, shard size)."""
+    for hook in cfg.get("custom_hooks") or []:
+        kind = hook.get("type")
+        name = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        if name.split(".")[-1] == "HFExportHook":
+            return {k: hook[k] for k in ("converter", "dtype", "tokenizer", "max_shard_size") if k in hook}
+    return {}
+
+
+def _resolve_settings(cfg: Any, converter: Any, dtype: Any, max_shard_size: Any) -> tuple[Any, Any, Any]:
+    from ..hooks.common import build_callable_cfg
+    hook = _hook_settings(cfg)
+    converter = hook.get("converter", "auto") if converter in (None, "auto") else converter
+    dtype = hook.get("dtype") if dtype is None else dtype
+    max_shard_size = max_shard_size or hook.get("max_shard_size", "5GB")
+    tokenizer = hook.get("tokenizer") or cfg.get("tokenizer")
+    if tokenizer is not None:
+        if isinstance(tokenizer, dict):
+            tokenizer = build_callable_cfg(tokenizer)
+        converter = {**(dict(converter) if isinstance(converter, dict) else {"type": converter}),
+                     "tokenizer": tokenizer}
+    return converter, dtype, max_shard_size
+
+
 def export_checkpoint(config: str | Path, checkpoint: str | Path, out_dir: str | Path, *, converter: Any = "auto",
-                      dtype: Any = None, max_shard_size: int | str = "5GB", cfg_options: dict | None = None,
+                      dtype: Any = None, max_shard_size: int | str | None = None, cfg_options: dict | None = None,
                       overwrite: bool = False, verify: bool = True, allow_pickle: bool = False,
                       strict_pretrained: bool = False, pretrained_threshold: float = 0.5, progress: bool = False,
                       log: Callable[[str], None] = print) -> OfflineExportResult:
@@ -180,6 +206,7 @@ def export_checkpoint(config: str | Path, checkpoint: str | Path, out_dir: str |
     provenance = {"exported_by": "tools/export.py", "checkpoint": str(checkpoint), "config": str(config),
                   "config_sha256": _config_sha256(config), "iteration": recorded.iteration,
                   "epoch": recorded.epoch, "offline": report}
+    converter, dtype, max_shard_size = _resolve_settings(cfg, converter, dtype, max_shard_size)
     manifest = export_hf(model, out_dir, converter=converter, dtype=dtype, max_shard_size=max_shard_size,
                          provenance=provenance, baseline=recorded.baseline, overwrite=overwrite, progress=progress)
     return OfflineExportResult(manifest, Path(out_dir), report, lines)
