@@ -10,6 +10,7 @@ training recorded, or does not fit the config; 2 bad input or another error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
@@ -47,12 +48,15 @@ def main(argv=None) -> int:
     from sa2va_hooks.offline import (CheckpointMismatchError, FingerprintMismatchError, PretrainedMostlyUnusedError,
                                      export_checkpoint)
     say = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    # with --json, stdout carries the JSON alone: whatever the model code prints goes to stderr
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
-        res = export_checkpoint(args.config, args.checkpoint, args.out, converter=args.converter, dtype=args.dtype,
-                                max_shard_size=args.max_shard_size, cfg_options=args.cfg_options,
-                                overwrite=args.overwrite, verify=not args.no_verify,
-                                allow_pickle=args.allow_pickle, strict_pretrained=args.strict_pretrained,
-                                progress=not args.json, log=say)
+        with quiet:
+            res = export_checkpoint(args.config, args.checkpoint, args.out, converter=args.converter, dtype=args.dtype,
+                                    max_shard_size=args.max_shard_size, cfg_options=args.cfg_options,
+                                    overwrite=args.overwrite, verify=not args.no_verify,
+                                    allow_pickle=args.allow_pickle, strict_pretrained=args.strict_pretrained,
+                                    progress=not args.json, log=say)
     except (CheckpointMismatchError, FingerprintMismatchError, PretrainedMostlyUnusedError) as e:
         if args.debug:
             traceback.print_exc()
