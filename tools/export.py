@@ -45,11 +45,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sa2va_hooks.offline import (CheckpointMismatchError, FingerprintMismatchError, PretrainedMostlyUnusedError,
-                                     export_checkpoint)
     say = (lambda m: print(m, file=sys.stderr)) if args.json else print
-    # with --json, stdout carries the JSON alone: whatever the model code prints goes to stderr
+    # with --json, stdout carries the JSON alone: whatever the model code (or a logger created
+    # while importing it) prints goes to stderr
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with quiet:
+        from sa2va_hooks.offline import (CheckpointMismatchError, FingerprintMismatchError,
+                                         PretrainedMostlyUnusedError, export_checkpoint)
     try:
         with quiet:
             res = export_checkpoint(args.config, args.checkpoint, args.out, converter=args.converter, dtype=args.dtype,
