@@ -124,9 +124,10 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
             merged = st.materialize(dt)
             host = stager.to_host(merged.tensor)
             fp = fingerprint_tensor(slot.name, merged.tensor, host=host)
+            role = merged.role or st.role
             tensors[slot.name] = {**{k: v for k, v in fp.to_json().items() if k != "name"},
-                                  "file": weight_map[slot.name], "role": st.role, "sources": list(st.sources)}
-            _record(effect, slot.name, st.role, merged, st.sources, trained, baseline)
+                                  "file": weight_map[slot.name], "role": role, "sources": list(st.sources)}
+            _record(effect, slot.name, role, merged, st.sources, trained, baseline)
             bar.update(slot.nbytes)
             return host
 
@@ -134,6 +135,8 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
         bar.close()
         ctx = SnapshotContext(model=model, dtype=dt, names=set(by_name),
                               shapes={n: st.shape for n, st in kept}, notes=[])
+        ctx.notes += [f"adapter '{a}' is present on {len(mods)} module(s) (e.g. {mods[0]}) but not active, so it "
+                      "was not merged" for a, mods in sorted(walk.inactive.items())]
         cfg = conv.hf_config(model, ctx)
         if isinstance(cfg, dict):
             write_json(staging / "config.json", cfg)

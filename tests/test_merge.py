@@ -63,24 +63,18 @@ def test_export_of_merged_adapter_is_not_double_counted(tmp_path):
     torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
 
 
-def test_unsupported_lora_variant_is_refused(tmp_path):
-    pm = get_peft_model(tiny_qwen2(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(UnsupportedModuleError, match=r"q_proj.*DoRA.*Refusing"):
+def test_trainable_tokens_are_merged_or_refused_never_dropped(tmp_path):
+    """PEFT's trainable_token_indices: either exported exactly as PEFT merges it, or refused."""
+    pm = get_peft_model(tiny_qwen2(), LoraConfig(r=4, target_modules=["q_proj"],
+                                                 trainable_token_indices={"embed_tokens": [3, 5]}))
+    train_like(pm)
+    try:
         export_hf(pm, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob("out.incomplete-*"))
-
-
-def test_other_peft_tuner_is_refused(tmp_path):
-    from peft import IA3Config
-    pm = get_peft_model(tiny_qwen2(), IA3Config(target_modules=["q_proj", "down_proj"],
-                                               feedforward_modules=["down_proj"]))
-    with pytest.raises(UnsupportedModuleError, match=r"q_proj.*PEFT .*Linear.*Refusing"):
-        export_hf(pm, tmp_path / "out")
-
-
-def test_disabled_adapter_is_refused(tmp_path):
-    pm = get_peft_model(tiny_qwen2(), LoraConfig(r=4, target_modules=["q_proj"]))
-    with pm.disable_adapter():
-        with pytest.raises(UnsupportedModuleError, match="adapters disabled"):
-            export_hf(pm, tmp_path / "out")
+    except UnsupportedModuleError as e:
+        assert "embed_tokens" in str(e) and "Refusing" in str(e)
+        assert not (tmp_path / "out").exists()
+    else:
+        ref = peft_reference(pm, None)
+        got = _load_dir(tmp_path / "out")
+        assert [k for k in got if not torch.equal(got[k], ref[k])] == []
+        assert not torch.equal(got["model.embed_tokens.weight"], tiny_qwen2().state_dict()["model.embed_tokens.weight"])

@@ -28,9 +28,13 @@ def unwrap_hf(model: nn.Module) -> nn.Module:
     return model.get_base_model() if peft_cls and isinstance(model, peft_cls) else model
 
 
-def embedding_rows(model: nn.Module) -> int:
-    emb = unwrap_hf(model).get_input_embeddings()
-    return int(emb.weight.shape[0])
+def embedding_rows(model: nn.Module) -> int | None:
+    """Rows of the input embedding, or None for models without one (vision, audio encoders)."""
+    try:
+        emb = unwrap_hf(model).get_input_embeddings()
+    except NotImplementedError:
+        return None
+    return None if emb is None else int(emb.weight.shape[0])
 
 
 def causal_lm_config(hf_model: nn.Module, ctx: SnapshotContext, prefix: str = ""):
@@ -40,9 +44,10 @@ def causal_lm_config(hf_model: nn.Module, ctx: SnapshotContext, prefix: str = ""
     if ctx.dtype is not None:
         cfg.torch_dtype = ctx.dtype
     rows = embedding_rows(hf_model)
-    if getattr(cfg, "vocab_size", rows) != rows:
-        ctx.notes.append(f"{prefix}vocab_size set from {cfg.vocab_size} to {rows}, the embedding rows")
-    cfg.vocab_size = rows
+    if rows is not None:
+        if getattr(cfg, "vocab_size", rows) != rows:
+            ctx.notes.append(f"{prefix}vocab_size set from {cfg.vocab_size} to {rows}, the embedding rows")
+        cfg.vocab_size = rows
     cfg.architectures = [type(inner).__name__]
     tied_keys = getattr(inner, "_tied_weights_keys", None) or []
     exported_tied = [k for k in tied_keys if f"{prefix}{k}" in ctx.names]

@@ -7,9 +7,11 @@ first and then materialise tensors one by one: peak extra memory is about one sh
 
 Why out of place: PEFT's ``merge()``/``unmerge()`` on a live bf16 layer does not restore the
 base weight exactly (2 % of elements changed in the anchor measurement), so merging during
-training would corrupt it. Here the delta comes from PEFT's own ``get_delta_weight`` called on
-a shallow proxy of the layer whose adapter weights are fp32 copies; the live module, its
-parameters and their version counters are never touched.
+training would corrupt it. Here PEFT's own ``merge(safe_merge=True)`` runs on a private fp32
+stand-in of each tuner layer (base weights, adapter weights, caches all private copies), so
+every variant PEFT can merge (LoRA, rsLoRA, DoRA, lora_bias, AdaLoRA, LoHa, LoKr, IA3, ...) is
+merged by PEFT's own math; the live module, its parameters and their version counters are
+never touched.
 
 Naming: PEFT wrappers (``PeftModel.base_model.model``, ``base_layer``, ``modules_to_save.<name>``)
 are transparent, so names come out as the unwrapped HF model would have them. The training-time
@@ -26,11 +28,10 @@ from torch import nn
 
 try:  # PEFT is a dependency, but keep the walker usable on plain models if it is broken.
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-    from peft.utils.other import ModulesToSaveWrapper
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 except ImportError as _e:  # pragma: no cover - exercised only on broken installs
-    PeftModel = LoraLayer = BaseTuner = BaseTunerLayer = ModulesToSaveWrapper = ()  # type: ignore
+    PeftModel = BaseTuner = BaseTunerLayer = AuxiliaryTrainingWrapper = ModulesToSaveWrapper = ()  # type: ignore
     _PEFT_IMPORT_ERROR: Exception | None = _e
 else:
     _PEFT_IMPORT_ERROR = None
@@ -51,6 +52,7 @@ class MergedTensor:
     """One exported tensor, ready to write, plus what training did to it."""
 
     tensor: torch.Tensor
+    role: str | None = None  # set when only the merge can tell (a frozen bias that a tuner changed)
     delta_rel_norm: float | None = None  # ||W_merged - W_base|| / ||W_base|| in fp32, LoRA only
     differs_from_base: bool | None = None  # after the cast to the export dtype; None = unknown
 
@@ -95,98 +97,129 @@ def _plain(name: str, t: torch.Tensor, role: str, source: str) -> SourceTensor:
     return SourceTensor(name, tuple(t.shape), t.dtype, role, (source,), produce)
 
 
-def _fp32_leaf_copy(module: nn.Module) -> nn.Module:
-    """A shallow copy of an adapter leaf module whose parameters are detached fp32 copies."""
+def _fp32_param(p: torch.Tensor | None, requires_grad: bool = False):
+    if p is None or not p.is_floating_point():
+        return p
+    return nn.Parameter(p.detach().float().clone(), requires_grad=requires_grad)
+
+
+def _private_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` whose own parameters and floating buffers are private fp32
+    copies. Nested ``base_layer``s (a tuner layer around a tuner layer) are privatised too."""
     proxy = copy.copy(module)
-    proxy._parameters = {k: None if v is None else nn.Parameter(v.detach().float().clone(), requires_grad=False)
-                         for k, v in module._parameters.items()}
+    proxy._parameters = {k: _fp32_param(v) for k, v in module._parameters.items()}
     proxy._buffers = {k: None if v is None else v.detach().float().clone() if v.is_floating_point() else v
                       for k, v in module._buffers.items()}
+    proxy._modules = dict(module._modules)
+    if isinstance(proxy._modules.get("base_layer"), nn.Module):
+        proxy._modules["base_layer"] = _private_copy(module._modules["base_layer"])
     return proxy
 
 
-def _fp32_adapter_proxy(layer: nn.Module, adapter: str) -> nn.Module:
-    """A shallow copy of ``layer`` whose ``adapter`` weights are fp32 copies.
+def _private_adapter_container(container: nn.Module) -> nn.Module:
+    if isinstance(container, nn.ParameterDict):
+        return nn.ParameterDict({k: _fp32_param(v) for k, v in container.items()})
+    if isinstance(container, nn.ModuleDict):
+        return nn.ModuleDict({k: _private_copy(v) for k, v in container.items()})
+    return container
 
-    PEFT's ``get_delta_weight`` reads the adapter weights from the layer and computes in their
-    dtype (upcasting only on CPU for fp16/bf16, then casting back). Handing it fp32 copies makes
-    it compute the delta exactly as ``merge_and_unload()`` does on an fp32 model, without touching
-    the live layer or its parameters.
+
+def _merge_proxy(layer: nn.Module) -> nn.Module:
+    """A private fp32 stand-in for a PEFT tuner layer, on which PEFT's own ``merge`` can run.
+
+    Everything ``merge`` reads or writes is private: the base layer's weights (fp32 clones), the
+    adapter weights (fp32 copies), the merged-adapter list and the cache DoRA stores its weight
+    norm in. PEFT's safe merge on this stand-in is, operation for operation, what
+    ``merge_and_unload()`` does on an fp32 copy of the model; the live layer is never touched.
     """
-    proxy = copy.copy(layer)
-    proxy._modules = dict(layer._modules)
-    proxy._parameters = dict(layer._parameters)
-    for attr in layer.adapter_layer_names:
-        container = getattr(layer, attr, None)
-        if container is None or adapter not in container:
-            continue
-        if isinstance(container, nn.ParameterDict):
-            proxy._modules[attr] = nn.ParameterDict(
-                {adapter: nn.Parameter(container[adapter].detach().float().clone(), requires_grad=False)})
-        else:
-            proxy._modules[attr] = nn.ModuleDict({adapter: _fp32_leaf_copy(container[adapter])})
+    proxy = _private_copy(layer)
+    for attr in getattr(layer, "adapter_layer_names", ()):
+        container = layer._modules.get(attr)
+        if container is not None:
+            proxy._modules[attr] = _private_adapter_container(container)
+    proxy.merged_adapters = list(getattr(layer, "merged_adapters", []))
+    if hasattr(layer, "_caches"):
+        proxy._caches = {}
     return proxy
 
 
-def _lora_variant_name(layer: nn.Module, adapter: str) -> str | None:
-    if getattr(layer, "use_dora", {}).get(adapter, False):
-        return "DoRA"
-    variant = getattr(layer, "lora_variant", {}).get(adapter)
-    if variant is not None:
-        return type(variant).__name__
-    if getattr(layer, "lora_bias", {}).get(adapter, False):
-        return "lora_bias"
-    return None
+class _MergeGroup:
+    """The merged parameters of one tuner layer's base (weight and, e.g. with lora_bias or IA3,
+    bias), computed once and handed out one tensor at a time."""
+
+    def __init__(self, layer: nn.Module, name: str, adapters: list[str]) -> None:
+        self.layer, self.name, self.adapters = layer, name, adapters
+        self._ready: dict[str, torch.Tensor] = {}
+
+    def _compute(self) -> dict[str, torch.Tensor]:
+        proxy = _merge_proxy(self.layer)
+        try:
+            with torch.no_grad():
+                proxy.merge(safe_merge=True, adapter_names=list(self.adapters))
+        except (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError) as e:
+            raise UnsupportedModuleError(
+                f"PEFT could not merge {type(self.layer).__module__}.{type(self.layer).__name__} module "
+                f"'{self.name}' (adapters {self.adapters}): {e}. Refusing to export without its trained weights.") \
+                from e
+        base = proxy.get_base_layer()
+        return {k: v.detach() for k, v in base._parameters.items() if v is not None}
+
+    def take(self, pname: str) -> torch.Tensor:
+        if pname not in self._ready:
+            self._ready = self._compute()
+        return self._ready.pop(pname)
 
 
-def _lora_adapters_to_merge(layer: nn.Module, name: str) -> list[str]:
-    """The adapters whose delta belongs in the export: active, present, and not merged yet."""
+def _tuner_adapters(layer: nn.Module) -> set[str]:
+    present: set[str] = set()
+    for attr in getattr(layer, "adapter_layer_names", ()):
+        container = layer._modules.get(attr)
+        if isinstance(container, (nn.ModuleDict, nn.ParameterDict)):
+            present.update(container.keys())
+    return present
+
+
+def _adapters_to_merge(layer: nn.Module, name: str) -> tuple[list[str], list[str]]:
+    """(adapters whose effect belongs in the export: active, present, not merged yet; inactive ones)."""
     if getattr(layer, "disable_adapters", False):
         raise UnsupportedModuleError(
-            f"LoRA module '{name}' has its adapters disabled, so the model in memory computes with the base "
+            f"PEFT module '{name}' has its adapters disabled, so the model in memory computes with the base "
             "weights only. Re-enable the adapter (model.enable_adapter_layers()) or export the base on purpose.")
+    present = _tuner_adapters(layer)
+    active = [a for a in layer.active_adapters if a in present]
     already = set(getattr(layer, "merged_adapters", []))
-    present = set(layer.lora_A.keys()) | set(getattr(layer, "lora_embedding_A", {}).keys())
-    return [a for a in layer.active_adapters if a in present and a not in already]
+    return [a for a in active if a not in already], sorted(present - set(active))
 
 
-def _lora_target(name: str, layer: nn.Module, weight: torch.Tensor, source: str,
-                 adapters: list[str]) -> SourceTensor:
-    unsupported = {a: v for a in adapters if (v := _lora_variant_name(layer, a))}
-    if unsupported:
-        raise UnsupportedModuleError(
-            f"LoRA module '{name}' uses {sorted(set(unsupported.values()))} for adapter(s) {sorted(unsupported)}, "
-            "which this version of sa2va_hooks does not merge yet. Refusing to export without it; "
-            "merge with PEFT offline or disable that option.")
-
+def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: _MergeGroup, role: str,
+                        sources: tuple[str, ...]) -> SourceTensor:
     def produce(dtype: torch.dtype) -> MergedTensor:
-        base32 = weight.detach().float()  # a copy unless already fp32; never written to
-        merged32 = base32
-        for adapter in adapters:
-            delta = type(layer).get_delta_weight(_fp32_adapter_proxy(layer, adapter), adapter)
-            merged32 = merged32 + delta.to(base32.device, torch.float32)
-        if not torch.isfinite(merged32).all():
-            raise FloatingPointError(f"merged weight of LoRA module '{name}' has NaN or Inf; the adapter weights "
-                                     "are not finite. Check the training loss for divergence before exporting.")
-        delta_norm = float(torch.linalg.vector_norm((merged32 - base32).double()))
+        merged32 = group.take(pname)
+        if merged32.is_floating_point() and not torch.isfinite(merged32).all():
+            raise FloatingPointError(f"merged '{_join(name, pname)}' has NaN or Inf: the adapter weights are not "
+                                     "finite. Check the training loss for divergence before exporting.")
+        base32 = original.detach().float()
+        delta = float(torch.linalg.vector_norm((merged32.float() - base32).double()))
         base_norm = float(torch.linalg.vector_norm(base32.double()))
         out = _cast(merged32, dtype)
-        differs = not torch.equal(out, _cast(weight, dtype))
-        return MergedTensor(out, delta_norm / base_norm if base_norm else float("inf") if delta_norm else 0.0,
-                            differs)
+        rel = delta / base_norm if base_norm else (float("inf") if delta else 0.0)
+        # a frozen base parameter other than the weight (a bias) is "merged" only if the tuner
+        # changed it (lora_bias, IA3); otherwise it is an ordinary frozen tensor
+        final_role = ROLE_FROZEN if role == ROLE_FROZEN and delta == 0.0 else \
+            ROLE_LORA if role == ROLE_FROZEN else role
+        # a directly trained parameter's base is its value before training, which only a
+        # baseline (recorded by the hooks) knows; the live value is not it
+        differs = None if final_role == ROLE_TRAINABLE else not torch.equal(out, _cast(original, dtype))
+        return MergedTensor(out, final_role, rel if final_role == ROLE_LORA else None, differs)
 
-    lora_sources = tuple(f"{source.rsplit('base_layer.', 1)[0]}{n}"
-                         for a in adapters for n, _ in layer.named_parameters(recurse=True)
-                         if f".{a}" in f".{n}" and not n.startswith("base_layer."))
-    return SourceTensor(f"{name}.weight" if name else "weight", tuple(weight.shape), weight.dtype, ROLE_LORA,
-                        (source,) + lora_sources, produce)
+    return SourceTensor(_join(name, pname), tuple(original.shape), original.dtype, role, sources, produce)
 
 
 def _saved_copy(name: str, t: torch.Tensor, original: torch.Tensor | None, source: str) -> SourceTensor:
     def produce(dtype: torch.dtype) -> MergedTensor:
         out = _cast(t, dtype)
         differs = None if original is None else not torch.equal(out, _cast(original, dtype))
-        return MergedTensor(out, None, differs)
+        return MergedTensor(out, None, None, differs)
 
     return SourceTensor(name, tuple(t.shape), t.dtype, ROLE_SAVED_COPY, (source,), produce)
 
@@ -195,6 +228,7 @@ def _saved_copy(name: str, t: torch.Tensor, original: torch.Tensor | None, sourc
 class WalkResult:
     tensors: list[SourceTensor]
     tied: dict[str, str]  # name skipped because it shares storage with -> name exported
+    inactive: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # adapter -> modules, not merged
 
 
 class _Walker:
@@ -204,6 +238,7 @@ class _Walker:
         self.out: list[SourceTensor] = []
         self.tied: dict[str, str] = {}
         self._seen: dict[int, str] = {}
+        self.inactive: dict[str, list[str]] = {}  # adapter -> modules where it exists but is not active
 
     def _emit(self, st: SourceTensor, key: torch.Tensor) -> None:
         # Tied parameters (e.g. lm_head tied to embed_tokens) are exported once, like
@@ -228,32 +263,52 @@ class _Walker:
 
     def walk(self, module: nn.Module, name: str = "", tprefix: str = "") -> None:
         if PeftModel and isinstance(module, PeftModel):
+            cfg = module.peft_config.get(module.active_adapter)
+            if cfg is not None and getattr(cfg, "is_prompt_learning", False):
+                raise UnsupportedModuleError(
+                    f"PeftModel '{name or 'model'}' uses {cfg.peft_type} (prompt learning): its trained virtual tokens "
+                    "live outside the weights and cannot be merged into an HF snapshot. Refusing to export the "
+                    "untrained base; save the adapter with save_pretrained() instead.")
             return self.walk(module.base_model, name, tprefix + "base_model.")
         if BaseTuner and isinstance(module, BaseTuner):
             return self.walk(module.model, name, tprefix + "model.")
         if ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
             return self._walk_saved_copy(module, name, tprefix)
-        if LoraLayer and isinstance(module, LoraLayer):
-            return self._walk_lora(module, name, tprefix)
-        if BaseTunerLayer and isinstance(module, BaseTunerLayer):
+        if AuxiliaryTrainingWrapper and isinstance(module, AuxiliaryTrainingWrapper):
             raise UnsupportedModuleError(
-                f"module '{name}' is a PEFT {type(module).__name__}; sa2va_hooks merges LoRA layers only in this "
-                "version. Refusing to export without its trained weights; merge it with PEFT offline instead.")
+                f"module '{name}' is a PEFT {type(module).__name__}, which sa2va_hooks does not export yet. Refusing "
+                "to export without its trained weights; merge it with PEFT offline instead.")
+        if BaseTunerLayer and isinstance(module, BaseTunerLayer):
+            return self._walk_tuner_layer(module, name, tprefix)
         self._own_tensors(module, name, tprefix)
         for cname, child in module._modules.items():
             if child is not None:
                 self.walk(child, _join(name, cname), f"{tprefix}{cname}.")
 
-    def _walk_lora(self, layer: nn.Module, name: str, tprefix: str) -> None:
+    def _walk_tuner_layer(self, layer: nn.Module, name: str, tprefix: str) -> None:
+        adapters, inactive = _adapters_to_merge(layer, name)
+        for a in inactive:
+            self.inactive.setdefault(a, []).append(name)
         base = layer.get_base_layer()
-        adapters = _lora_adapters_to_merge(layer, name)
-        weight = getattr(base, "weight", None)
-        bprefix = f"{tprefix}base_layer."
-        if adapters and weight is not None:
-            self._emit(_lora_target(name, layer, weight, bprefix + "weight", adapters), weight)
-            self._own_tensors(base, name, bprefix, skip={"weight"})
-        else:
+        depth = 0
+        inner = layer
+        while inner is not base:
+            inner, depth = inner.base_layer, depth + 1
+        bprefix = tprefix + "base_layer." * depth
+        if not adapters:
             self._own_tensors(base, name, bprefix)
+        else:
+            group = _MergeGroup(layer, name, adapters)
+            adapter_sources = tuple(f"{tprefix}{n}" for n, _ in layer.named_parameters()
+                                    if not n.startswith("base_layer.") and any(f".{a}." in f".{n}." for a in adapters))
+            for pname, p in base._parameters.items():
+                if p is None:
+                    continue
+                role = ROLE_LORA if pname == "weight" else ROLE_TRAINABLE if p.requires_grad else ROLE_FROZEN
+                self._emit(_merged_base_tensor(name, pname, p, group, role, (bprefix + pname,) + adapter_sources), p)
+            for bname, b in base._buffers.items():
+                if b is not None and bname not in base._non_persistent_buffers_set:
+                    self._emit(_plain(_join(name, bname), b, ROLE_FROZEN, bprefix + bname), b)
         for cname, child in base._modules.items():
             if child is not None:
                 self.walk(child, _join(name, cname), f"{bprefix}{cname}.")
@@ -287,7 +342,7 @@ def plan_merged_tensors(module: nn.Module) -> WalkResult:
     """Plan every tensor of the merged, unwrapped model, without producing any data."""
     walker = _Walker()
     walker.walk(module)
-    return WalkResult(walker.out, walker.tied)
+    return WalkResult(walker.out, walker.tied, walker.inactive)
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
