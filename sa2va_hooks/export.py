@@ -137,6 +137,10 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
                               shapes={n: st.shape for n, st in kept}, notes=[])
         ctx.notes += [f"adapter '{a}' is present on {len(mods)} module(s) (e.g. {mods[0]}) but not active, so it "
                       "was not merged" for a, mods in sorted(walk.inactive.items())]
+        if walk.dequantized:
+            ctx.notes.append(f"base dequantized: {len(walk.dequantized)} quantized (bitsandbytes) module(s), e.g. "
+                             f"{walk.dequantized[0]}, were dequantized and merged in fp32, then written as "
+                             f"{dt or 'float32'}")
         cfg = conv.hf_config(model, ctx)
         if isinstance(cfg, dict):
             write_json(staging / "config.json", cfg)

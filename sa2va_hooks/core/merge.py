@@ -116,6 +116,41 @@ def _private_copy(module: nn.Module) -> nn.Module:
     return proxy
 
 
+_BNB_WEIGHTS = {"Params4bit": "bitsandbytes 4-bit", "Int8Params": "bitsandbytes 8-bit"}
+
+
+def quantization_of(p: torch.Tensor) -> str | None:
+    """Which quantized storage a parameter is (QLoRA bases), or None for a plain tensor."""
+    return _BNB_WEIGHTS.get(type(p).__name__)
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The fp32 values of a bitsandbytes layer's weight, as PEFT's own helper computes them."""
+    from peft.utils.integrations import dequantize_bnb_weight
+    w = module.weight
+    if type(w).__name__ == "Params4bit":
+        return dequantize_bnb_weight(w, state=w.quant_state).float()
+    # PEFT's helper fills state.SCB from the weight; hand it a copy so the live layer's state object
+    # is left exactly as it was
+    return dequantize_bnb_weight(w, state=copy.copy(module.state)).float()
+
+
+def logical_shape(module: nn.Module, pname: str, p: torch.Tensor) -> tuple[int, ...]:
+    """A packed 4-bit weight is stored as [n, 1] bytes; its values are [out, in]."""
+    if pname == "weight" and quantization_of(p):
+        return (int(module.out_features), int(module.in_features))
+    return tuple(p.shape)
+
+
+def _plain_linear(module: nn.Module) -> nn.Module:
+    """A private fp32 nn.Linear holding a quantized layer's dequantized values."""
+    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    plain.weight = nn.Parameter(dequantized_weight(module), requires_grad=False)
+    if module.bias is not None:
+        plain.bias = nn.Parameter(module.bias.detach().float().clone(), requires_grad=False)
+    return plain
+
+
 def _private_adapter_container(container: nn.Module) -> nn.Module:
     if isinstance(container, nn.ParameterDict):
         return nn.ParameterDict({k: _fp32_param(v) for k, v in container.items()})
@@ -133,6 +168,11 @@ def _merge_proxy(layer: nn.Module) -> nn.Module:
     ``merge_and_unload()`` does on an fp32 copy of the model; the live layer is never touched.
     """
     proxy = _private_copy(layer)
+    base = layer._modules.get("base_layer")
+    if isinstance(base, nn.Module) and quantization_of(getattr(base, "weight", torch.empty(0))):
+        # QLoRA: merge into the dequantized base in fp32 instead of re-quantizing, as PEFT's
+        # bnb layers would; the export is written in the export dtype.
+        proxy._modules["base_layer"] = _plain_linear(base)
     for attr in getattr(layer, "adapter_layer_names", ()):
         container = layer._modules.get(attr)
         if container is not None:
@@ -153,9 +193,10 @@ class _MergeGroup:
 
     def _compute(self) -> dict[str, torch.Tensor]:
         proxy = _merge_proxy(self.layer)
+        merge = _plain_merge_for(self.layer) or type(proxy).merge
         try:
             with torch.no_grad():
-                proxy.merge(safe_merge=True, adapter_names=list(self.adapters))
+                merge(proxy, safe_merge=True, adapter_names=list(self.adapters))
         except (ValueError, RuntimeError, NotImplementedError, TypeError, AttributeError) as e:
             raise UnsupportedModuleError(
                 f"PEFT could not merge {type(self.layer).__module__}.{type(self.layer).__name__} module "
@@ -168,6 +209,19 @@ class _MergeGroup:
         if pname not in self._ready:
             self._ready = self._compute()
         return self._ready.pop(pname)
+
+
+def _plain_merge_for(layer: nn.Module):
+    """For a LoRA layer over a bitsandbytes base, the merge of PEFT's plain LoRA Linear (which
+    adds in place), instead of the bnb layer's (which re-quantizes the result)."""
+    base = layer._modules.get("base_layer")
+    if isinstance(base, nn.Module) and quantization_of(getattr(base, "weight", torch.empty(0))):
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        if hasattr(layer, "lora_A"):
+            return LoraLinear.merge
+        raise UnsupportedModuleError(f"{type(layer).__name__} over a quantized base is not supported; only LoRA "
+                                     "(QLoRA) is. Refusing to export without its trained weights.")
+    return None
 
 
 def _tuner_adapters(layer: nn.Module) -> set[str]:
@@ -192,13 +246,18 @@ def _adapters_to_merge(layer: nn.Module, name: str) -> tuple[list[str], list[str
 
 
 def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: _MergeGroup, role: str,
-                        sources: tuple[str, ...]) -> SourceTensor:
+                        sources: tuple[str, ...], base: nn.Module) -> SourceTensor:
+    quantized = quantization_of(original) is not None
+    shape = logical_shape(base, pname, original)
+    dtype0 = torch.float32 if quantized else original.dtype
+
     def produce(dtype: torch.dtype) -> MergedTensor:
         merged32 = group.take(pname)
+        ref = dequantized_weight(base) if quantized else original
         if merged32.is_floating_point() and not torch.isfinite(merged32).all():
             raise FloatingPointError(f"merged '{_join(name, pname)}' has NaN or Inf: the adapter weights are not "
                                      "finite. Check the training loss for divergence before exporting.")
-        base32 = original.detach().float()
+        base32 = ref.detach().float()
         delta = float(torch.linalg.vector_norm((merged32.float() - base32).double()))
         base_norm = float(torch.linalg.vector_norm(base32.double()))
         out = _cast(merged32, dtype)
@@ -209,10 +268,18 @@ def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: _M
             ROLE_LORA if role == ROLE_FROZEN else role
         # a directly trained parameter's base is its value before training, which only a
         # baseline (recorded by the hooks) knows; the live value is not it
-        differs = None if final_role == ROLE_TRAINABLE else not torch.equal(out, _cast(original, dtype))
+        differs = None if final_role == ROLE_TRAINABLE else not torch.equal(out, _cast(ref, dtype))
         return MergedTensor(out, final_role, rel if final_role == ROLE_LORA else None, differs)
 
-    return SourceTensor(_join(name, pname), tuple(original.shape), original.dtype, role, sources, produce)
+    return SourceTensor(_join(name, pname), shape, dtype0, role, sources, produce)
+
+
+def _dequantized(name: str, module: nn.Module, source: str) -> SourceTensor:
+    def produce(dtype: torch.dtype) -> MergedTensor:
+        return MergedTensor(_cast(dequantized_weight(module), dtype))
+
+    shape = (int(module.out_features), int(module.in_features))
+    return SourceTensor(name, shape, torch.float32, ROLE_FROZEN, (source,), produce)
 
 
 def _saved_copy(name: str, t: torch.Tensor, original: torch.Tensor | None, source: str) -> SourceTensor:
@@ -229,6 +296,7 @@ class WalkResult:
     tensors: list[SourceTensor]
     tied: dict[str, str]  # name skipped because it shares storage with -> name exported
     inactive: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # adapter -> modules, not merged
+    dequantized: list[str] = dataclasses.field(default_factory=list)  # quantized bases written dequantized
 
 
 class _Walker:
@@ -239,6 +307,7 @@ class _Walker:
         self.tied: dict[str, str] = {}
         self._seen: dict[int, str] = {}
         self.inactive: dict[str, list[str]] = {}  # adapter -> modules where it exists but is not active
+        self.dequantized: list[str] = []  # modules whose quantized base was dequantized for the export
 
     def _emit(self, st: SourceTensor, key: torch.Tensor) -> None:
         # Tied parameters (e.g. lm_head tied to embed_tokens) are exported once, like
@@ -253,6 +322,10 @@ class _Walker:
     def _own_tensors(self, module: nn.Module, name: str, tprefix: str, skip: set[str] = frozenset()) -> None:
         for pname, p in module._parameters.items():
             if p is None or pname in skip:
+                continue
+            if pname == "weight" and quantization_of(p):
+                self.dequantized.append(name)
+                self._emit(_dequantized(_join(name, pname), module, tprefix + pname), p)
                 continue
             role = ROLE_TRAINABLE if p.requires_grad else ROLE_FROZEN
             self._emit(_plain(_join(name, pname), p, role, tprefix + pname), p)
@@ -305,7 +378,10 @@ class _Walker:
                 if p is None:
                     continue
                 role = ROLE_LORA if pname == "weight" else ROLE_TRAINABLE if p.requires_grad else ROLE_FROZEN
-                self._emit(_merged_base_tensor(name, pname, p, group, role, (bprefix + pname,) + adapter_sources), p)
+                self._emit(_merged_base_tensor(name, pname, p, group, role, (bprefix + pname,) + adapter_sources,
+                                               base), p)
+            if quantization_of(getattr(base, "weight", torch.empty(0))):
+                self.dequantized.append(name)
             for bname, b in base._buffers.items():
                 if b is not None and bname not in base._non_persistent_buffers_set:
                     self._emit(_plain(_join(name, bname), b, ROLE_FROZEN, bprefix + bname), b)
@@ -342,7 +418,7 @@ def plan_merged_tensors(module: nn.Module) -> WalkResult:
     """Plan every tensor of the merged, unwrapped model, without producing any data."""
     walker = _Walker()
     walker.walk(module)
-    return WalkResult(walker.out, walker.tied, walker.inactive)
+    return WalkResult(walker.out, walker.tied, walker.inactive, walker.dequantized)
 
 
 def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,0 +1,90 @@
+"""QLoRA: a bitsandbytes 4-bit (nf4) or 8-bit base under LoRA, on the CPU (bitsandbytes 0.49.2
+quantizes and dequantizes on the CPU; transformers 4.48's from_pretrained path for bnb does not
+run on a CPU here, so the tiny model's linear layers are quantized by hand, as
+replace_with_bnb_linear would)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from conftest import assert_unchanged, snapshot_params, tiny_qwen2, train_like
+from sa2va_hooks import export_hf
+from sa2va_hooks.core.merge import dequantized_weight
+
+bnb = pytest.importorskip("bitsandbytes")
+QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _quantize(model: nn.Module, bits: int) -> nn.Module:
+    for mod in list(model.modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, nn.Linear) and cname in QUANTIZED:
+                if bits == 4:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.float32, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
+                else:
+                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                            has_fp16_weights=False, threshold=0.0)
+                    q.weight = bnb.nn.Int8Params(child.weight.data.clone(), requires_grad=False,
+                                                 has_fp16_weights=False)
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(mod, cname, q.to("cpu"))
+    return model
+
+
+def _fp32_twin(qmodel: nn.Module, pm) -> nn.Module:
+    """The same model in fp32 with the dequantized base values, and the same LoRA weights."""
+    twin = tiny_qwen2()
+    qmods = dict(qmodel.named_modules())
+    with torch.no_grad():
+        for name, mod in twin.named_modules():
+            base = qmods.get(name)
+            base = base.get_base_layer() if hasattr(base, "get_base_layer") else base
+            if isinstance(mod, nn.Linear) and base is not None and hasattr(base, "weight") and \
+                    type(base.weight).__name__ in ("Params4bit", "Int8Params"):
+                mod.weight.copy_(dequantized_weight(base))
+    tpm = get_peft_model(twin, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    lora = {k: v for k, v in pm.state_dict().items() if "lora_" in k}
+    missing, unexpected = tpm.load_state_dict(lora, strict=False)
+    assert not unexpected and all("lora_" not in k for k in missing)
+    return tpm
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_export_dequantizes_and_merges_like_peft_in_fp32(bits, tmp_path):
+    qmodel = _quantize(tiny_qwen2(), bits)
+    pm = get_peft_model(qmodel, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    # PEFT wraps the quantized layer (its bnb-specific class only where bnb's CUDA path is on)
+    assert type(pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight).__name__ in (
+        "Params4bit", "Int8Params")
+    train_like(pm)
+    before = snapshot_params(pm)
+    m = export_hf(pm, tmp_path / "out", dtype="bf16")
+    assert_unchanged(pm, before)
+    assert any(n.startswith("base dequantized: 14 quantized (bitsandbytes) module(s)") for n in m.notes)
+
+    twin = _fp32_twin(qmodel, pm)
+    ref = {k: v.to(torch.bfloat16) for k, v in twin.merge_and_unload().state_dict().items()}
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(got) == set(ref)
+    assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
+    k = "model.layers.0.self_attn.q_proj.weight"
+    assert got[k].shape == (32, 32) and not torch.equal(got[k], dequantized_weight(
+        qmodel.model.layers[0].self_attn.q_proj.base_layer).to(torch.bfloat16))
+
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float32,
+                                                          output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, have = pm.eval()(input_ids=ids).logits, reloaded.eval()(input_ids=ids).logits
+    assert float(torch.linalg.vector_norm(have - want) / torch.linalg.vector_norm(want)) < 2e-2
