@@ -1,0 +1,103 @@
+"""Each model family's converter: a real model of the family, exported, and loaded by the HF class
+it targets with no missing and no unexpected keys; tensors compared with PEFT's own merge."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+from conftest import assert_unchanged, snapshot_params, train_like
+from sa2va_hooks import export_hf
+from sa2va_hooks.compat import apply_torch_cpu_bf16_shim
+from sa2va_hooks.converters.base import ConversionError
+
+G = torch.Generator().manual_seed(11)
+
+
+def _tiny_llm_dir(path, with_image_token: bool):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from sa2va_hooks.demo.tiny_sa2va import _tiny_tokenizer
+    tok = _tiny_tokenizer(58)
+    if with_image_token:
+        tok.add_tokens(["<image>"], special_tokens=True)
+    torch.manual_seed(3)
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64,
+                                 tie_word_embeddings=False)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _tiny_clip_dir(path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(4)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=16, patch_size=8, projection_dim=16)).save_pretrained(path)
+    return path
+
+
+def _xtuner_llava(tmp_path, with_image_token=True):
+    apply_torch_cpu_bf16_shim()
+    from transformers import AutoModelForCausalLM, CLIPVisionModel
+    from xtuner.model import LLaVAModel
+    llm_dir = _tiny_llm_dir(tmp_path / "llm", with_image_token)
+    clip_dir = _tiny_clip_dir(tmp_path / "clip")
+    from mmengine.config import ConfigDict
+    model = LLaVAModel(
+        llm=ConfigDict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=str(llm_dir),
+                 torch_dtype=torch.float32),
+        visual_encoder=dict(type=CLIPVisionModel.from_pretrained, pretrained_model_name_or_path=str(clip_dir)),
+        freeze_llm=True, freeze_visual_encoder=True, use_activation_checkpointing=False,
+        llm_lora=dict(type=LoraConfig, r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "v_proj", "down_proj"]),
+        visual_encoder_lora=dict(type=LoraConfig, r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj"]))
+    train_like(model)
+    return model.eval(), llm_dir
+
+
+def test_llava_export_loads_as_llava_for_conditional_generation(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    model, llm_dir = _xtuner_llava(tmp_path)
+    before = snapshot_params(model)
+    m = export_hf(model, tmp_path / "out", converter=dict(type="auto", tokenizer=str(llm_dir)))
+    assert_unchanged(model, before)
+    assert m.converter == "llava"
+
+    hf, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    hf.eval()
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["image_token_index"] == len(json.loads((tmp_path / "out" / "tokenizer.json").read_text())
+                                           ["model"]["vocab"])  # the added <image> token
+    assert cfg["text_config"]["vocab_size"] == hf.language_model.get_input_embeddings().weight.shape[0]
+
+    # every exported LLM and vision tensor equals PEFT's own merge of the same modules
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    llm_ref = copy.deepcopy(model.llm).merge_and_unload().state_dict()
+    vis_ref = copy.deepcopy(model.visual_encoder).merge_and_unload().state_dict()
+    assert all(torch.equal(got["language_model." + k], v) for k, v in llm_ref.items())
+    assert all(torch.equal(got["vision_tower." + k], v) for k, v in vis_ref.items())
+    assert torch.equal(got["multi_modal_projector.linear_2.weight"], model.projector.model[2].weight)
+
+    ids = torch.randint(4, 60, (2, 7), generator=G)
+    pix = torch.randn(2, 3, 16, 16, generator=G)
+    with torch.no_grad():
+        want_text = model.llm(input_ids=ids).logits
+        have_text = hf.language_model(input_ids=ids).logits
+        hidden = model.visual_encoder(pix, output_hidden_states=True).hidden_states[model.visual_select_layer][:, 1:]
+        want_img = model.projector(hidden)
+        have_img = hf.get_image_features(pixel_values=pix, vision_feature_layer=cfg["vision_feature_layer"],
+                                         vision_feature_select_strategy="default")
+    torch.testing.assert_close(have_text, want_text, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(have_img, want_img, atol=1e-5, rtol=1e-5)
+
+
+def test_llava_without_image_token_is_refused_not_invented(tmp_path):
+    model, llm_dir = _xtuner_llava(tmp_path, with_image_token=False)
+    with pytest.raises(ConversionError, match=r"no '<image>'.*does not add it with an invented embedding row"):
+        export_hf(model, tmp_path / "out", converter=dict(type="llava", tokenizer=str(llm_dir)))
+    assert not (tmp_path / "out").exists()
