@@ -101,3 +101,66 @@ def test_llava_without_image_token_is_refused_not_invented(tmp_path):
     with pytest.raises(ConversionError, match=r"no '<image>'.*does not add it with an invented embedding row"):
         export_hf(model, tmp_path / "out", converter=dict(type="llava", tokenizer=str(llm_dir)))
     assert not (tmp_path / "out").exists()
+
+
+def _tiny_internvl_dir(path):
+    import shutil
+    from pathlib import Path
+    import sa2va_hooks.demo.internvl_code as code
+    from sa2va_hooks.demo.internvl_code.configuration_tiny_internvl import TinyInternVLConfig
+    from sa2va_hooks.demo.internvl_code.modeling_tiny_internvl import TinyInternVLChatModel
+    from sa2va_hooks.demo.tiny_sa2va import _tiny_tokenizer
+    tok = _tiny_tokenizer(58)
+    tok.add_tokens(["<IMG_CONTEXT>"], special_tokens=True)
+    cfg = TinyInternVLConfig(llm_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                             max_position_embeddings=64, tie_word_embeddings=False),
+                             auto_map={"AutoConfig": "configuration_tiny_internvl.TinyInternVLConfig",
+                                       "AutoModel": "modeling_tiny_internvl.TinyInternVLChatModel"},
+                             architectures=["TinyInternVLChatModel"])
+    torch.manual_seed(5)
+    TinyInternVLChatModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    for f in Path(code.__file__).parent.glob("*_tiny_internvl.py"):
+        shutil.copy2(f, path / f.name)
+    return path
+
+
+def test_internvl_export_of_xtuner_internvl_v1_5(tmp_path):
+    apply_torch_cpu_bf16_shim()
+    from transformers import AutoModel
+    from xtuner.model import InternVL_V1_5
+    base = _tiny_internvl_dir(tmp_path / "internvl")
+    model = InternVL_V1_5(model_path=str(base), freeze_llm=True, freeze_visual_encoder=True,
+                          llm_lora=dict(type=LoraConfig, r=4, lora_alpha=8, lora_dropout=0.0,
+                                        target_modules=["q_proj", "v_proj", "gate_proj"]))
+    model = model.float()
+    model.model.mlp1.requires_grad_(True)  # the projector is trained, as InternVL fine-tunes do
+    train_like(model)
+    model.eval()
+    before = snapshot_params(model)
+    m = export_hf(model, tmp_path / "out", dtype="fp32")
+    assert_unchanged(model, before)
+    assert m.converter == "internvl"
+
+    hf, info = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True, torch_dtype=torch.float32,
+                                         output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    llm_ref = copy.deepcopy(model.model.language_model).merge_and_unload().state_dict()
+    assert all(torch.equal(got["language_model." + k], v) for k, v in llm_ref.items())
+    assert torch.equal(got["mlp1.1.weight"], model.model.mlp1[1].weight)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    # the base directory's config, not xtuner's in-memory edit asking for flash attention
+    assert cfg["llm_config"].get("_attn_implementation") != "flash_attention_2"
+    assert cfg["auto_map"]["AutoModel"] == "modeling_tiny_internvl.TinyInternVLChatModel"
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+    pix, ids = torch.randn(2, 3, 16, 16, generator=G), torch.randint(4, 60, (2, 6), generator=G)
+    with torch.no_grad():
+        inner = model.model
+        img = inner.mlp1(inner.vision_model(pix))
+        emb = inner.language_model.get_input_embeddings()(ids)
+        want = inner.language_model(inputs_embeds=torch.cat([img, emb], 1)).logits
+        have = hf.eval()(pix, ids).logits
+    torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)

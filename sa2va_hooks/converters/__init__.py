@@ -1,8 +1,9 @@
 """Registry of converters, one file per family."""
 from .base import CONVERTERS, ConversionError, Converter, SnapshotContext, detect_converter, resolve_converter
 from .causal_lm import CausalLMConverter
+from .internvl import InternVLConverter
 from .llava import LlavaConverter
 from .sa2va import Sa2VAConverter
 
 __all__ = ["CONVERTERS", "ConversionError", "Converter", "SnapshotContext", "detect_converter",
-           "resolve_converter", "CausalLMConverter", "LlavaConverter", "Sa2VAConverter"]
+           "resolve_converter", "CausalLMConverter", "InternVLConverter", "LlavaConverter", "Sa2VAConverter"]

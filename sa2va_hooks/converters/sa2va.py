@@ -12,7 +12,6 @@ base model directory) with ``llm_config.vocab_size`` set to the embedding rows (
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 
 from .base import CONVERTERS, ConversionError, Converter, SnapshotContext
 from .causal_lm import embedding_rows, unwrap_hf
+from .internvl import base_config_dict
 
 OFFICIAL_AUTO_MAP = {
     "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
@@ -56,13 +56,11 @@ class Sa2VAConverter(Converter):
                 and hasattr(model, "grounding_encoder") and hasattr(model, "text_hidden_fcs"))
 
     def _base_config_dict(self, model: nn.Module) -> dict:
-        if self.base_config:
-            return json.loads(Path(self.base_config).read_text())
         cfg = getattr(model.mllm.model, "config", None)
-        if cfg is None:
+        if cfg is None and not self.base_config:
             raise ConversionError("the Sa2VA mllm has no .config to build config.json from; pass "
                                   "converter=dict(type='sa2va', base_config='BASE_DIR/config.json').")
-        return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        return base_config_dict(cfg, self.base_config)
 
     def hf_config(self, model: nn.Module, ctx: SnapshotContext) -> dict:
         cfg = self._base_config_dict(model)

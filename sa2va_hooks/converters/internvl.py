@@ -1,0 +1,94 @@
+"""xtuner ``InternVL_V1_5`` -> an InternVL chat snapshot, recognised by structure.
+
+Training tree: ``model.{vision_model,language_model,mlp1}`` (the InternVL chat model loaded
+with remote code, LoRA inside). HF tree: the same without ``model.``. config.json is the base
+model directory's own config.json (not the in-memory config, which xtuner edits, e.g. to ask for
+flash attention) with ``llm_config.vocab_size`` set to the embedding rows; the base directory's
+remote code and tokenizer are carried over.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .base import CONVERTERS, ConversionError, Converter, SnapshotContext
+from .causal_lm import embedding_rows
+
+PARTS = ("vision_model", "language_model", "mlp1")
+
+
+def base_config_dict(config: Any, override: str | None = None) -> dict:
+    """config.json of the base model directory the live config came from, else the live config."""
+    path = Path(override) if override else Path(str(getattr(config, "_name_or_path", "") or "")) / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if override:
+        raise ConversionError(f"base config {override} does not exist")
+    return config.to_dict()
+
+
+def set_llm_vocab(cfg: dict, rows: int | None, ctx: SnapshotContext, key: str = "llm_config") -> None:
+    if rows is None:
+        return
+    sub = cfg.setdefault(key, {})
+    if sub.get("vocab_size") != rows:
+        ctx.notes.append(f"{key}.vocab_size set from {sub.get('vocab_size')} to {rows}, the embedding rows")
+    sub["vocab_size"] = rows
+
+
+def set_dtype(cfg: dict, ctx: SnapshotContext, *subs: str) -> None:
+    if ctx.dtype is None:
+        return
+    name = str(ctx.dtype).removeprefix("torch.")
+    cfg["torch_dtype"] = name
+    for sub in subs:
+        if isinstance(cfg.get(sub), dict):
+            cfg[sub]["torch_dtype"] = name
+
+
+def copy_remote_code(code_dir: str | Path | None, out_dir: Path, ctx: SnapshotContext) -> None:
+    if not code_dir or not Path(code_dir).is_dir():
+        return
+    code = sorted(f for f in Path(code_dir).glob("*.py") if f.name != "__init__.py")
+    for f in code:
+        shutil.copy2(f, out_dir / f.name)
+
+
+@CONVERTERS.register_module(name="internvl")
+class InternVLConverter(Converter):
+    name = "internvl"
+    priority = 60
+    key_rules = ((r"^model\.(vision_model|language_model|mlp1)\.", r"\1."),)
+
+    def __init__(self, *, tokenizer: Any = None, hf_code_dir: str | None = None, base_config: str | None = None,
+                 template: str | None = None) -> None:
+        super().__init__(tokenizer=tokenizer)
+        self.hf_code_dir, self.base_config, self.template = hf_code_dir, base_config, template
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        inner = getattr(model, "model", None)
+        return (inner is not None and all(hasattr(inner, p) for p in PARTS)
+                and not hasattr(model, "grounding_encoder"))
+
+    def _base_dir(self, model: nn.Module) -> Path | None:
+        name = str(getattr(model.model.config, "_name_or_path", "") or "")
+        return Path(name) if name and Path(name).is_dir() else None
+
+    def hf_config(self, model: nn.Module, ctx: SnapshotContext) -> dict:
+        cfg = base_config_dict(model.model.config, self.base_config)
+        set_llm_vocab(cfg, embedding_rows(model.model.language_model), ctx)
+        set_dtype(cfg, ctx, "llm_config", "vision_config")
+        if self.template:
+            cfg["template"] = self.template
+        return cfg
+
+    def save_extras(self, model: nn.Module, out_dir: Path, ctx: SnapshotContext) -> None:
+        copy_remote_code(self.hf_code_dir or self._base_dir(model), out_dir, ctx)
+        if self.tokenizer is None and getattr(model, "tokenizer", None) is None and self._base_dir(model):
+            self.tokenizer = str(self._base_dir(model))
+        super().save_extras(model, out_dir, ctx)
