@@ -3,7 +3,7 @@ from .base import CONVERTERS, ConversionError, Converter, SnapshotContext, detec
 from .causal_lm import CausalLMConverter
 from .internvl import InternVLConverter
 from .llava import LlavaConverter
-from .sa2va import Sa2VAConverter
+from .sa2va import Sa2VAConverter, Sa2VAQwenConverter
 
 __all__ = ["CONVERTERS", "ConversionError", "Converter", "SnapshotContext", "detect_converter",
-           "resolve_converter", "CausalLMConverter", "InternVLConverter", "LlavaConverter", "Sa2VAConverter"]
+           "resolve_converter", "CausalLMConverter", "InternVLConverter", "LlavaConverter", "Sa2VAConverter", "Sa2VAQwenConverter"]

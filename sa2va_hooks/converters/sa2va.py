@@ -103,3 +103,58 @@ class Sa2VAConverter(Converter):
             ctx.notes.append(f"remote code {sorted(set(missing))} named in auto_map is not in the snapshot; "
                              "pass hf_code_dir so that from_pretrained(trust_remote_code=True) can load it")
         super().save_extras(model, out_dir, ctx)
+
+
+@CONVERTERS.register_module(name="sa2va_qwen")
+class Sa2VAQwenConverter(Sa2VAConverter):
+    """Sa2VA whose mllm is Qwen-VL-style (``mllm.model`` is a ``Qwen*VLForConditionalGeneration``,
+    with ``visual``): keys drop ``mllm.``; the vocabulary size is set in ``text_config`` (and at
+    the top level, where older Qwen-VL configs keep it); the processor is saved."""
+
+    name = "sa2va_qwen"
+    priority = 100
+    key_rules = (
+        (r"^mllm\.model\.", "model."),
+        (r"^(grounding_encoder|text_hidden_fcs)\.", r"\1."),
+    )
+
+    def __init__(self, *, processor: Any = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.processor = processor
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        inner = getattr(getattr(model, "mllm", None), "model", None)
+        return (inner is not None and hasattr(inner, "visual") and hasattr(model, "grounding_encoder")
+                and hasattr(model, "text_hidden_fcs"))
+
+    def hf_config(self, model: nn.Module, ctx: SnapshotContext) -> dict:
+        cfg = self._base_config_dict(model)
+        rows = embedding_rows(model.mllm.model)
+        for where in ("text_config", None):
+            sub = cfg.get(where) if where else cfg
+            if isinstance(sub, dict) and ("vocab_size" in sub or where == "text_config"):
+                if sub.get("vocab_size") != rows:
+                    ctx.notes.append(f"{where + '.' if where else ''}vocab_size set from {sub.get('vocab_size')} "
+                                     f"to {rows}, the embedding rows")
+                sub["vocab_size"] = rows
+        template = self.template or getattr(model, "template", None) or cfg.get("template")
+        cfg["template"] = template.get("name", template) if isinstance(template, dict) else template
+        cfg["auto_map"] = dict(self.auto_map)
+        cfg["architectures"] = list(self.architectures)
+        if ctx.dtype is not None:
+            cfg["torch_dtype"] = str(ctx.dtype).removeprefix("torch.")
+            if isinstance(cfg.get("text_config"), dict):
+                cfg["text_config"]["torch_dtype"] = cfg["torch_dtype"]
+        return cfg
+
+    def save_extras(self, model: nn.Module, out_dir: Path, ctx: SnapshotContext) -> None:
+        proc = self.processor if self.processor is not None else getattr(model, "processor", None)
+        if isinstance(proc, (str, Path)):
+            from transformers import AutoProcessor
+            proc = AutoProcessor.from_pretrained(str(proc), trust_remote_code=True)
+        if proc is not None:
+            proc.save_pretrained(str(out_dir))
+        elif self.resolve_tokenizer(model) is None:
+            ctx.notes.append("no processor or tokenizer was given; the snapshot cannot tokenize or read images")
+        super().save_extras(model, out_dir, ctx)
