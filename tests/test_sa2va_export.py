@@ -67,8 +67,10 @@ def test_sa2va_export_keys_trained_and_frozen_tensors(trained_run, tiny_base):
 
 def test_sa2va_export_reloads_with_from_pretrained_and_matches_logits(trained_run):
     runner, work = trained_run
-    hf = AutoModel.from_pretrained(work / "hf" / "iter_6", trust_remote_code=True,
-                                   torch_dtype=torch.float32).eval()
+    hf, info = AutoModel.from_pretrained(work / "hf" / "iter_6", trust_remote_code=True, torch_dtype=torch.float32,
+                                         output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    hf.eval()
     live = runner.model.eval()
     g = torch.Generator().manual_seed(0)
     pix, ids = torch.randn(3, 3, 16, 16, generator=g), torch.randint(4, 60, (3, 8), generator=g)
