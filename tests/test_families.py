@@ -166,46 +166,13 @@ def test_internvl_export_of_xtuner_internvl_v1_5(tmp_path):
     torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
 
 
-class _TinySa2VAQwen(torch.nn.Module):
-    """Sa2VA's shape with a Qwen-VL-style mllm: mllm.model is a Qwen2-VL model with LoRA on its
-    language layers and a trained lm_head; a SAM2-like grounding encoder (gamma layer scale) and
-    text_hidden_fcs, as in tests of the InternVL-style family."""
-
-    def __init__(self, hf_cfg, tokenizer):
-        from peft import get_peft_model
-        from transformers import Qwen2VLForConditionalGeneration
-        from sa2va_hooks.demo.hf_code.modeling_tiny_sa2va import TinyGroundingEncoder, build_text_hidden_fcs
-        from sa2va_hooks.demo.tiny_sa2va import TinyMLLM, TrainLayerScale
-        super().__init__()
-        torch.manual_seed(8)
-        qwen = Qwen2VLForConditionalGeneration(hf_cfg)
-        qwen.requires_grad_(False)
-        self.mllm = TinyMLLM(get_peft_model(qwen, LoraConfig(
-            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=r".*model\.layers\.\d+\.self_attn\.(q_proj|v_proj)",
-            modules_to_save=["lm_head"])))
-        self.grounding_encoder = TinyGroundingEncoder(16, 4, layer_scale_cls=TrainLayerScale)
-        self.grounding_encoder.requires_grad_(False)
-        self.grounding_encoder.sam2_model.sam_mask_decoder.requires_grad_(True)
-        self.text_hidden_fcs = build_text_hidden_fcs(32, 16)
-        self.tokenizer = tokenizer
-        self.template = "qwen2_vl_chat"
-
-
 def test_sa2va_qwen_export_loads_with_remote_code(tmp_path):
     from pathlib import Path
     from transformers import AutoModel, Qwen2VLImageProcessor
     import sa2va_hooks.demo.hf_code_qwen as code
-    from sa2va_hooks.demo.hf_code_qwen.configuration_tiny_sa2va_qwen import TinySa2VAQwenConfig
-    from sa2va_hooks.demo.tiny_sa2va import _tiny_tokenizer
-    tok = _tiny_tokenizer(60)
-    tok.add_tokens(["[SEG]"], special_tokens=True)
-    cfg = TinySa2VAQwenConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64,
-                              vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4,
-                                                 spatial_merge_size=2, temporal_patch_size=2),
-                              rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
-                              image_token_id=2, video_token_id=2, vision_start_token_id=3)
-    model = _TinySa2VAQwen(cfg, tok)
+    from sa2va_hooks.demo.families import TinySa2VAQwen
+    model = TinySa2VAQwen()
+    tok = model.tokenizer
     train_like(model)
     model.eval()
     before = snapshot_params(model)
@@ -234,3 +201,28 @@ def test_sa2va_qwen_export_loads_with_remote_code(tmp_path):
         want = model.mllm.model(input_ids=ids).logits
         have = hf.eval()(ids).logits
     assert float(torch.linalg.vector_norm(have - want) / torch.linalg.vector_norm(want)) < 2e-2
+
+
+@pytest.mark.parametrize("config,hf_class", [("xtuner_tiny_llava", "LlavaForConditionalGeneration"),
+                                             ("tiny_sa2va_qwen_demo", "AutoModel")])
+def test_family_demo_config_trains_with_the_hooks_and_exports_loadable_snapshots(config, hf_class, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import transformers
+    from sa2va_hooks.core.verify import verify_snapshot
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "tools" / "train.py"), str(root / "configs" / f"{config}.py"),
+                           "--work-dir", str(tmp_path / "wd")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for it in (2, 4):
+        snap = tmp_path / "wd" / "hf" / f"iter_{it}"
+        assert verify_snapshot(snap) == []
+        effect = json.loads((snap / "export_manifest.json").read_text())["training_effect"]
+        assert effect["trained_differ_from_base"] == effect["trained_tensors"] > 0
+        _, info = getattr(transformers, hf_class).from_pretrained(snap, trust_remote_code=True,
+                                                                  output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
