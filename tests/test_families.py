@@ -18,34 +18,13 @@ from sa2va_hooks.converters.base import ConversionError
 G = torch.Generator().manual_seed(11)
 
 
-def _tiny_llm_dir(path, with_image_token: bool):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from sa2va_hooks.demo.tiny_sa2va import _tiny_tokenizer
-    tok = _tiny_tokenizer(58)
-    if with_image_token:
-        tok.add_tokens(["<image>"], special_tokens=True)
-    torch.manual_seed(3)
-    Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=64,
-                                 tie_word_embeddings=False)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def _tiny_clip_dir(path):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-    torch.manual_seed(4)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     image_size=16, patch_size=8, projection_dim=16)).save_pretrained(path)
-    return path
-
-
 def _xtuner_llava(tmp_path, with_image_token=True):
     apply_torch_cpu_bf16_shim()
     from transformers import AutoModelForCausalLM, CLIPVisionModel
     from xtuner.model import LLaVAModel
-    llm_dir = _tiny_llm_dir(tmp_path / "llm", with_image_token)
-    clip_dir = _tiny_clip_dir(tmp_path / "clip")
+    from sa2va_hooks.demo.families import make_clip_dir, make_llm_dir
+    llm_dir = make_llm_dir(tmp_path / "llm", extra_tokens=("<image>",) if with_image_token else ())
+    clip_dir = make_clip_dir(tmp_path / "clip")
     from mmengine.config import ConfigDict
     model = LLaVAModel(
         llm=ConfigDict(type=AutoModelForCausalLM.from_pretrained, pretrained_model_name_or_path=str(llm_dir),
@@ -103,34 +82,12 @@ def test_llava_without_image_token_is_refused_not_invented(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _tiny_internvl_dir(path):
-    import shutil
-    from pathlib import Path
-    import sa2va_hooks.demo.internvl_code as code
-    from sa2va_hooks.demo.internvl_code.configuration_tiny_internvl import TinyInternVLConfig
-    from sa2va_hooks.demo.internvl_code.modeling_tiny_internvl import TinyInternVLChatModel
-    from sa2va_hooks.demo.tiny_sa2va import _tiny_tokenizer
-    tok = _tiny_tokenizer(58)
-    tok.add_tokens(["<IMG_CONTEXT>"], special_tokens=True)
-    cfg = TinyInternVLConfig(llm_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                                             max_position_embeddings=64, tie_word_embeddings=False),
-                             auto_map={"AutoConfig": "configuration_tiny_internvl.TinyInternVLConfig",
-                                       "AutoModel": "modeling_tiny_internvl.TinyInternVLChatModel"},
-                             architectures=["TinyInternVLChatModel"])
-    torch.manual_seed(5)
-    TinyInternVLChatModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    for f in Path(code.__file__).parent.glob("*_tiny_internvl.py"):
-        shutil.copy2(f, path / f.name)
-    return path
-
-
 def test_internvl_export_of_xtuner_internvl_v1_5(tmp_path):
     apply_torch_cpu_bf16_shim()
     from transformers import AutoModel
     from xtuner.model import InternVL_V1_5
-    base = _tiny_internvl_dir(tmp_path / "internvl")
+    from sa2va_hooks.demo.families import make_internvl_dir
+    base = make_internvl_dir(tmp_path / "internvl")
     model = InternVL_V1_5(model_path=str(base), freeze_llm=True, freeze_visual_encoder=True,
                           llm_lora=dict(type=LoraConfig, r=4, lora_alpha=8, lora_dropout=0.0,
                                         target_modules=["q_proj", "v_proj", "gate_proj"]))
@@ -204,6 +161,7 @@ def test_sa2va_qwen_export_loads_with_remote_code(tmp_path):
 
 
 @pytest.mark.parametrize("config,hf_class", [("xtuner_tiny_llava", "LlavaForConditionalGeneration"),
+                                             ("xtuner_tiny_internvl", "AutoModel"),
                                              ("tiny_sa2va_qwen_demo", "AutoModel")])
 def test_family_demo_config_trains_with_the_hooks_and_exports_loadable_snapshots(config, hf_class, tmp_path):
     import os

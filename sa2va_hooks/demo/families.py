@@ -84,6 +84,86 @@ class TinyLLaVADataset(Dataset):
                 "pixel_values": torch.randn(3, 16, 16, generator=g)}
 
 
+IMG_CONTEXT = "<IMG_CONTEXT>"
+
+
+def make_internvl_dir(path: str | Path, seed: int = 5) -> Path:
+    """An InternVL-style chat model directory: config with auto_map, remote code, weights, tokenizer."""
+    import shutil
+
+    from .internvl_code.configuration_tiny_internvl import TinyInternVLConfig
+    from .internvl_code.modeling_tiny_internvl import TinyInternVLChatModel
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    tok = _tiny_tokenizer(58)
+    tok.add_tokens([IMG_CONTEXT], special_tokens=True)
+    cfg = TinyInternVLConfig(llm_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                                             max_position_embeddings=64, tie_word_embeddings=False),
+                             auto_map={"AutoConfig": "configuration_tiny_internvl.TinyInternVLConfig",
+                                       "AutoModel": "modeling_tiny_internvl.TinyInternVLChatModel"},
+                             architectures=["TinyInternVLChatModel"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = TinyInternVLChatModel(cfg)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    for f in (Path(__file__).parent / "internvl_code").glob("*_tiny_internvl.py"):
+        shutil.copy2(f, path / f.name)
+    return path
+
+
+def _ensure_process_group() -> None:
+    """xtuner's InternVL_V1_5.forward calls torch.distributed.get_rank(), which needs a process
+    group even in a one-process CPU run (mmengine's pytorch launcher needs CUDA); start a
+    one-process gloo group when none exists. Demo-only convenience."""
+    import os
+
+    import torch.distributed as dist
+    if dist.is_available() and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def tiny_xtuner_internvl(root: str = "work_dirs/tiny_internvl", llm_lora_r: int = 4) -> nn.Module:
+    """xtuner's own InternVL_V1_5 over a tiny InternVL-style remote-code model; LoRA on the LLM,
+    the mlp1 projector trained, the vision tower frozen."""
+    from mmengine.config import ConfigDict
+    from peft import LoraConfig
+    from xtuner.model import InternVL_V1_5
+
+    from ..compat import apply_torch_cpu_bf16_shim
+    apply_torch_cpu_bf16_shim()
+    _ensure_process_group()
+    path = make_internvl_dir(Path(root) / "internvl")
+    model = InternVL_V1_5(model_path=str(path), freeze_llm=True, freeze_visual_encoder=True,
+                          llm_lora=ConfigDict(type=LoraConfig, r=llm_lora_r, lora_alpha=2 * llm_lora_r,
+                                              lora_dropout=0.0, target_modules=["q_proj", "v_proj", "gate_proj"]))
+    return model.float()  # InternVL_V1_5 loads in bf16; the tiny CPU demo trains in fp32
+
+
+class TinyInternVLDataset(Dataset):
+    """InternVL samples: 16 image-context tokens (one 16x16 image, 4x4 patches), then text."""
+
+    def __init__(self, root: str = "work_dirs/tiny_internvl", length: int = 16, seq_len: int = 8,
+                 seed: int = 0) -> None:
+        from transformers import AutoTokenizer
+        self.length, self.seq_len, self.seed = length, seq_len, seed
+        self.img_context = AutoTokenizer.from_pretrained(str(make_internvl_dir(Path(root) / "internvl"))) \
+            .convert_tokens_to_ids(IMG_CONTEXT)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, idx: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+        ids = torch.randint(4, 62, (self.seq_len,), generator=g).tolist()
+        return {"input_ids": [self.img_context] * 16 + ids, "labels": [-100] * 16 + ids,
+                "pixel_values": torch.randn(1, 3, 16, 16, generator=g)}
+
+
 def qwen_vl_config(vocab_size: int):
     from ..demo.hf_code_qwen.configuration_tiny_sa2va_qwen import TinySa2VAQwenConfig
     return TinySa2VAQwenConfig(

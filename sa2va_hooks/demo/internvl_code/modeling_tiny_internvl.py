@@ -12,6 +12,10 @@ class TinyVision(nn.Module):
         self.patch_embed = nn.Conv2d(3, hidden_size, patch_size, patch_size)
         self.norm = nn.LayerNorm(hidden_size)
 
+    @property
+    def dtype(self):
+        return self.patch_embed.weight.dtype
+
     def forward(self, pixel_values):
         return self.norm(self.patch_embed(pixel_values).flatten(2).transpose(1, 2))
 
@@ -39,6 +43,10 @@ class TinyInternVLChatModel(PreTrainedModel):
             module.weight.data.normal_(0.0, 0.02)
             if getattr(module, "bias", None) is not None:
                 module.bias.data.zero_()
+
+    def extract_feature(self, pixel_values):
+        """Image tokens in the LLM's width, as InternVL's extract_feature returns them."""
+        return self.mlp1(self.vision_model(pixel_values))
 
     def forward(self, pixel_values, input_ids):
         img = self.mlp1(self.vision_model(pixel_values))
