@@ -49,6 +49,13 @@ def causal_lm_config(hf_model: nn.Module, ctx: SnapshotContext, prefix: str = ""
             ctx.notes.append(f"{prefix}vocab_size set from {cfg.vocab_size} to {rows}, the embedding rows")
         cfg.vocab_size = rows
     cfg.architectures = [type(inner).__name__]
+    if getattr(cfg, "quantization_config", None) is not None:
+        # the weights are written dequantized; a leftover quantization_config would make
+        # from_pretrained treat them as pre-quantized
+        del cfg.quantization_config
+        ctx.notes.append(f"{prefix}quantization_config removed: the base was dequantized for the export")
+    if hasattr(cfg, "_pre_quantization_dtype"):
+        del cfg._pre_quantization_dtype
     tied_keys = getattr(inner, "_tied_weights_keys", None) or []
     exported_tied = [k for k in tied_keys if f"{prefix}{k}" in ctx.names]
     if getattr(cfg, "tie_word_embeddings", False) and exported_tied:
