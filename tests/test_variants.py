@@ -141,6 +141,9 @@ def _reference(live, dtype) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_variant_export_matches_peft_and_reloads(case, tmp_path):
     live, hf_cls, inputs, dtype = _build(case)
+    inner = live.get_base_model() if hasattr(live, "get_base_model") else live
+    if inner.can_generate():
+        inner.generation_config.top_k = 7  # a non-default setting the export must carry
     before = snapshot_params(live)
     manifest = export_hf(live, tmp_path / "out", dtype=dtype)
     assert_unchanged(live, before)
@@ -168,6 +171,9 @@ def test_variant_export_matches_peft_and_reloads(case, tmp_path):
 
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["torch_dtype"] == str(dtype).removeprefix("torch.")
+    if reloaded.can_generate():  # the live model's generation settings travel with the weights
+        from transformers import GenerationConfig
+        assert GenerationConfig.from_pretrained(tmp_path / "out").top_k == 7
     assert cfg["architectures"] == [type(reloaded).__name__]
     emb = [k for k in got if k.endswith("embed_tokens.weight") or k.endswith("wte.weight")]
     if emb:
