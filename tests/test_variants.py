@@ -143,7 +143,7 @@ def test_variant_export_matches_peft_and_reloads(case, tmp_path):
     live, hf_cls, inputs, dtype = _build(case)
     inner = live.get_base_model() if hasattr(live, "get_base_model") else live
     if inner.can_generate():
-        inner.generation_config.top_k = 7  # a non-default setting the export must carry
+        inner.generation_config.do_sample, inner.generation_config.top_k = True, 7  # non-default settings
     before = snapshot_params(live)
     manifest = export_hf(live, tmp_path / "out", dtype=dtype)
     assert_unchanged(live, before)
