@@ -18,7 +18,8 @@ from .core.fingerprint import (Fingerprint, FingerprintSet, compare_fingerprints
                                root_digest)
 from .core.host import HostStager
 from .core.manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
-from .core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, plan_merged_tensors, trainable_parameters
+from .core.merge import (ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, frozen_parameters, plan_merged_tensors,
+                         trainable_parameters)
 from .core.verify import hash_safetensors_file
 from .core.writer import (TensorSlot, check_free_space, file_entries, plan_shards, publish, staging_dir_for,
                           write_json, write_shards)
@@ -46,6 +47,11 @@ def parse_dtype(dtype: Any) -> torch.dtype | None:
 def trained_fingerprints(model: nn.Module) -> FingerprintSet:
     """Fingerprints of every trainable parameter under its training-time (checkpoint) name."""
     return FingerprintSet.of(fingerprint_state(trainable_parameters(model)))
+
+
+def frozen_root(model: nn.Module) -> str:
+    """One digest over every frozen parameter: catches a changed base model or pretrained_pth."""
+    return FingerprintSet.of(fingerprint_state(frozen_parameters(model))).root
 
 
 def _readback(staging: Path, files: list[str], expected: Mapping[str, dict]) -> None:
@@ -133,8 +139,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
 
         write_shards(staging, plan, produce)
         bar.close()
-        ctx = SnapshotContext(model=model, dtype=dt, names=set(by_name),
-                              shapes={n: st.shape for n, st in kept}, notes=[])
+        ctx = SnapshotContext(model=model, dtype=dt, names=set(by_name), notes=[])
         ctx.notes += [f"adapter '{a}' is present on {len(mods)} module(s) (e.g. {mods[0]}) but not active, so it "
                       "was not merged" for a, mods in sorted(walk.inactive.items())]
         if walk.dequantized:

@@ -7,7 +7,6 @@ compare its logits with the model in memory.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time

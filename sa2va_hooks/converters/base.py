@@ -40,7 +40,6 @@ class SnapshotContext:
     model: nn.Module
     dtype: Any  # torch.dtype or None (kept as in memory)
     names: set[str]  # exported tensor names
-    shapes: dict[str, tuple[int, ...]]
     notes: list[str]
 
 

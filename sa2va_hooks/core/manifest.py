@@ -38,10 +38,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def sha256_text(text: str | bytes) -> str:
-    return hashlib.sha256(text.encode() if isinstance(text, str) else text).hexdigest()
-
-
 @dataclasses.dataclass
 class TrainingEffect:
     """Did training reach the export? Counted over the exported tensors that carry training."""

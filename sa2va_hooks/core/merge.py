@@ -26,21 +26,14 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-try:  # PEFT is a dependency, but keep the walker usable on plain models if it is broken.
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
-except ImportError as _e:  # pragma: no cover - exercised only on broken installs
-    PeftModel = BaseTuner = BaseTunerLayer = AuxiliaryTrainingWrapper = ModulesToSaveWrapper = ()  # type: ignore
-    _PEFT_IMPORT_ERROR: Exception | None = _e
-else:
-    _PEFT_IMPORT_ERROR = None
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
 ROLE_FROZEN = "frozen"
 ROLE_TRAINABLE = "trainable"  # a parameter trained directly (projector, head, mask decoder)
 ROLE_LORA = "lora_merged"  # a base weight with one or more LoRA deltas added
 ROLE_SAVED_COPY = "modules_to_save"  # PEFT's trained copy of a whole module
-TRAINED_ROLES = (ROLE_TRAINABLE, ROLE_LORA, ROLE_SAVED_COPY)
 
 
 class UnsupportedModuleError(TypeError):
@@ -335,7 +328,7 @@ class _Walker:
             self._emit(_plain(_join(name, bname), b, ROLE_FROZEN, tprefix + bname), b)
 
     def walk(self, module: nn.Module, name: str = "", tprefix: str = "") -> None:
-        if PeftModel and isinstance(module, PeftModel):
+        if isinstance(module, PeftModel):
             cfg = module.peft_config.get(module.active_adapter)
             if cfg is not None and getattr(cfg, "is_prompt_learning", False):
                 raise UnsupportedModuleError(
@@ -343,15 +336,15 @@ class _Walker:
                     "live outside the weights and cannot be merged into an HF snapshot. Refusing to export the "
                     "untrained base; save the adapter with save_pretrained() instead.")
             return self.walk(module.base_model, name, tprefix + "base_model.")
-        if BaseTuner and isinstance(module, BaseTuner):
+        if isinstance(module, BaseTuner):
             return self.walk(module.model, name, tprefix + "model.")
-        if ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
+        if isinstance(module, ModulesToSaveWrapper):
             return self._walk_saved_copy(module, name, tprefix)
-        if AuxiliaryTrainingWrapper and isinstance(module, AuxiliaryTrainingWrapper):
+        if isinstance(module, AuxiliaryTrainingWrapper):
             raise UnsupportedModuleError(
                 f"module '{name}' is a PEFT {type(module).__name__}, which sa2va_hooks does not export yet. Refusing "
                 "to export without its trained weights; merge it with PEFT offline instead.")
-        if BaseTunerLayer and isinstance(module, BaseTunerLayer):
+        if isinstance(module, BaseTunerLayer):
             return self._walk_tuner_layer(module, name, tprefix)
         self._own_tensors(module, name, tprefix)
         for cname, child in module._modules.items():

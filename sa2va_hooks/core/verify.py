@@ -104,8 +104,3 @@ def verify_snapshot(snapshot_dir: str | Path) -> list[str]:
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
         return [str(e)]
     return _check_files(root, manifest) + _check_index(root, manifest) + _check_tensors(root, manifest)
-
-
-def verify_trained(manifest_trained: Mapping[str, Fingerprint], recorded: Mapping[str, Fingerprint]) -> list[str]:
-    """The export's trained fingerprints against those a checkpoint recorded."""
-    return [str(m) for m in compare_fingerprints(recorded, manifest_trained)]

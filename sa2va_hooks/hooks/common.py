@@ -7,8 +7,9 @@ from pathlib import Path
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from ..core.fingerprint import Fingerprint, FingerprintSet, fingerprint_state
-from ..core.merge import frozen_parameters, trainable_parameters
+from ..core.fingerprint import Fingerprint, fingerprint_state
+from ..core.merge import trainable_parameters
+from ..export import frozen_root
 
 BASELINE_KEY = "sa2va_hooks/baseline"  # trainable fingerprints before training (resumed with the run)
 FROZEN_ROOT_KEY = "sa2va_hooks/frozen_root"  # root digest of the frozen parameters at the first start
@@ -38,7 +39,7 @@ def ensure_baseline(runner) -> tuple[dict[str, Fingerprint], str, str | None]:
     """
     model = unwrapped_model(runner)
     hub = runner.message_hub
-    frozen_now = FingerprintSet.of(fingerprint_state(frozen_parameters(model))).root
+    frozen_now = frozen_root(model)
     recorded_frozen = hub.get_info(FROZEN_ROOT_KEY)
     if recorded_frozen is None:
         hub.update_info(FROZEN_ROOT_KEY, frozen_now)
@@ -59,5 +60,5 @@ def build_callable_cfg(cfg: dict):
         factory = factory.build()
     if not callable(factory):
         raise TypeError(f"cannot build {cfg!r}: its 'type' must be a class or function (e.g. "
-                        "AutoTokenizer.from_pretrained), got {factory!r}")
+                        f"AutoTokenizer.from_pretrained), got {factory!r}")
     return factory(**kwargs)

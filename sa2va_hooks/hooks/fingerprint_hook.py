@@ -15,8 +15,8 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from ..compat import allow_mmengine_checkpoint_globals
-from ..core.fingerprint import FingerprintSet, fingerprint_state
-from ..core.merge import trainable_parameters
+from ..core.fingerprint import FingerprintSet
+from ..export import trained_fingerprints
 from .common import META_KEY, ensure_baseline, unwrapped_model
 
 SIDECAR_SUFFIX = ".fingerprints.json"
@@ -44,7 +44,7 @@ class FingerprintHook(Hook):
                            f"{len(baseline)} trainable tensors fingerprinted before training")
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        trained = FingerprintSet.of(fingerprint_state(trainable_parameters(unwrapped_model(runner))))
+        trained = trained_fingerprints(unwrapped_model(runner))
         meta = checkpoint.setdefault("meta", {})
         record = {"trained": trained.to_json(), "frozen_root": getattr(self, "_frozen_root", None),
                   "iter": meta.get("iter"), "epoch": meta.get("epoch")}

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 
 from ..compat import allow_mmengine_checkpoint_globals, apply_torch_cpu_bf16_shim
-from ..core.fingerprint import FingerprintSet, compare_fingerprints, fingerprint_state
+from ..core.fingerprint import compare_fingerprints
 from ..core.manifest import ExportManifest
-from ..core.merge import frozen_parameters
-from ..export import export_hf, trained_fingerprints
+from ..export import export_hf, frozen_root, trained_fingerprints
 from .checkpoint_io import extract_state_dict, load_checkpoint, recorded_fingerprints
 from .load_plan import apply_load_plan, full_state, plan_load
 
@@ -121,7 +120,7 @@ def _check_recorded(model: nn.Module, recorded, lines: list[str]) -> dict:
         return {"checked": False, "reason": "no fingerprints recorded"}
     now = trained_fingerprints(model)
     problems = [str(p) for p in compare_fingerprints(recorded.trained.tensors, now.tensors)]
-    frozen_now = FingerprintSet.of(fingerprint_state(frozen_parameters(model))).root
+    frozen_now = frozen_root(model)
     if recorded.frozen_root and recorded.frozen_root != frozen_now:
         problems.append(f"mismatch frozen root digest: expected {recorded.frozen_root} (recorded at before_train), "
                         f"got {frozen_now}: the base model directory, pretrained_pth or seed differs from training")
