@@ -91,7 +91,8 @@ def _record(effect: TrainingEffect, name: str, role: str, merged, sources, train
 def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto", dtype: Any = None,
               max_shard_size: int | str = "5GB", provenance: Mapping | None = None,
               baseline: Mapping[str, Fingerprint] | None = None, overwrite: bool = False,
-              readback: bool = True, progress: bool = False) -> ExportManifest:
+              readback: bool = True, progress: bool = False,
+              trained: FingerprintSet | None = None) -> ExportManifest:
     """Merge, write and verify an HF snapshot of ``model`` without changing it.
 
     ``model`` may be a PreTrainedModel, a PeftModel, xtuner's SupervisedFinetune or a
@@ -99,7 +100,9 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
     tensors in the files; ``None`` keeps each as in memory. ``baseline`` holds the trainable
     parameters' fingerprints from before training (FingerprintHook records them), so that
     directly trained tensors can be told apart from untouched ones. Returns the manifest
-    that was written into the snapshot.
+    that was written into the snapshot. ``trained`` may pass the trainable parameters'
+    fingerprints when the caller has just computed them for this exact state (FingerprintHook
+    at the same checkpoint), so they are not hashed twice.
     """
     out_dir = Path(out_dir)
     dt = parse_dtype(dtype)
@@ -112,7 +115,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
     by_name = dict(kept)
     plan = plan_shards([TensorSlot(n, st.shape, st.out_dtype(dt)) for n, st in kept], max_shard_size)
     weight_map = plan.weight_map
-    trained = trained_fingerprints(model)
+    trained = trained if trained is not None else trained_fingerprints(model)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(out_dir.parent, int(plan.total_size * 1.02) + (16 << 20))

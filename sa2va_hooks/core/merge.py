@@ -393,6 +393,8 @@ class _Walker:
             raise UnsupportedModuleError(
                 f"modules_to_save wrapper '{name}' has no copy for active adapter '{adapter}' "
                 f"(has {sorted(wrapper.modules_to_save)}).")
+        for other in sorted(set(wrapper.modules_to_save) - {adapter}):
+            self.inactive.setdefault(other, []).append(name)
         trained = wrapper.modules_to_save[adapter]
         originals = dict(wrapper.original_module.named_parameters())
         for pname, p in trained.named_parameters():

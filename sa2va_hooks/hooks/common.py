@@ -14,6 +14,9 @@ from ..export import frozen_root
 BASELINE_KEY = "sa2va_hooks/baseline"  # trainable fingerprints before training (resumed with the run)
 FROZEN_ROOT_KEY = "sa2va_hooks/frozen_root"  # root digest of the frozen parameters at the first start
 META_KEY = "sa2va_hooks"  # key inside checkpoint["meta"]
+# trained fingerprints FingerprintHook computed at this iteration's checkpoint; not resumed (not
+# saved into checkpoints), only handed to HFExportHook so the same tensors are not hashed twice
+CURRENT_TRAINED_KEY = "sa2va_hooks/current_trained"
 
 
 def unwrapped_model(runner) -> nn.Module:

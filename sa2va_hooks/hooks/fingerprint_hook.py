@@ -17,7 +17,7 @@ from mmengine.registry import HOOKS
 from ..compat import allow_mmengine_checkpoint_globals
 from ..core.fingerprint import FingerprintSet
 from ..export import trained_fingerprints
-from .common import META_KEY, ensure_baseline, unwrapped_model
+from .common import CURRENT_TRAINED_KEY, META_KEY, ensure_baseline, unwrapped_model
 
 SIDECAR_SUFFIX = ".fingerprints.json"
 
@@ -57,6 +57,8 @@ class FingerprintHook(Hook):
                            f"tensors, {trained.nbytes} bytes, root {trained.root}; {changed} changed {since}")
         self._last = trained
         self._pending = record
+        runner.message_hub.update_info(CURRENT_TRAINED_KEY, {"iter": meta.get("iter"), "trained": trained},
+                                       resumed=False)
 
     def _write_sidecar(self, runner) -> None:
         if self._pending is None:

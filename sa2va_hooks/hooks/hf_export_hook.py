@@ -20,7 +20,7 @@ from mmengine.registry import HOOKS
 from ..compat import allow_mmengine_checkpoint_globals
 from ..core.manifest import MANIFEST_FILE
 from ..export import export_hf
-from .common import build_callable_cfg, config_sha256, ensure_baseline, unwrapped_model
+from .common import CURRENT_TRAINED_KEY, build_callable_cfg, config_sha256, ensure_baseline, unwrapped_model
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 
@@ -111,9 +111,11 @@ class HFExportHook(Hook):
         if self.tokenizer is not None:
             converter = {**(converter if isinstance(converter, dict) else {"type": converter}),
                          "tokenizer": self.tokenizer}
+        shared = runner.message_hub.get_info(CURRENT_TRAINED_KEY) or {}
+        trained = shared.get("trained") if shared.get("iter") == point["iter"] else None
         manifest = export_hf(unwrapped_model(runner), out, converter=converter, dtype=self.dtype,
                              max_shard_size=self.max_shard_size, provenance=provenance, baseline=self._baseline,
-                             overwrite=True)
+                             overwrite=True, trained=trained)
         effect = manifest.training_effect
         size = sum(f["size"] for f in manifest.files.values())
         runner.logger.info(
