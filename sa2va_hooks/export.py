@@ -67,6 +67,21 @@ def _readback(staging: Path, files: list[str], expected: Mapping[str, dict]) -> 
                                       f"{lines}")
 
 
+def _version_counters(model: nn.Module) -> dict[str, int]:
+    return {n: p._version for n, p in model.named_parameters()}
+
+
+def _check_unchanged(before: Mapping[str, int], model: nn.Module) -> None:
+    """The export read the model over some time; if anything wrote to a parameter meanwhile (a
+    training step on another thread), the snapshot mixes two states and must not be published."""
+    changed = [n for n, v in _version_counters(model).items() if before.get(n, v) != v]
+    if changed:
+        raise ExportVerificationError(
+            f"{len(changed)} parameter(s) were modified while the export was reading the model, e.g. "
+            f"{changed[:5]}; the snapshot would mix two training states and was not published. Export when no "
+            "optimizer step can run (HFExportHook does), or export from a copy.")
+
+
 def _record(effect: TrainingEffect, name: str, role: str, merged, sources, trained: FingerprintSet,
             baseline: Mapping[str, Fingerprint] | None) -> None:
     if role == ROLE_FROZEN:
@@ -107,6 +122,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
     out_dir = Path(out_dir)
     dt = parse_dtype(dtype)
     conv = resolve_converter(converter, model)
+    versions = _version_counters(model)
     walk = plan_merged_tensors(conv.hf_root(model))
     names = conv.map_keys([st.name for st in walk.tensors])
     kept = [(names[st.name], st) for st in walk.tensors if names[st.name] is not None]
@@ -168,6 +184,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
             tied=walk.tied, dropped=dropped, renamed=renamed, notes=ctx.notes, readback_verified=readback)
         write_json(staging / MANIFEST_FILE, manifest.to_json())
+        _check_unchanged(versions, model)
         publish(staging, out_dir, overwrite=overwrite)
         return manifest
     except BaseException:

@@ -125,3 +125,21 @@ def test_unmapped_key_is_an_error_not_a_silent_drop(tmp_path):
 
     with pytest.raises(ConversionError, match=r"1 key\(s\) match no rule of converter 'test_partial': lm_head\.weight"):
         export_hf(tiny_qwen2(), tmp_path / "out", converter="test_partial")
+
+
+def test_parameter_modified_during_export_blocks_publication(tmp_path, monkeypatch):
+    """Simulates a training step on another thread while the export reads the model."""
+    import sa2va_hooks.export as ex
+    from sa2va_hooks.export import ExportVerificationError
+    pm = _peft_model()
+    real = ex.write_shards
+
+    def write_then_train(*args, **kwargs):
+        real(*args, **kwargs)
+        with torch.no_grad():
+            pm.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(1.0)
+
+    monkeypatch.setattr(ex, "write_shards", write_then_train)
+    with pytest.raises(ExportVerificationError, match=r"modified while the export was reading.*q_proj\.lora_B"):
+        export_hf(pm, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

@@ -97,3 +97,13 @@ def test_verify_cli_detects_a_flipped_byte(trained_run, tmp_path):
     bad = subprocess.run(cmd, capture_output=True, text=True)
     assert bad.returncode == 1
     assert "mismatch" in bad.stdout and "FAILED" in bad.stdout
+
+
+def test_stale_staging_from_a_crash_is_removed_and_said(tiny_base, tmp_path):
+    stale = tmp_path / "hf" / "iter_3.incomplete-deadbeef0000"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half written")
+    train_tiny(tmp_path, tiny_base, hooks=[dict(type="HFExportHook")], max_iters=3, save_interval=3)
+    assert not stale.exists()
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iter_3"]
+    assert "an export interrupted by an earlier crash" in _log_text(tmp_path)

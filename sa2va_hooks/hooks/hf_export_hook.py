@@ -65,6 +65,7 @@ class HFExportHook(Hook):
     # -- timing -------------------------------------------------------------------------------
     def before_train(self, runner) -> None:
         self._baseline, _, _ = ensure_baseline(runner)
+        self._remove_stale_staging(runner)
         if isinstance(self.tokenizer, dict):
             self.tokenizer = build_callable_cfg(self.tokenizer)
 
@@ -132,6 +133,16 @@ class HFExportHook(Hook):
                 f"{manifest.dtype}. Training did not reach these weights (learning rate 0, frozen by mistake, or "
                 "deltas below the export dtype's resolution).")
         self._prune(out.parent, keep=out)
+
+    def _remove_stale_staging(self, runner) -> None:
+        """A process killed mid-export leaves ``iter_N.incomplete-*``; those are ours by name and
+        never a finished snapshot, so they are removed (and said) when training starts again."""
+        root = Path(self.out_dir) if self.out_dir else Path(runner.work_dir) / "hf"
+        if not root.is_dir() or not is_main_process():
+            return
+        for stale in sorted(root.glob("iter_*.incomplete-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+            runner.logger.warning(f"[sa2va_hooks] removed {stale}: an export interrupted by an earlier crash")
 
     def _prune(self, root: Path, keep: Path) -> None:
         if self.keep_last is None:
