@@ -107,3 +107,26 @@ def test_stale_staging_from_a_crash_is_removed_and_said(tiny_base, tmp_path):
     assert not stale.exists()
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iter_3"]
     assert "an export interrupted by an earlier crash" in _log_text(tmp_path)
+
+
+def test_disk_full_during_a_later_export_keeps_the_earlier_snapshot(tiny_base, tmp_path, monkeypatch):
+    import errno
+
+    import sa2va_hooks.core.writer as writer
+    from sa2va_hooks.core.verify import verify_snapshot
+    real = writer.save_file
+    calls = {"n": 0}
+
+    def fail_on_second_export(tensors, path, metadata=None):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(writer, "save_file", fail_on_second_export)
+    runner = train_tiny(tmp_path, tiny_base, hooks=[dict(type="FingerprintHook"), dict(type="HFExportHook")])
+    assert runner.iter == 6 and (tmp_path / "iter_6.pth").is_file()
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iter_3"]
+    assert verify_snapshot(tmp_path / "hf" / "iter_3") == []
+    log = _log_text(tmp_path)
+    assert "HF export of iteration 6" in log and "No space left on device" in log
