@@ -114,16 +114,18 @@ def test_disk_full_during_a_later_export_keeps_the_earlier_snapshot(tiny_base, t
 
     import sa2va_hooks.core.writer as writer
     from sa2va_hooks.core.verify import verify_snapshot
-    real = writer.save_file
+    real = writer.write_shard
     calls = {"n": 0}
 
-    def fail_on_second_export(tensors, path, metadata=None):
+    def fail_on_second_export(path, slots, produce):
         calls["n"] += 1
-        if calls["n"] > 1:
-            raise OSError(errno.ENOSPC, "No space left on device", path)
-        return real(tensors, path, metadata=metadata)
+        if calls["n"] > 1:  # the disk fills up halfway through the second export's file
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, slots, produce)
 
-    monkeypatch.setattr(writer, "save_file", fail_on_second_export)
+    monkeypatch.setattr(writer, "write_shard", fail_on_second_export)
     runner = train_tiny(tmp_path, tiny_base, hooks=[dict(type="FingerprintHook"), dict(type="HFExportHook")])
     assert runner.iter == 6 and (tmp_path / "iter_6.pth").is_file()
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iter_3"]

@@ -1,9 +1,12 @@
 """Streaming, sharded safetensors writing with HF index conventions and atomic publish.
 
 Shards are planned from names, shapes and dtypes before any data exists, so the file names
-(``model-00001-of-00003.safetensors``) are final from the start. Then each shard's tensors are
-produced, fingerprinted while in memory, written with safetensors' own ``save_file`` and
-dropped: peak extra memory is one shard.
+(``model-00001-of-00003.safetensors``) and every file's safetensors header are final from the
+start. Each tensor is then produced, fingerprinted while in memory, appended to its file and
+dropped: peak extra host memory is one tensor, not one shard (``save_file`` needs the whole
+shard as a dict). A background thread fsyncs as the file grows, so the disk writes while the
+next tensors are merged and hashed. Every file is read back with the safetensors library
+before the snapshot is published, which proves the format, not only the bytes.
 
 A snapshot is written into ``NAME.incomplete-<id>`` beside its final place and renamed only
 once everything, the manifest last, is on disk and fsynced. A reader therefore either sees a
@@ -16,12 +19,21 @@ import json
 import os
 import re
 import shutil
+import struct
+import threading
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
-from safetensors.torch import save_file
+
+from .fingerprint import tensor_bytes
+
+# safetensors' dtype names (the format's spec)
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+_FLUSH_EVERY = 256 << 20
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -102,23 +114,87 @@ def write_json(path: Path, obj: object) -> None:
         os.fsync(f.fileno())
 
 
+def safetensors_header(slots: Sequence[TensorSlot]) -> bytes:
+    """The length-prefixed JSON header of a safetensors file holding ``slots`` in this order."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for s in slots:
+        if s.dtype not in _ST_DTYPES:
+            raise TypeError(f"tensor '{s.name}' has dtype {s.dtype}, which safetensors cannot store")
+        header[s.name] = {"dtype": _ST_DTYPES[s.dtype], "shape": list(s.shape),
+                          "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class _BackgroundFsync:
+    """fsync a growing file from another thread, so the disk works while tensors are produced."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.error = fd, None
+        self._wake, self._stop = threading.Event(), False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                os.fsync(self.fd)
+            except OSError as e:
+                self.error = e
+                return
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _write_bytes(f, data) -> None:
+    f.write(data)
+
+
+def write_shard(path: Path, slots: Sequence[TensorSlot], produce: Callable[[TensorSlot], torch.Tensor]) -> int:
+    """Write one safetensors file tensor by tensor; returns its size in bytes."""
+    with open(path, "wb") as f:
+        flusher = _BackgroundFsync(f.fileno())
+        try:
+            _write_bytes(f, safetensors_header(slots))
+            pending = 0
+            for slot in slots:
+                t = produce(slot)
+                if tuple(t.shape) != slot.shape or t.dtype != slot.dtype:
+                    raise RuntimeError(f"tensor '{slot.name}' came out as {t.dtype}{list(t.shape)} but was planned "
+                                       f"as {slot.dtype}{list(slot.shape)}; this is a converter bug, please report it.")
+                _write_bytes(f, tensor_bytes(t))
+                pending += slot.nbytes
+                if pending >= _FLUSH_EVERY:
+                    f.flush()
+                    flusher.poke()
+                    pending = 0
+            f.flush()
+        finally:
+            flusher.close()
+        os.fsync(f.fileno())
+        return f.tell()
+
+
 def write_shards(staging: Path, plan: ShardPlan, produce: Callable[[TensorSlot], torch.Tensor],
                  *, on_shard_done: Callable[[str, int], None] | None = None) -> None:
-    """Produce and write each shard in turn; at most one shard's tensors are alive at once."""
+    """Produce and write each shard in turn; one tensor at a time is alive on the host."""
     for fname, slots in plan.files:
-        tensors = {}
-        for slot in slots:
-            t = produce(slot)
-            if tuple(t.shape) != slot.shape or t.dtype != slot.dtype:
-                raise RuntimeError(f"tensor '{slot.name}' came out as {t.dtype}{list(t.shape)} but was planned as "
-                                   f"{slot.dtype}{list(slot.shape)}; this is a converter bug, please report it.")
-            tensors[slot.name] = t
-        path = staging / fname
-        save_file(tensors, str(path), metadata={"format": "pt"})
-        fsync_path(path)
-        del tensors
+        size = write_shard(staging / fname, slots, produce)
         if on_shard_done:
-            on_shard_done(fname, path.stat().st_size)
+            on_shard_done(fname, size)
     if len(plan.files) > 1:
         write_json(staging / INDEX_FILE, {"metadata": {"total_size": plan.total_size},
                                           "weight_map": dict(sorted(plan.weight_map.items()))})
