@@ -2,34 +2,23 @@
 # exports load as transformers' LlavaForConditionalGeneration. Run from any directory:
 #   python tools/train.py configs/xtuner_tiny_llava.py --work-dir W
 # The tiny base directories are made under work_dirs/tiny_llava on first use.
+from mmengine.config import read_base
 from mmengine.dataset import DefaultSampler
-from mmengine.hooks import CheckpointHook, IterTimerHook, LoggerHook, ParamSchedulerHook
-from mmengine.optim import OptimWrapper
-from mmengine.runner import IterBasedTrainLoop
-from torch.optim import AdamW
 from transformers import AutoTokenizer
 from xtuner.dataset.collate_fns import default_collate_fn
 
 from sa2va_hooks import FingerprintHook, HFExportHook
 from sa2va_hooks.demo.families import TinyLLaVADataset, tiny_xtuner_llava
 
+with read_base():
+    from ._base_.tiny_runtime import *  # noqa: F401,F403
+
 root = "work_dirs/tiny_llava"
 model = dict(type=tiny_xtuner_llava, root=root)
 train_dataloader = dict(batch_size=2, num_workers=0, dataset=dict(type=TinyLLaVADataset, length=16, seed=0),
                         sampler=dict(type=DefaultSampler, shuffle=True), collate_fn=dict(type=default_collate_fn))
-optim_wrapper = dict(type=OptimWrapper, optimizer=dict(type=AdamW, lr=2e-3, weight_decay=0.0))
-train_cfg = dict(type=IterBasedTrainLoop, max_iters=4)
-default_hooks = dict(timer=dict(type=IterTimerHook), logger=dict(type=LoggerHook, interval=1),
-                     param_scheduler=dict(type=ParamSchedulerHook),
-                     checkpoint=dict(type=CheckpointHook, interval=2, by_epoch=False))
 custom_hooks = [
     dict(type=FingerprintHook),
     dict(type=HFExportHook, dtype="bf16",
          tokenizer=dict(type=AutoTokenizer.from_pretrained, pretrained_model_name_or_path=root + "/llm")),
 ]
-env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo"))
-launcher = "none"
-randomness = dict(seed=0, deterministic=False)
-log_level = "INFO"
-load_from = None
-resume = False

@@ -9,9 +9,7 @@ import torch
 import torch.nn.functional as F
 from mmengine.model import BaseModel
 from torch import nn
-from torch.utils.data import Dataset
-
-from .tiny_sa2va import TinyMLLM, TrainLayerScale, _tiny_tokenizer
+from .tiny_sa2va import SeededSamples, TinyMLLM, TrainLayerScale, _tiny_tokenizer
 
 IMAGE_TOKEN_INDEX = -200  # xtuner's placeholder for image features in input_ids
 
@@ -68,17 +66,14 @@ def tiny_xtuner_llava(root: str = "work_dirs/tiny_llava", llm_lora_r: int = 4) -
                             task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"]))
 
 
-class TinyLLaVADataset(Dataset):
+class TinyLLaVADataset(SeededSamples):
     """xtuner LLaVA samples: one image placeholder, text, labels and a 16x16 image."""
 
     def __init__(self, length: int = 16, seq_len: int = 8, seed: int = 0) -> None:
-        self.length, self.seq_len, self.seed = length, seq_len, seed
-
-    def __len__(self) -> int:
-        return self.length
+        super().__init__(length, seq_len, seed)
 
     def __getitem__(self, idx: int) -> dict:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+        g = self.generator(idx)
         ids = torch.randint(4, 62, (self.seq_len,), generator=g).tolist()
         return {"input_ids": [IMAGE_TOKEN_INDEX] + ids, "labels": [-100] + ids,
                 "pixel_values": torch.randn(3, 16, 16, generator=g)}
@@ -144,21 +139,18 @@ def tiny_xtuner_internvl(root: str = "work_dirs/tiny_internvl", llm_lora_r: int 
     return model.float()  # InternVL_V1_5 loads in bf16; the tiny CPU demo trains in fp32
 
 
-class TinyInternVLDataset(Dataset):
+class TinyInternVLDataset(SeededSamples):
     """InternVL samples: 16 image-context tokens (one 16x16 image, 4x4 patches), then text."""
 
     def __init__(self, root: str = "work_dirs/tiny_internvl", length: int = 16, seq_len: int = 8,
                  seed: int = 0) -> None:
         from transformers import AutoTokenizer
-        self.length, self.seq_len, self.seed = length, seq_len, seed
+        super().__init__(length, seq_len, seed)
         self.img_context = AutoTokenizer.from_pretrained(str(make_internvl_dir(Path(root) / "internvl"))) \
             .convert_tokens_to_ids(IMG_CONTEXT)
 
-    def __len__(self) -> int:
-        return self.length
-
     def __getitem__(self, idx: int) -> dict:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+        g = self.generator(idx)
         ids = torch.randint(4, 62, (self.seq_len,), generator=g).tolist()
         return {"input_ids": [self.img_context] * 16 + ids, "labels": [-100] * 16 + ids,
                 "pixel_values": torch.randn(1, 3, 16, 16, generator=g)}
@@ -213,15 +205,12 @@ class TinySa2VAQwen(BaseModel):
         return {"loss_lm": loss_lm, "loss_mask": F.binary_cross_entropy_with_logits(mask_logits, masks)}
 
 
-class TinyQwenSegDataset(Dataset):
+class TinyQwenSegDataset(SeededSamples):
     def __init__(self, length: int = 16, seq_len: int = 8, seed: int = 0) -> None:
-        self.length, self.seq_len, self.seed = length, seq_len, seed
-
-    def __len__(self) -> int:
-        return self.length
+        super().__init__(length, seq_len, seed)
 
     def __getitem__(self, idx: int) -> dict:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+        g = self.generator(idx)
         ids = torch.randint(4, 64, (self.seq_len,), generator=g)
         ids[-1] = 64  # [SEG]
         return {"pixel_values": torch.randn(3, 16, 16, generator=g), "input_ids": ids,

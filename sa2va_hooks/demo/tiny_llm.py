@@ -4,9 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
-
-from .tiny_sa2va import _tiny_tokenizer
+from .tiny_sa2va import SeededSamples, _tiny_tokenizer
 
 
 def make_tiny_llm(model_dir: str | Path, seed: int = 4321) -> Path:
@@ -27,16 +25,14 @@ def make_tiny_llm(model_dir: str | Path, seed: int = 4321) -> Path:
     return model_dir
 
 
-class TinyTokenDataset(Dataset):
+class TinyTokenDataset(SeededSamples):
     """Random token sequences in xtuner's format (``input_ids`` and ``labels`` lists)."""
 
     def __init__(self, length: int = 32, seq_len: int = 12, vocab_size: int = 64, seed: int = 0) -> None:
-        self.length, self.seq_len, self.vocab_size, self.seed = length, seq_len, vocab_size, seed
-
-    def __len__(self) -> int:
-        return self.length
+        super().__init__(length, seq_len, seed)
+        self.vocab_size = vocab_size
 
     def __getitem__(self, idx: int) -> dict:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+        g = self.generator(idx)
         ids = torch.randint(4, self.vocab_size, (self.seq_len,), generator=g).tolist()
         return {"input_ids": ids, "labels": ids}

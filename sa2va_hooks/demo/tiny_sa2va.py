@@ -176,13 +176,27 @@ class TinySa2VA(BaseModel):
         return {"loss_lm": loss_lm, "loss_mask": loss_mask}
 
 
+class SeededSamples(Dataset):
+    """Synthetic samples that depend only on (seed, index): the same seed gives the same data set
+    in every run and after resume, another seed another data set."""
+
+    def __init__(self, length: int, seq_len: int, seed: int) -> None:
+        self.length, self.seq_len, self.seed = length, seq_len, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def generator(self, idx: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+
+
 @DATASETS.register_module()
-class TinySegDataset(Dataset):
+class TinySegDataset(SeededSamples):
     """Synthetic image + text + mask samples; ``seed`` selects a different data set."""
 
     def __init__(self, base_dir: str, length: int = 32, seed: int = 0, seq_len: int = 8) -> None:
         from transformers import AutoTokenizer
-        self.length, self.seed, self.seq_len = length, seed, seq_len
+        super().__init__(length, seq_len, seed)
         cfg = json.loads((Path(base_dir) / "config.json").read_text())
         self.image_size = cfg["vision_config"]["image_size"]
         self.mask_side = self.image_size // cfg["vision_config"]["patch_size"]
@@ -190,11 +204,8 @@ class TinySegDataset(Dataset):
         self.n_words = len(tok)
         self.seg_id = len(tok)  # the token the model adds
 
-    def __len__(self) -> int:
-        return self.length
-
     def __getitem__(self, idx: int) -> dict:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx)
+        g = self.generator(idx)
         ids = torch.randint(4, self.n_words, (self.seq_len,), generator=g)
         ids[-1] = self.seg_id
         return {"pixel_values": torch.randn(3, self.image_size, self.image_size, generator=g),
