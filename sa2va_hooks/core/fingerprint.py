@@ -69,14 +69,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_STATS_CHUNK = 1 << 26  # elements; bounds the fp64 working copy to 512 MiB however large the tensor
+
+
 def tensor_stats(t: torch.Tensor) -> tuple[float, float]:
-    """fp64 L2 norm and sum, computed where the tensor lives (the GPU is far faster at this)."""
-    t = t.detach()
-    if t.dtype == torch.bool:
-        n = float(t.sum())
-        return n, n
-    t64 = t.to(torch.float64) if not t.is_complex() else t.abs().to(torch.float64)
-    return float(torch.linalg.vector_norm(t64)), float(t64.sum())
+    """fp64 L2 norm and sum, computed where the tensor lives (the GPU is far faster at this),
+    in chunks so that a 150k-row embedding does not need a full fp64 copy."""
+    flat = t.detach().reshape(-1)
+    if flat.dtype == torch.bool:
+        n = float(flat.sum())
+        return n ** 0.5, n
+    squares = torch.zeros((), dtype=torch.float64, device=flat.device)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _STATS_CHUNK):
+        c = flat[start:start + _STATS_CHUNK]
+        c = (c.abs() if c.is_complex() else c).to(torch.float64)
+        squares += torch.dot(c, c)
+        total += c.sum()
+    return float(squares.sqrt()), float(total)
 
 
 def digest_tensor(name: str, host: torch.Tensor) -> str:
