@@ -27,7 +27,8 @@ def base_config_dict(config: Any, override: str | None = None) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     if override:
-        raise ConversionError(f"base config {override} does not exist")
+        raise ConversionError(f"base config {override} does not exist; pass base_config= the config.json of the "
+                              "base model directory the run started from.")
     return config.to_dict()
 
 

@@ -57,7 +57,8 @@ class LlavaConverter(Converter):
                     "before training, or pass converter=dict(type='llava', image_token_index=ID) with an existing id.")
             index = vocab[IMAGE_TOKEN]
         if not 0 <= index < rows:
-            raise ConversionError(f"image_token_index {index} is outside the {rows} embedding rows of the LLM")
+            raise ConversionError(f"image_token_index {index} is outside the {rows} embedding rows of the LLM; pass "
+                                  f"converter=dict(type='llava', image_token_index=ID) with 0 <= ID < {rows}.")
         return index
 
     def hf_config(self, model: nn.Module, ctx: SnapshotContext):
