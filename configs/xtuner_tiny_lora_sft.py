@@ -4,12 +4,9 @@
 # The model directory (relative to the working directory) is made by
 # sa2va_hooks.demo.tiny_llm.make_tiny_llm; tools/train.py does it when SA2VA_TINY_LLM is set.
 import torch
+from mmengine.config import read_base
 from mmengine.dataset import DefaultSampler
-from mmengine.hooks import CheckpointHook, IterTimerHook, LoggerHook, ParamSchedulerHook
-from mmengine.optim import OptimWrapper
-from mmengine.runner import IterBasedTrainLoop
 from peft import LoraConfig
-from torch.optim import AdamW
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.model import SupervisedFinetune
@@ -17,8 +14,14 @@ from xtuner.model import SupervisedFinetune
 from sa2va_hooks import FingerprintHook, HFExportHook
 from sa2va_hooks.demo.tiny_llm import TinyTokenDataset
 
+with read_base():
+    from ._base_.tiny_runtime import *  # noqa: F401,F403
+
 llm_dir = "work_dirs/tiny_llm"  # lazy configs cannot call functions such as os.environ.get
-max_iters = 6
+
+# 6 iterations, a checkpoint (and an export) every 3, instead of the shared 4 and 2
+train_cfg.update(max_iters=6)  # noqa: F405
+default_hooks.checkpoint.update(interval=3)  # noqa: F405
 
 tokenizer = dict(type=AutoTokenizer.from_pretrained, pretrained_model_name_or_path=llm_dir)
 model = dict(
@@ -34,22 +37,7 @@ train_dataloader = dict(
     dataset=dict(type=TinyTokenDataset, length=32, seq_len=12, vocab_size=64, seed=0),
     sampler=dict(type=DefaultSampler, shuffle=True),
     collate_fn=dict(type=default_collate_fn))
-
-optim_wrapper = dict(type=OptimWrapper, optimizer=dict(type=AdamW, lr=2e-3, weight_decay=0.0))
-train_cfg = dict(type=IterBasedTrainLoop, max_iters=max_iters)
-
-default_hooks = dict(
-    timer=dict(type=IterTimerHook),
-    logger=dict(type=LoggerHook, interval=1),
-    param_scheduler=dict(type=ParamSchedulerHook),
-    checkpoint=dict(type=CheckpointHook, interval=3, by_epoch=False))
 custom_hooks = [
     dict(type=FingerprintHook),
     dict(type=HFExportHook, dtype="bf16", tokenizer=tokenizer),
 ]
-env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend="gloo"))
-launcher = "none"
-randomness = dict(seed=0, deterministic=False)
-log_level = "INFO"
-load_from = None
-resume = False
