@@ -132,14 +132,14 @@ def test_parameter_modified_during_export_blocks_publication(tmp_path, monkeypat
     import sa2va_hooks.export as ex
     from sa2va_hooks.export import ExportVerificationError
     pm = _peft_model()
-    real = ex.write_shards
+    real = ex.write_index
 
     def write_then_train(*args, **kwargs):
         real(*args, **kwargs)
         with torch.no_grad():
             pm.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(1.0)
 
-    monkeypatch.setattr(ex, "write_shards", write_then_train)
+    monkeypatch.setattr(ex, "write_index", write_then_train)
     with pytest.raises(ExportVerificationError, match=r"modified while the export was reading.*q_proj\.lora_B"):
         export_hf(pm, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -112,20 +112,20 @@ def test_stale_staging_from_a_crash_is_removed_and_said(tiny_base, tmp_path):
 def test_disk_full_during_a_later_export_keeps_the_earlier_snapshot(tiny_base, tmp_path, monkeypatch):
     import errno
 
-    import sa2va_hooks.core.writer as writer
+    import sa2va_hooks.export as ex
     from sa2va_hooks.core.verify import verify_snapshot
-    real = writer.write_shard
+    real = ex.ShardWriter
     calls = {"n": 0}
 
-    def fail_on_second_export(path, slots, produce):
+    def fail_on_second_export(path, slots):
         calls["n"] += 1
         if calls["n"] > 1:  # the disk fills up halfway through the second export's file
             with open(path, "wb") as f:
                 f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(path, slots, produce)
+        return real(path, slots)
 
-    monkeypatch.setattr(writer, "write_shard", fail_on_second_export)
+    monkeypatch.setattr(ex, "ShardWriter", fail_on_second_export)
     runner = train_tiny(tmp_path, tiny_base, hooks=[dict(type="FingerprintHook"), dict(type="HFExportHook")])
     assert runner.iter == 6 and (tmp_path / "iter_6.pth").is_file()
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iter_3"]

@@ -7,6 +7,7 @@ import copy
 from torch import nn
 
 from .base import CONVERTERS, Converter, SnapshotContext
+from ..core.sharding import logical_shape
 
 
 def _peft_model_class() -> type | tuple:
@@ -34,7 +35,8 @@ def embedding_rows(model: nn.Module) -> int | None:
         emb = unwrap_hf(model).get_input_embeddings()
     except NotImplementedError:
         return None
-    return None if emb is None else int(emb.weight.shape[0])
+    # the logical shape: under ZeRO-3 the live weight is an empty placeholder
+    return None if emb is None else int(logical_shape(emb.weight)[0])
 
 
 def causal_lm_config(hf_model: nn.Module, ctx: SnapshotContext, prefix: str = ""):

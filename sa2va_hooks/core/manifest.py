@@ -54,6 +54,15 @@ class TrainingEffect:
         """True when there is training to show and none of it is visible in the export."""
         return self.trained_tensors > 0 and self.trained_differ_from_base == 0 and not self.trained_unknown_base
 
+    def absorb(self, other: "TrainingEffect") -> None:
+        """Add another rank's counts (each rank counts the tensors it wrote)."""
+        self.trained_tensors += other.trained_tensors
+        self.trained_differ_from_base += other.trained_differ_from_base
+        self.trained_identical_to_base = sorted(self.trained_identical_to_base + other.trained_identical_to_base)
+        self.trained_unknown_base = sorted(self.trained_unknown_base + other.trained_unknown_base)
+        self.frozen_tensors += other.frozen_tensors
+        self.lora_rel_delta = dict(sorted({**self.lora_rel_delta, **other.lora_rel_delta}.items()))
+
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         vals = list(self.lora_rel_delta.values())

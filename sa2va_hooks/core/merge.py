@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from peft import PeftModel
+
+from .sharding import logical_shape as sharded_shape
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
@@ -60,6 +62,9 @@ class SourceTensor:
     role: str
     sources: tuple[str, ...]  # training-time names of the parameters that feed this tensor
     _produce: Callable[[torch.dtype | None], MergedTensor] = dataclasses.field(repr=False)
+    # parameters that must be whole while this tensor is produced (ZeRO-3 gathers them; a no-op
+    # for parameters that are not partitioned)
+    gather: tuple[torch.Tensor, ...] = dataclasses.field(default=(), repr=False)
 
     def out_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         """Floating tensors take the export dtype; integer and bool buffers keep theirs."""
@@ -87,7 +92,8 @@ def _plain(name: str, t: torch.Tensor, role: str, source: str) -> SourceTensor:
     def produce(dtype: torch.dtype) -> MergedTensor:
         return MergedTensor(_cast(t, dtype))
 
-    return SourceTensor(name, tuple(t.shape), t.dtype, role, (source,), produce)
+    gather = (t,) if isinstance(t, nn.Parameter) else ()
+    return SourceTensor(name, sharded_shape(t), t.dtype, role, (source,), produce, gather)
 
 
 def _fp32_param(p: torch.Tensor | None, requires_grad: bool = False):
@@ -132,7 +138,7 @@ def logical_shape(module: nn.Module, pname: str, p: torch.Tensor) -> tuple[int, 
     """A packed 4-bit weight is stored as [n, 1] bytes; its values are [out, in]."""
     if pname == "weight" and quantization_of(p):
         return (int(module.out_features), int(module.in_features))
-    return tuple(p.shape)
+    return sharded_shape(p)
 
 
 def _plain_linear(module: nn.Module) -> nn.Module:
@@ -264,7 +270,7 @@ def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: _M
         differs = None if final_role == ROLE_TRAINABLE else not torch.equal(out, _cast(ref, dtype))
         return MergedTensor(out, final_role, rel if final_role == ROLE_LORA else None, differs)
 
-    return SourceTensor(_join(name, pname), shape, dtype0, role, sources, produce)
+    return SourceTensor(_join(name, pname), shape, dtype0, role, sources, produce, tuple(group.layer.parameters()))
 
 
 def _dequantized(name: str, module: nn.Module, source: str) -> SourceTensor:
@@ -272,7 +278,7 @@ def _dequantized(name: str, module: nn.Module, source: str) -> SourceTensor:
         return MergedTensor(_cast(dequantized_weight(module), dtype))
 
     shape = (int(module.out_features), int(module.in_features))
-    return SourceTensor(name, shape, torch.float32, ROLE_FROZEN, (source,), produce)
+    return SourceTensor(name, shape, torch.float32, ROLE_FROZEN, (source,), produce, tuple(module.parameters()))
 
 
 def _saved_copy(name: str, t: torch.Tensor, original: torch.Tensor | None, source: str) -> SourceTensor:
@@ -281,7 +287,8 @@ def _saved_copy(name: str, t: torch.Tensor, original: torch.Tensor | None, sourc
         differs = None if original is None else not torch.equal(out, _cast(original, dtype))
         return MergedTensor(out, None, None, differs)
 
-    return SourceTensor(name, tuple(t.shape), t.dtype, ROLE_SAVED_COPY, (source,), produce)
+    gather = (t,) if original is None else (t, original)
+    return SourceTensor(name, sharded_shape(t), t.dtype, ROLE_SAVED_COPY, (source,), produce, gather)
 
 
 @dataclasses.dataclass

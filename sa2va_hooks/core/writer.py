@@ -163,29 +163,77 @@ def _write_bytes(f, data) -> None:
     f.write(data)
 
 
+class ShardWriter:
+    """One safetensors file, written tensor by tensor in planned order. The header comes from the
+    plan, so nothing but the tensor being appended is held in memory."""
+
+    def __init__(self, path: Path, slots: Sequence[TensorSlot]) -> None:
+        self.path, self.slots = path, list(slots)
+        self._next = 0
+        self._pending = 0
+        self._f = open(path, "wb")
+        self._flusher = _BackgroundFsync(self._f.fileno())
+        try:
+            _write_bytes(self._f, safetensors_header(self.slots))
+        except BaseException:
+            self.abort()
+            raise
+
+    def append(self, slot: TensorSlot, t: torch.Tensor) -> None:
+        want = self.slots[self._next]
+        if slot != want:
+            raise RuntimeError(f"tensor '{slot.name}' written out of plan order into {self.path.name} (expected "
+                               f"'{want.name}'); this is a bug in sa2va_hooks, please report it.")
+        if tuple(t.shape) != slot.shape or t.dtype != slot.dtype:
+            raise RuntimeError(f"tensor '{slot.name}' came out as {t.dtype}{list(t.shape)} but was planned "
+                               f"as {slot.dtype}{list(slot.shape)}; this is a converter bug, please report it.")
+        _write_bytes(self._f, tensor_bytes(t))
+        self._next += 1
+        self._pending += slot.nbytes
+        if self._pending >= _FLUSH_EVERY:
+            self._f.flush()
+            self._flusher.poke()
+            self._pending = 0
+
+    def close(self) -> int:
+        """Flush and fsync; returns the file size. Every planned tensor must have been appended."""
+        if self._next != len(self.slots):
+            self.abort()
+            raise RuntimeError(f"{self.path.name} closed after {self._next} of {len(self.slots)} planned tensors")
+        try:
+            self._f.flush()
+            self._flusher.close()
+            os.fsync(self._f.fileno())
+            return self._f.tell()
+        finally:
+            self._f.close()
+
+    def abort(self) -> None:
+        """Stop writing (the staging directory is removed by the caller); never raises."""
+        try:
+            self._flusher.close()
+        except OSError:
+            pass
+        self._f.close()
+
+
 def write_shard(path: Path, slots: Sequence[TensorSlot], produce: Callable[[TensorSlot], torch.Tensor]) -> int:
     """Write one safetensors file tensor by tensor; returns its size in bytes."""
-    with open(path, "wb") as f:
-        flusher = _BackgroundFsync(f.fileno())
-        try:
-            _write_bytes(f, safetensors_header(slots))
-            pending = 0
-            for slot in slots:
-                t = produce(slot)
-                if tuple(t.shape) != slot.shape or t.dtype != slot.dtype:
-                    raise RuntimeError(f"tensor '{slot.name}' came out as {t.dtype}{list(t.shape)} but was planned "
-                                       f"as {slot.dtype}{list(slot.shape)}; this is a converter bug, please report it.")
-                _write_bytes(f, tensor_bytes(t))
-                pending += slot.nbytes
-                if pending >= _FLUSH_EVERY:
-                    f.flush()
-                    flusher.poke()
-                    pending = 0
-            f.flush()
-        finally:
-            flusher.close()
-        os.fsync(f.fileno())
-        return f.tell()
+    writer = ShardWriter(path, slots)
+    try:
+        for slot in slots:
+            writer.append(slot, produce(slot))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def write_index(staging: Path, plan: "ShardPlan") -> None:
+    """``model.safetensors.index.json`` for a sharded plan (HF's convention: byte total_size)."""
+    if len(plan.files) > 1:
+        write_json(staging / INDEX_FILE, {"metadata": {"total_size": plan.total_size},
+                                          "weight_map": dict(sorted(plan.weight_map.items()))})
 
 
 def write_shards(staging: Path, plan: ShardPlan, produce: Callable[[TensorSlot], torch.Tensor],
@@ -195,9 +243,20 @@ def write_shards(staging: Path, plan: ShardPlan, produce: Callable[[TensorSlot],
         size = write_shard(staging / fname, slots, produce)
         if on_shard_done:
             on_shard_done(fname, size)
-    if len(plan.files) > 1:
-        write_json(staging / INDEX_FILE, {"metadata": {"total_size": plan.total_size},
-                                          "weight_map": dict(sorted(plan.weight_map.items()))})
+    write_index(staging, plan)
+
+
+def assign_shards(plan: ShardPlan, world: int) -> dict[str, int]:
+    """Which rank writes which file: the largest files first, each to the least loaded rank
+    (ties to the lowest rank). Deterministic, so every rank computes the same assignment."""
+    load = [0] * world
+    owner: dict[str, int] = {}
+    sizes = {f: sum(s.nbytes for s in slots) for f, slots in plan.files}
+    for fname in sorted(sizes, key=lambda f: (-sizes[f], f)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owner[fname] = r
+        load[r] += sizes[fname]
+    return owner
 
 
 def staging_dir_for(out_dir: Path) -> Path:
