@@ -4,24 +4,34 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from mmengine.hooks import CheckpointHook
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from ..core.fingerprint import Fingerprint, fingerprint_state
-from ..core.merge import trainable_parameters
-from ..export import frozen_root
+from ..core.fingerprint import Fingerprint
+from ..export import frozen_root, trained_fingerprints
 
 BASELINE_KEY = "sa2va_hooks/baseline"  # trainable fingerprints before training (resumed with the run)
 FROZEN_ROOT_KEY = "sa2va_hooks/frozen_root"  # root digest of the frozen parameters at the first start
-META_KEY = "sa2va_hooks"  # key inside checkpoint["meta"]
+META_KEY = "sa2va_hooks"  # key inside checkpoint["meta"] (classic Runner, which calls before_save_checkpoint)
+# the record of the checkpoint being saved: message_hub runtime info is saved into every checkpoint
+# by every runner and strategy (DeepSpeed included), so this is where the fingerprints travel
+CHECKPOINT_RECORD_KEY = "sa2va_hooks/checkpoint"
 # trained fingerprints FingerprintHook computed at this iteration's checkpoint; not resumed (not
 # saved into checkpoints), only handed to HFExportHook so the same tensors are not hashed twice
 CURRENT_TRAINED_KEY = "sa2va_hooks/current_trained"
+_FROZEN_NOW_KEY = "sa2va_hooks/frozen_root_this_process"  # not resumed: computed once per process
 
 
 def unwrapped_model(runner) -> nn.Module:
+    """The user's model inside DDP, mmengine's DeepSpeed wrapper and the DeepSpeed engine."""
     model = runner.model
-    return model.module if is_model_wrapper(model) else model
+    for _ in range(4):
+        if is_model_wrapper(model) or type(model).__name__ == "DeepSpeedEngine":
+            model = getattr(model, "module", None) or model.model
+        else:
+            break
+    return model
 
 
 def config_sha256(runner) -> str | None:
@@ -34,21 +44,50 @@ def config_sha256(runner) -> str | None:
     return hashlib.sha256(cfg.pretty_text.encode()).hexdigest()
 
 
+def _checkpoint_hook(runner) -> CheckpointHook | None:
+    return next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
+
+
+def checkpoint_due(runner, stage: str) -> bool:
+    """Whether CheckpointHook saves (or just saved) a checkpoint at this point of training:
+    its own rule (``interval``, ``by_epoch``, ``save_begin``, ``save_last``), evaluated on every
+    rank from the loop counters alone, so all ranks agree without talking. ``stage`` is "iter"
+    (after_train_iter) or "epoch" (after_train_epoch). This does not depend on
+    ``before_save_checkpoint``, which DeepSpeedStrategy never calls."""
+    hook = _checkpoint_hook(runner)
+    if hook is None or hook.interval is None or hook.interval <= 0:
+        return False
+    if stage == "iter":
+        return not hook.by_epoch and (hook.every_n_train_iters(runner, hook.interval, hook.save_begin) or
+                                      (hook.save_last and hook.is_last_train_iter(runner)))
+    return bool(hook.by_epoch) and (hook.every_n_epochs(runner, hook.interval, hook.save_begin) or
+                                    (hook.save_last and hook.is_last_train_epoch(runner)))
+
+
+def checkpoint_point(runner, stage: str) -> tuple[int, int]:
+    """(iter, epoch) as CheckpointHook writes them into the meta of a checkpoint saved here."""
+    return (runner.iter + 1, runner.epoch) if stage == "iter" else (runner.iter, runner.epoch + 1)
+
+
 def ensure_baseline(runner) -> tuple[dict[str, Fingerprint], str, str | None]:
     """Record, once per run (kept across resume by message_hub), what the trainable parameters
-    were before training and the root digest of the frozen ones.
+    were before training and the root digest of the frozen ones. Collective under ZeRO-3: every
+    rank calls it from ``before_train``.
 
     Returns (baseline, frozen root now, frozen root recorded at the first start or None).
     """
     model = unwrapped_model(runner)
     hub = runner.message_hub
-    frozen_now = frozen_root(model)
+    frozen_now = hub.get_info(_FROZEN_NOW_KEY)
+    if frozen_now is None:
+        frozen_now = frozen_root(model)
+        hub.update_info(_FROZEN_NOW_KEY, frozen_now, resumed=False)
     recorded_frozen = hub.get_info(FROZEN_ROOT_KEY)
     if recorded_frozen is None:
         hub.update_info(FROZEN_ROOT_KEY, frozen_now)
     stored = hub.get_info(BASELINE_KEY)
     if stored is None:
-        baseline = fingerprint_state(trainable_parameters(model))
+        baseline = trained_fingerprints(model).tensors
         hub.update_info(BASELINE_KEY, {k: v.to_json() for k, v in baseline.items()})
     else:
         baseline = {k: Fingerprint.from_json(v) for k, v in stored.items()}

@@ -1,13 +1,22 @@
 """FingerprintHook: record what was trained at every checkpoint, in three places.
 
-- ``checkpoint["meta"]["sa2va_hooks"]``: travels with the checkpoint;
-- ``<checkpoint>.fingerprints.json``: readable without unpickling anything;
+- inside the checkpoint: ``message_hub`` runtime info ``sa2va_hooks/checkpoint``, which every
+  runner and strategy saves with the checkpoint (DeepSpeed's ``iter_N.pth/`` directories
+  included); the classic Runner also gets it in ``checkpoint["meta"]["sa2va_hooks"]``;
+- ``<checkpoint>.fingerprints.json``: readable without unpickling anything (rank 0 writes it);
 - one log line: count, bytes, root digest, and how many trainable tensors changed since the
   previous checkpoint.
+
+When: in ``after_train_iter`` / ``after_train_epoch`` on every rank, just before CheckpointHook
+(this hook's priority is LOW, CheckpointHook's VERY_LOW), whenever CheckpointHook's own schedule
+says it is about to save. It never relies on ``before_save_checkpoint``, which
+``DeepSpeedStrategy`` never calls. Fingerprinting is collective (ZeRO-3 gathers one module at a
+time; the hashing is split between the ranks), and every rank enters it at the same point.
 """
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 
 from mmengine.dist import is_main_process
@@ -16,21 +25,24 @@ from mmengine.registry import HOOKS
 
 from ..compat import allow_mmengine_checkpoint_globals
 from ..core.fingerprint import FingerprintSet
+from ..core.sharding import needs_gather
 from ..export import trained_fingerprints
-from .common import CURRENT_TRAINED_KEY, META_KEY, ensure_baseline, unwrapped_model
+from .common import (CHECKPOINT_RECORD_KEY, CURRENT_TRAINED_KEY, META_KEY, checkpoint_due, checkpoint_point,
+                     ensure_baseline, unwrapped_model)
 
 SIDECAR_SUFFIX = ".fingerprints.json"
 
 
 @HOOKS.register_module()
 class FingerprintHook(Hook):
-    # After CheckpointHook (VERY_LOW), so the checkpoint path is known when the sidecar is written.
-    priority = "LOWEST"
+    # Before CheckpointHook (VERY_LOW), so the record is in message_hub when the checkpoint is saved.
+    priority = "LOW"
 
     def __init__(self) -> None:
         allow_mmengine_checkpoint_globals()  # so that mmengine can resume from our checkpoints
-        self._pending: dict | None = None
+        self._pending: dict | None = None  # record waiting for its checkpoint path (sidecar)
         self._last: FingerprintSet | None = None
+        self._frozen_root: str | None = None
 
     def before_train(self, runner) -> None:
         baseline, frozen_now, recorded = ensure_baseline(runner)
@@ -43,46 +55,84 @@ class FingerprintHook(Hook):
         runner.logger.info(f"[sa2va_hooks] frozen parameters root digest {frozen_now}; "
                            f"{len(baseline)} trainable tensors fingerprinted before training")
 
+    # -- timing: the checkpoint schedule, on every rank ------------------------------------------
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        self._write_sidecar(runner)
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self._write_sidecar(runner)
+        if checkpoint_due(runner, "iter"):
+            self._record(runner, *checkpoint_point(runner, "iter"))
+
+    def after_train_epoch(self, runner) -> None:
+        self._write_sidecar(runner)
+        if checkpoint_due(runner, "epoch"):
+            self._record(runner, *checkpoint_point(runner, "epoch"))
+
+    def after_train(self, runner) -> None:
+        self._write_sidecar(runner)
+
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        trained = trained_fingerprints(unwrapped_model(runner))
+        """Classic Runner only (rank 0): also put the record into the checkpoint's meta. A checkpoint
+        the schedule did not predict (e.g. a best-metric one) is fingerprinted here when that needs
+        no collective."""
         meta = checkpoint.setdefault("meta", {})
-        record = {"trained": trained.to_json(), "frozen_root": getattr(self, "_frozen_root", None),
-                  "iter": meta.get("iter"), "epoch": meta.get("epoch")}
+        record = runner.message_hub.get_info(CHECKPOINT_RECORD_KEY)
+        if record is None or record.get("iter") != meta.get("iter"):
+            model = unwrapped_model(runner)
+            if needs_gather(model):
+                return
+            trained = trained_fingerprints(model, group=_one_process())
+            record = self._make_record(trained, meta.get("iter"), meta.get("epoch"))
+            checkpoint.setdefault("message_hub", {}).setdefault("runtime_info", {})[CHECKPOINT_RECORD_KEY] = record
         meta[META_KEY] = record
+
+    # -- the record ------------------------------------------------------------------------------
+    def _make_record(self, trained: FingerprintSet, it: int | None, epoch: int | None) -> dict:
+        return {"trained": trained.to_json(), "frozen_root": self._frozen_root, "iter": it, "epoch": epoch}
+
+    def _record(self, runner, it: int, epoch: int) -> None:
+        try:
+            trained = trained_fingerprints(unwrapped_model(runner))  # collective
+        except Exception as e:  # noqa: BLE001 - every rank got the same error (collective); training goes on
+            runner.logger.error(f"[sa2va_hooks] fingerprints of the checkpoint at iteration {it} FAILED; the "
+                                f"checkpoint is saved without them. Cause: {type(e).__name__}: {e}")
+            runner.logger.debug(traceback.format_exc())
+            return
+        record = self._make_record(trained, it, epoch)
+        hub = runner.message_hub
+        hub.update_info(CHECKPOINT_RECORD_KEY, record)  # resumed=True: saved inside the checkpoint
+        hub.update_info(CURRENT_TRAINED_KEY, {"iter": it, "trained": trained}, resumed=False)
         changed = (len(trained.tensors) if self._last is None else
                    sum(1 for k, fp in trained.tensors.items()
                        if k not in self._last.tensors or self._last.tensors[k].digest != fp.digest))
         since = "since the start of this process" if self._last is None else "since the last checkpoint"
-        runner.logger.info(f"[sa2va_hooks] checkpoint at iter {meta.get('iter')}: {len(trained.tensors)} trainable "
+        runner.logger.info(f"[sa2va_hooks] checkpoint at iter {it}: {len(trained.tensors)} trainable "
                            f"tensors, {trained.nbytes} bytes, root {trained.root}; {changed} changed {since}")
         self._last = trained
-        self._pending = record
-        runner.message_hub.update_info(CURRENT_TRAINED_KEY, {"iter": meta.get("iter"), "trained": trained},
-                                       resumed=False)
+        self._pending = {"record": record, "iter": it, "ckpt_before": hub.get_info("last_ckpt")}
 
     def _write_sidecar(self, runner) -> None:
         if self._pending is None:
             return
-        record, self._pending = self._pending, None
-        if not is_main_process():  # checkpoints are written by rank 0 only
+        pending, self._pending = self._pending, None
+        if not is_main_process():  # one sidecar per checkpoint, beside it
             return
         ckpt = runner.message_hub.get_info("last_ckpt")
-        if not ckpt:
-            runner.logger.warning("[sa2va_hooks] a checkpoint was saved but its path is unknown (no 'last_ckpt' in "
-                                  "message_hub); the fingerprint sidecar was not written. They are in its meta.")
+        if not ckpt or ckpt == pending["ckpt_before"]:
+            runner.logger.warning(
+                f"[sa2va_hooks] fingerprints were recorded for a checkpoint at iteration {pending['iter']}, but "
+                "CheckpointHook saved none there; no sidecar was written. A custom checkpoint schedule? The "
+                "fingerprints are in message_hub runtime info of the next checkpoint saved.")
             return
-        path = Path(str(ckpt) + SIDECAR_SUFFIX)
+        path = Path(str(ckpt).rstrip("/") + SIDECAR_SUFFIX)
         try:
-            path.write_text(json.dumps({"checkpoint": str(ckpt), **record}, indent=1))
+            path.write_text(json.dumps({"checkpoint": str(ckpt), **pending["record"]}, indent=1))
         except OSError as e:
             runner.logger.error(f"[sa2va_hooks] could not write fingerprint sidecar {path}: {e}. Training continues; "
-                                "the fingerprints are in the checkpoint's meta.")
+                                "the fingerprints are inside the checkpoint (message_hub runtime info).")
 
-    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        self._write_sidecar(runner)
 
-    def after_train_epoch(self, runner) -> None:
-        self._write_sidecar(runner)
-
-    def after_train(self, runner) -> None:
-        self._write_sidecar(runner)
+def _one_process():
+    from ..core.dist import RankGroup
+    return RankGroup(0, 1)

@@ -20,7 +20,8 @@ from mmengine.registry import HOOKS
 from ..compat import allow_mmengine_checkpoint_globals
 from ..core.manifest import MANIFEST_FILE
 from ..export import export_hf
-from .common import CURRENT_TRAINED_KEY, build_callable_cfg, config_sha256, ensure_baseline, unwrapped_model
+from .common import (CURRENT_TRAINED_KEY, build_callable_cfg, checkpoint_due, checkpoint_point, config_sha256,
+                     ensure_baseline, unwrapped_model)
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 
@@ -58,39 +59,32 @@ class HFExportHook(Hook):
         self.max_shard_size = max_shard_size
         self.keep_last = keep_last
         self.tokenizer = tokenizer
-        self._pending: dict | None = None
         self._last_exported_iter: int | None = None
         self._baseline: dict = {}
 
-    # -- timing -------------------------------------------------------------------------------
+    # -- timing: the checkpoint schedule (or our interval), on every rank -----------------------
     def before_train(self, runner) -> None:
-        self._baseline, _, _ = ensure_baseline(runner)
+        self._baseline, _, _ = ensure_baseline(runner)  # collective under ZeRO-3
         self._remove_stale_staging(runner)
         if isinstance(self.tokenizer, dict):
             self.tokenizer = build_callable_cfg(self.tokenizer)
 
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        meta = checkpoint.get("meta", {})
-        if self.interval is None:
-            self._pending = {"iter": meta.get("iter", runner.iter), "epoch": meta.get("epoch", runner.epoch)}
-
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        if self.interval is not None and self.every_n_train_iters(runner, self.interval):
-            self._pending = {"iter": runner.iter + 1, "epoch": runner.epoch}
-        self._flush(runner)
+        due = (self.every_n_train_iters(runner, self.interval) if self.interval is not None
+               else checkpoint_due(runner, "iter"))
+        if due:
+            it, epoch = checkpoint_point(runner, "iter")
+            self._export_at(runner, {"iter": it, "epoch": epoch})
 
     def after_train_epoch(self, runner) -> None:
-        self._flush(runner)
-
-    def after_train(self, runner) -> None:
-        self._flush(runner)
+        if self.interval is None and checkpoint_due(runner, "epoch"):
+            it, epoch = checkpoint_point(runner, "epoch")
+            self._export_at(runner, {"iter": it, "epoch": epoch})
 
     # -- the export ---------------------------------------------------------------------------
-    def _flush(self, runner) -> None:
-        if self._pending is None:
-            return
-        point, self._pending = self._pending, None
-        if point["iter"] == self._last_exported_iter or not is_main_process():
+    def _export_at(self, runner, point: dict) -> None:
+        """Every rank comes here at the same point and takes part (export_hf is collective)."""
+        if point["iter"] == self._last_exported_iter:
             return
         self._last_exported_iter = point["iter"]
         root = Path(self.out_dir) if self.out_dir else Path(runner.work_dir) / "hf"
@@ -132,7 +126,8 @@ class HFExportHook(Hook):
                 f"{effect['trained_tensors']} trained tensors differs from the base after the cast to "
                 f"{manifest.dtype}. Training did not reach these weights (learning rate 0, frozen by mistake, or "
                 "deltas below the export dtype's resolution).")
-        self._prune(out.parent, keep=out)
+        if is_main_process():
+            self._prune(out.parent, keep=out)
 
     def _remove_stale_staging(self, runner) -> None:
         """A process killed mid-export leaves ``iter_N.incomplete-*``; those are ours by name and

@@ -1,0 +1,100 @@
+"""Test-only launcher: xtuner's own train entry point under ``torch.distributed.run`` on a CPU.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_launch.py CONFIG [xtuner train args...]
+
+It applies four CPU-only workarounds, then runs ``xtuner.tools.train`` unchanged (as
+``tools/train.py`` does). None of them is in the product's code path, and none applies on GPUs:
+
+1. mmengine's pytorch launcher calls ``torch.cuda.set_device(local_rank)`` on every rank, which
+   fails without CUDA: made a no-op.
+2. gloo's ``all_gather_into_tensor`` rejects the in-place view DeepSpeed ZeRO-2 passes (its
+   input is a slice of its output) with 2 ranks: replaced, for gloo only, by ``all_gather`` into
+   fresh chunks and a copy (same result).
+3. DeepSpeed's CPU accelerator JIT-builds a shared-memory all-reduce op (``deepspeed_shm_comm_op``,
+   about 4.5 minutes on this machine) at its first start. It is an optimisation only; without it
+   DeepSpeed uses the plain torch.distributed (gloo) collectives. Skipped, so CI does not pay for it.
+4. (on the command line, not here) DDP on CPU needs ``model_wrapper_cfg.device_ids=None``.
+
+Failure injection for the tests: ``SA2VA_TEST_FAIL_RANK=r`` and ``SA2VA_TEST_FAIL_ITER=n`` make
+rank r's shard writer raise ENOSPC during the export of iteration n.
+"""
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _cpu_workarounds() -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.set_device = lambda *a, **k: None  # 1.
+
+    real = dist.all_gather_into_tensor
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):  # 2.
+        if dist.get_backend(group) != "gloo":
+            return real(output_tensor, input_tensor, group=group, async_op=async_op)
+        world = dist.get_world_size(group)
+        parts = [torch.empty_like(input_tensor) for _ in range(world)]
+        dist.all_gather(parts, input_tensor.contiguous().clone(), group=group)
+        output_tensor.view(-1).copy_(torch.cat([p.reshape(-1) for p in parts]))
+        return _Done() if async_op else None
+
+    dist.all_gather_into_tensor = all_gather_into_tensor
+    try:
+        import deepspeed.comm.torch as ds_torch
+        ds_torch.build_shm_op = lambda: None  # 3.
+    except ImportError:
+        pass
+
+
+class _Done:
+    def wait(self, *a, **k) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+def _inject_failure() -> None:
+    rank, it = os.environ.get("SA2VA_TEST_FAIL_RANK"), os.environ.get("SA2VA_TEST_FAIL_ITER")
+    if rank is None or int(rank) != int(os.environ.get("RANK", "0")):
+        return
+    import errno
+
+    import sa2va_hooks.export as ex
+    from sa2va_hooks.hooks import hf_export_hook
+    real_writer, real_export = ex.ShardWriter, hf_export_hook.HFExportHook._export
+    state = {"iter": None}
+
+    def export(self, runner, out, point):
+        state["iter"] = point["iter"]
+        return real_export(self, runner, out, point)
+
+    def writer(path, slots):
+        if it is None or state["iter"] == int(it):
+            raise OSError(errno.ENOSPC, f"No space left on device (injected on rank {rank})", str(path))
+        return real_writer(path, slots)
+
+    hf_export_hook.HFExportHook._export = export
+    ex.ShardWriter = writer
+
+
+def main() -> None:
+    _cpu_workarounds()
+    from sa2va_hooks.compat import allow_mmengine_checkpoint_globals, apply_torch_cpu_bf16_shim
+    apply_torch_cpu_bf16_shim()
+    allow_mmengine_checkpoint_globals()
+    _inject_failure()
+    sys.argv = ["xtuner.tools.train", *sys.argv[1:]]
+    runpy.run_module("xtuner.tools.train", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
