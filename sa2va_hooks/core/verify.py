@@ -96,6 +96,46 @@ def _check_tensors(root: Path, manifest: ExportManifest) -> list[str]:
     return problems
 
 
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "tok_embeddings.weight")
+
+
+def _vocab_sizes(node, where: str = "") -> list[tuple[str, object]]:
+    """Every ``vocab_size`` in a (nested) config.json, with where it sits."""
+    out = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{where}.{k}" if where else k
+            if k == "vocab_size":
+                out.append((path, v))
+            else:
+                out += _vocab_sizes(v, path)
+    return out
+
+
+def _check_shapes(root: Path, manifest: ExportManifest) -> list[str]:
+    """An empty tensor or a zero vocabulary is never a trained model (it is what a ZeRO-3
+    placeholder read outside a gather looks like), and the embedding rows must be a vocabulary
+    size the config declares, or from_pretrained fails (or silently resizes)."""
+    problems = [f"empty tensor {n}: shape {t.get('shape')} has no elements"
+                for n, t in sorted(manifest.tensors.items()) if 0 in (t.get("shape") or [0])]
+    cfg_path = root / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    except json.JSONDecodeError as e:
+        return problems + [f"corrupt config.json: {e}"]
+    vocab = _vocab_sizes(cfg)
+    problems += [f"config.json {where} is {v!r}: a model with no vocabulary" for where, v in vocab
+                 if not isinstance(v, int) or v <= 0]
+    sizes = {v for _, v in vocab if isinstance(v, int)}
+    if sizes:
+        for n, t in sorted(manifest.tensors.items()):
+            shape = t.get("shape") or []
+            if n.endswith(_EMBEDDING_SUFFIXES) and shape and shape[0] not in sizes:
+                problems.append(f"mismatch {n}: {shape[0]} rows, but config.json declares vocab_size "
+                                f"{sorted(sizes)}")
+    return problems
+
+
 def verify_snapshot(snapshot_dir: str | Path) -> list[str]:
     """All problems found in a snapshot; an empty list means it is exactly what was exported."""
     root = Path(snapshot_dir)
@@ -103,4 +143,5 @@ def verify_snapshot(snapshot_dir: str | Path) -> list[str]:
         manifest = ExportManifest.load(root)
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
         return [str(e)]
-    return _check_files(root, manifest) + _check_index(root, manifest) + _check_tensors(root, manifest)
+    return (_check_files(root, manifest) + _check_index(root, manifest) + _check_shapes(root, manifest) +
+            _check_tensors(root, manifest))

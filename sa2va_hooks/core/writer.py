@@ -46,10 +46,10 @@ def parse_size(size: int | str) -> int:
     """'5GB' -> 5e9 bytes, '2GiB' -> 2**31, as transformers' max_shard_size does."""
     if isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper())
     if not m:
         raise ValueError(f"max_shard_size {size!r} is not a size; use an int of bytes or e.g. '5GB', '500MiB'.")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or "B"])
 
 
 @dataclasses.dataclass(frozen=True)

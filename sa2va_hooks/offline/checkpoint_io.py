@@ -16,10 +16,11 @@ import torch
 
 from ..compat import allow_mmengine_checkpoint_globals
 from ..core.fingerprint import Fingerprint, FingerprintSet
-from ..hooks.common import BASELINE_KEY, FROZEN_ROOT_KEY, META_KEY
+from ..hooks.common import BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY
 
 SIDECAR_SUFFIX = ".fingerprints.json"
-DEEPSPEED_PIN = "deepspeed==0.19.8"
+# 0.19 removed deepspeed.runtime.fp16.onebit, which mmengine 0.10.x imports: training breaks
+DEEPSPEED_REQUIREMENT = "deepspeed>=0.14,<0.19"
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -30,7 +31,7 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
                     log: Callable[[str], None] = print) -> dict:
     path = Path(path)
     if path.is_dir():
-        return load_deepspeed_dir(path)
+        return load_deepspeed_dir(path, allow_pickle=allow_pickle, log=log)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the .pth file CheckpointHook wrote "
                                 "(or a DeepSpeed checkpoint directory).")
@@ -55,22 +56,77 @@ def _unsafe_globals(path: Path) -> str:
     return ", ".join(names) or "none listed"
 
 
-def load_deepspeed_dir(path: Path) -> dict:
-    """A DeepSpeed checkpoint directory (as mmengine's DeepSpeedStrategy writes), consolidated to
-    fp32 with DeepSpeed's own utility."""
+# What the pickles of an mmengine + DeepSpeed checkpoint directory may reference (besides torch's
+# own tensor rebuilders): mmengine's message_hub and config types, numpy arrays and DeepSpeed's
+# own optimizer bookkeeping. DeepSpeed's consolidation unpickles these files fully, so every
+# file is checked against this list first, without running anything from it.
+_DEEPSPEED_DIR_GLOBALS = {
+    "mmengine.logging.history_buffer.HistoryBuffer", "mmengine.config.config.ConfigDict",
+    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray.scalar", "numpy.dtype", "numpy.ndarray", "builtins.getattr", "builtins.set",
+    "collections.OrderedDict", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+}
+
+
+def _check_pickles(tag_dir: Path, allow_pickle: bool, log: Callable[[str], None]) -> None:
+    """Refuse a DeepSpeed directory whose files reference anything outside the known list, before
+    DeepSpeed's own loader (which uses full pickle) touches them."""
+    if allow_pickle:
+        log(f"WARNING: --allow-pickle: the files of {tag_dir} are loaded with full pickle; code inside them can run. "
+            "This is recorded in the export manifest.")
+        return
+    for f in sorted(tag_dir.glob("*.pt")):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+        except (RuntimeError, ValueError, pickle.UnpicklingError, OSError) as e:
+            raise UnsafeCheckpointError(f"cannot inspect {f} before loading it ({e}); it is not a readable torch "
+                                        "checkpoint file. Nothing in it was run.") from e
+        unknown = sorted(set(names) - _DEEPSPEED_DIR_GLOBALS)
+        if unknown:
+            raise UnsafeCheckpointError(
+                f"{f} needs types outside the safe list to load ({', '.join(unknown)}); nothing in it was run. If you "
+                "trust the directory, pass --allow-pickle (the bypass is recorded in the manifest).")
+
+
+def _model_states_file(tag_dir: Path) -> Path:
+    """ZeRO-1/2 write ``mp_rank_00_model_states.pt``; ZeRO-3 one ``zero_pp_rank_{r}_mp_rank_00_model_states.pt``
+    per rank, each holding the same client state (mmengine's meta and message_hub)."""
+    for pattern in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / pattern).is_file():
+            return tag_dir / pattern
+    found = sorted(p.name for p in tag_dir.glob("*model_states.pt"))
+    raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model-states file (mp_rank_00_model_states.pt or "
+                            f"zero_pp_rank_0_mp_rank_00_model_states.pt); found {found or 'none'}. Pass the iter_N.pth "
+                            "directory that mmengine + DeepSpeed wrote.")
+
+
+def load_deepspeed_dir(path: Path, *, allow_pickle: bool = False, log: Callable[[str], None] = print) -> dict:
+    """A DeepSpeed checkpoint directory as mmengine's DeepSpeedStrategy writes it (``iter_N.pth/``,
+    saved with ``tag=iter_N.pth`` and no ``latest`` file), consolidated to fp32 by DeepSpeed's own
+    utility, with mmengine's ``meta`` and ``message_hub`` from its model-states file."""
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as e:
         raise ImportError(f"{path} is a directory, i.e. a DeepSpeed checkpoint; consolidating it needs DeepSpeed's "
-                          f"own zero_to_fp32 utility. Install it with `pip install {DEEPSPEED_PIN}` and run again.") \
-            from e
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path))
+                          f"own zero_to_fp32 utility. Install it with `pip install {DEEPSPEED_REQUIREMENT}` (or "
+                          "`pip install -e .[deepspeed]`) and run again.") from e
+    path = path.resolve()
+    if (path / "latest").is_file():  # DeepSpeed's own layout: a parent dir with 'latest' naming the tag
+        tag_dir = path / (path / "latest").read_text().strip()
+    else:  # mmengine's layout: the directory is the tag
+        tag_dir = path
+    states = _model_states_file(tag_dir)
+    _check_pickles(tag_dir, allow_pickle, log)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    extra = torch.load(states, map_location="cpu", weights_only=False)  # its globals were checked above
     out: dict[str, Any] = {"state_dict": state}
-    model_states = sorted(path.rglob("mp_rank_00_model_states.pt"))
-    if model_states:
-        allow_mmengine_checkpoint_globals()
-        extra = torch.load(model_states[0], map_location="cpu", weights_only=True)
-        out.update({k: extra[k] for k in ("meta", "message_hub") if k in extra})
+    out.update({k: extra[k] for k in ("meta", "message_hub") if k in extra})
+    missing = [k for k in ("meta", "message_hub") if k not in extra]
+    if missing:
+        log(f"WARNING: {states.name} holds no {' or '.join(missing)}: this DeepSpeed checkpoint was not written by "
+            "mmengine's DeepSpeedStrategy, so the run's seed and recorded fingerprints are unknown")
     return out
 
 
@@ -97,12 +153,18 @@ class Recorded:
 
 
 def recorded_fingerprints(ckpt: Mapping[str, Any], path: str | Path) -> Recorded:
+    """What the hooks recorded: the checkpoint's meta (classic Runner), else its message_hub runtime
+    info (every runner, DeepSpeed included; only when it names this checkpoint's iteration), else
+    the sidecar beside it."""
     meta = ckpt.get("meta") or {}
+    info = ((ckpt.get("message_hub") or {}).get("runtime_info") or {})
     record, source = meta.get(META_KEY), "checkpoint meta"
-    sidecar = Path(str(path) + SIDECAR_SUFFIX)
+    hub_record = info.get(CHECKPOINT_RECORD_KEY)
+    if record is None and hub_record is not None and hub_record.get("iter") == meta.get("iter"):
+        record, source = hub_record, "checkpoint message_hub"
+    sidecar = Path(str(path).rstrip("/") + SIDECAR_SUFFIX)
     if record is None and sidecar.is_file():
         record, source = json.loads(sidecar.read_text()), f"sidecar {sidecar}"
-    info = ((ckpt.get("message_hub") or {}).get("runtime_info") or {})
     baseline = info.get(BASELINE_KEY)
     baseline = {k: Fingerprint.from_json(v) for k, v in baseline.items()} if baseline else None
     if record is None:
