@@ -172,6 +172,8 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
             error = _changed_error(versions, model)
         agree(group, error, f"export of {out_dir}")
         parts = group.all_gather((work.tensors, work.effect))
+        provenance = {**(provenance or {}), "ranks": group.world,
+                      "shard_writers": {f: work.owners[f] for f, _ in plan.files}}
         manifest_json, failure = None, None
         if group.is_main:
             try:

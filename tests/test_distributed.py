@@ -1,0 +1,179 @@
+"""The hooks under the way Sa2VA is really trained: xtuner's own train entry point under
+``torch.distributed.run`` with 2 gloo processes on the CPU, DeepSpeed ZeRO-2 and ZeRO-3
+(FlexibleRunner + DeepSpeedStrategy) and DDP (classic Runner).
+
+For each launch mode, with the hooks at their defaults (a checkpoint and an export every 3
+iterations, 6 iterations, shards small enough that both ranks write some):
+- the fingerprint log line, the sidecar and the record inside the checkpoint exist for every
+  checkpoint, and they are the fingerprints of the weights the checkpoint holds (recomputed here);
+- every snapshot verifies, and equals PEFT's own merge of the checkpoint's weights, bit for bit;
+- its root digest equals that of a single-process ``tools/export.py`` re-export of the checkpoint;
+- training is bit-identical with and without the hooks.
+And a failure injected on rank 1 only under ZeRO-3: no snapshot, no leftovers, no hang, training
+finishes, and the log names rank 1 and the cause.
+
+The CPU-only workarounds live in tests/dist_launch.py (see its docstring).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+pytest.importorskip("deepspeed", reason="the distributed tests need DeepSpeed (pip install -e .[deepspeed])")
+
+from sa2va_hooks.core.fingerprint import fingerprint_tensor  # noqa: E402
+from sa2va_hooks.core.verify import verify_snapshot  # noqa: E402
+from sa2va_hooks.offline import extract_state_dict, load_checkpoint, recorded_fingerprints  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "xtuner_tiny_lora_sft.py"
+ASSETS = ROOT / "tests" / "assets"
+LAUNCH = {
+    "zero2": ["--deepspeed", str(ASSETS / "ds_zero2_cpu.json")],
+    "zero3": ["--deepspeed", str(ASSETS / "ds_zero3_cpu.json")],
+    "ddp": ["--cfg-options", "model_wrapper_cfg.type=MMDistributedDataParallel", "model_wrapper_cfg.device_ids=None"],
+}
+_ports = itertools.count(29600 + os.getpid() % 200)
+
+
+def _launch(cwd: Path, mode: str, *, hooks: bool = True, env_extra: dict | None = None) -> tuple[Path, str]:
+    work = cwd / f"{mode}{'' if hooks else '_nohooks'}{'_fail' if env_extra else ''}"
+    args = list(LAUNCH[mode])
+    opts = ["custom_hooks.1.max_shard_size=20000"] if hooks else ["custom_hooks=[]"]
+    if "--cfg-options" in args:
+        args += opts
+    else:
+        args += ["--cfg-options", *opts]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(next(_ports)), str(ROOT / "tests" / "dist_launch.py"), str(CONFIG), "--launcher", "pytorch",
+           "--work-dir", str(work), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return work, log
+
+
+@pytest.fixture(scope="module")
+def cwd(tmp_path_factory):
+    from sa2va_hooks.demo.tiny_llm import make_tiny_llm
+    d = tmp_path_factory.mktemp("dist")
+    make_tiny_llm(d / "work_dirs" / "tiny_llm")
+    return d
+
+
+@pytest.fixture(scope="module")
+def runs(cwd):
+    """mode -> (work dir, log) with the hooks, and (work dir) without; launched once each."""
+    out = {}
+    for mode in LAUNCH:
+        with_hooks = _launch(cwd, mode)
+        without, _ = _launch(cwd, mode, hooks=False)
+        out[mode] = (*with_hooks, without)
+    return out
+
+
+def _state(ckpt_path: Path) -> tuple[dict, dict]:
+    ckpt = load_checkpoint(ckpt_path)
+    return ckpt, extract_state_dict(ckpt, ckpt_path)
+
+
+def _peft_merged(cwd: Path, state: dict) -> dict[str, torch.Tensor]:
+    """Base from disk + the checkpoint's adapter, loaded and merged by PEFT itself, in bf16."""
+    base = AutoModelForCausalLM.from_pretrained(cwd / "work_dirs" / "tiny_llm", torch_dtype=torch.float32)
+    pm = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"]))
+    res = set_peft_model_state_dict(pm, {k.removeprefix("llm."): v for k, v in state.items()})
+    assert not res.unexpected_keys
+    return {k: v.to(torch.bfloat16) for k, v in pm.merge_and_unload().state_dict().items()}
+
+
+def _snapshot_tensors(snap: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(snap.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("mode", list(LAUNCH))
+def test_hooks_fire_and_record_what_each_checkpoint_holds(runs, mode):
+    work, log, _ = runs[mode]
+    for it in (3, 6):
+        ckpt_path = work / f"iter_{it}.pth"
+        assert f"[sa2va_hooks] checkpoint at iter {it}: 28 trainable tensors" in log
+        ckpt, state = _state(ckpt_path)
+        recorded = recorded_fingerprints(ckpt, ckpt_path)
+        assert recorded.trained is not None, f"{mode}: no fingerprints inside {ckpt_path}"
+        assert recorded.source in ("checkpoint meta", "checkpoint message_hub")
+        # recomputed here from the weights the checkpoint holds (DeepSpeed's own consolidation)
+        assert {k: fingerprint_tensor(k, v).digest for k, v in state.items()} == \
+            {k: fp.digest for k, fp in recorded.trained.tensors.items()}
+        sidecar = json.loads((work / f"iter_{it}.pth.fingerprints.json").read_text())
+        assert sidecar["trained"]["root"] == recorded.trained.root and sidecar["iter"] == it
+        assert all(fp.shape != (0,) for fp in recorded.trained.tensors.values())
+
+
+@pytest.mark.parametrize("mode", list(LAUNCH))
+def test_every_snapshot_verifies_and_equals_peft_merge_of_its_checkpoint(runs, cwd, mode):
+    work, _, _ = runs[mode]
+    assert sorted(p.name for p in (work / "hf").iterdir()) == ["iter_3", "iter_6"]
+    for it in (3, 6):
+        snap = work / "hf" / f"iter_{it}"
+        assert verify_snapshot(snap) == []
+        manifest = json.loads((snap / "export_manifest.json").read_text())
+        assert manifest["provenance"]["ranks"] == 2
+        assert set(manifest["provenance"]["shard_writers"].values()) == {0, 1}, "both ranks must write shards"
+        got, want = _snapshot_tensors(snap), _peft_merged(cwd, _state(work / f"iter_{it}.pth")[1])
+        assert set(got) == set(want)
+        assert [k for k in want if not torch.equal(want[k], got[k])] == []
+
+
+@pytest.mark.parametrize("mode", list(LAUNCH))
+def test_single_process_reexport_has_the_same_root_digest(runs, cwd, mode):
+    work, _, _ = runs[mode]
+    out = cwd / f"offline_{mode}"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "export.py"), str(CONFIG), str(work / "iter_6.pth"),
+                           "--out", str(out), "--json"], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = json.loads((out / "export_manifest.json").read_text())
+    inloop = json.loads((work / "hf" / "iter_6" / "export_manifest.json").read_text())
+    assert offline["provenance"]["ranks"] == 1
+    assert offline["root_digest"] == inloop["root_digest"]
+    assert offline["provenance"]["offline"]["verification"]["checked"] is True
+    check = subprocess.run([sys.executable, "-m", "sa2va_hooks", "verify", str(work / "hf" / "iter_6"),
+                            "--checkpoint", str(work / "iter_6.pth")], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("mode", list(LAUNCH))
+def test_training_is_bit_identical_with_and_without_the_hooks(runs, mode):
+    work, _, without = runs[mode]
+    for it in (3, 6):
+        _, a = _state(work / f"iter_{it}.pth")
+        _, b = _state(without / f"iter_{it}.pth")
+        assert set(a) == set(b) and len(a) == 28
+        assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_failure_on_rank_1_only_publishes_nothing_and_training_finishes(cwd):
+    work, log = _launch(cwd, "zero3", env_extra={"SA2VA_TEST_FAIL_RANK": "1", "SA2VA_TEST_FAIL_ITER": "6"})
+    assert (work / "iter_6.pth").is_dir(), "training must finish and save its last checkpoint"
+    assert sorted(p.name for p in (work / "hf").iterdir()) == ["iter_3"], "no snapshot, no staging left behind"
+    assert verify_snapshot(work / "hf" / "iter_3") == []
+    assert "HF export of iteration 6" in log and "FAILED" in log
+    assert "rank 1: OSError" in log and "injected on rank 1" in log
