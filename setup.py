@@ -20,7 +20,11 @@ setup(
         # xtuner pins bitsandbytes==0.45.0, which does not import with torch 2.14.1 and breaks PEFT;
         # scripts/setup_env.sh installs bitsandbytes==0.49.2 afterwards (docs/environment.md).
         "xtuner": ["xtuner==0.2.0"],
-        "test": ["xtuner==0.2.0", "pytest==8.3.4", "psutil==7.2.2", "matplotlib==3.11.2"],
+        # DeepSpeed launch modes (in-loop ZeRO-3 gathers, offline re-export of iter_N.pth/ directories).
+        # 0.19 removed deepspeed.runtime.fp16.onebit, which mmengine 0.10.x imports, so it cannot train
+        # under mmengine; 0.18.9 is the version the tests run (docs/environment.md).
+        "deepspeed": ["deepspeed>=0.18.9,<0.19"],
+        "test": ["xtuner==0.2.0", "deepspeed==0.18.9", "pytest==8.3.4", "psutil==7.2.2", "matplotlib==3.11.2"],
     },
     entry_points={"console_scripts": ["sa2va-hooks=sa2va_hooks.cli:main"]},
 )

@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY="$PWD/.venv/bin/python"
-if ! (cd / && "$VPY" -c "import sa2va_hooks, xtuner, bitsandbytes, pytest") >/dev/null 2>&1 \
+if ! (cd / && "$VPY" -c "import sa2va_hooks, xtuner, bitsandbytes, pytest, deepspeed") >/dev/null 2>&1 \
    || ! "$VPY" -c "import importlib.metadata as m; assert m.version('bitsandbytes') == '0.49.2'" >/dev/null 2>&1; then
   .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
   # xtuner 0.2.0 pins bitsandbytes==0.45.0, which fails to import with torch 2.14.1
