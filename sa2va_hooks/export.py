@@ -23,7 +23,7 @@ from .core.merge import (ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, frozen_paramete
                          trainable_parameters)
 from .core.verify import hash_safetensors_file
 from .core.dist import RankFailedError, RankFailure, RankGroup, agree, describe
-from .core.sharding import (ShardedTensorError, check_full, gathered, iter_whole_parameters, needs_gather,
+from .core.sharding import (ShardedTensorError, check_full, gathered, is_partitioned, iter_whole_parameters, needs_gather,
                             refuse_unsupported_sharding)
 from .core.writer import (ShardWriter, TensorSlot, assign_shards, check_free_space, file_entries, plan_shards, publish,
                           staging_dir_for, write_index, write_json)
@@ -62,7 +62,12 @@ def fingerprint_whole(model: nn.Module, keep, group: RankGroup | None = None) ->
             continue
         try:
             check_full(name, p)
-            mine[name] = fingerprint_tensor(name, p, host=stager.to_host(p.detach())).to_json()
+            host = stager.to_host(p.detach())
+            if is_partitioned(p) and host.data_ptr() == p.data_ptr():
+                # hashing goes through numpy, which pins the storage (not resizable); the engine must
+                # free a gathered CPU parameter's storage when the gather ends, so hash a copy
+                host = host.clone()
+            mine[name] = fingerprint_tensor(name, p, host=host).to_json()
         except Exception as e:  # noqa: BLE001 - reported collectively below, so no rank is left waiting
             error = e
     agree(group, error, "fingerprinting the model")

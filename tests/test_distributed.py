@@ -1,6 +1,7 @@
 """The hooks under the way Sa2VA is really trained: xtuner's own train entry point under
 ``torch.distributed.run`` with 2 gloo processes on the CPU, DeepSpeed ZeRO-2 and ZeRO-3
-(FlexibleRunner + DeepSpeedStrategy) and DDP (classic Runner).
+(FlexibleRunner + DeepSpeedStrategy) and DDP (classic Runner); and mmengine's FlexibleRunner with
+FSDPStrategy (tests/fsdp_train.py: xtuner offers no FSDP launch).
 
 For each launch mode, with the hooks at their defaults (a checkpoint and an export every 3
 iterations, 6 iterations, shards small enough that both ranks write some):
@@ -42,7 +43,9 @@ LAUNCH = {
     "zero2": ["--deepspeed", str(ASSETS / "ds_zero2_cpu.json")],
     "zero3": ["--deepspeed", str(ASSETS / "ds_zero3_cpu.json")],
     "ddp": ["--cfg-options", "model_wrapper_cfg.type=MMDistributedDataParallel", "model_wrapper_cfg.device_ids=None"],
+    "fsdp": [],  # tests/fsdp_train.py
 }
+XTUNER_MODES = ["zero2", "zero3", "ddp"]
 _ports = itertools.count(29600 + os.getpid() % 200)
 
 
@@ -56,9 +59,13 @@ def _launch(cwd: Path, mode: str, *, hooks: bool = True, env_extra: dict | None 
         args += ["--cfg-options", *opts]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(next(_ports)), str(ROOT / "tests" / "dist_launch.py"), str(CONFIG), "--launcher", "pytorch",
-           "--work-dir", str(work), *args]
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(_ports))]
+    if mode == "fsdp":
+        cmd = [*run, str(ROOT / "tests" / "fsdp_train.py"), str(work), str(cwd / "work_dirs" / "tiny_llm"),
+               *([] if hooks else ["--no-hooks"])]
+    else:
+        cmd = [*run, str(ROOT / "tests" / "dist_launch.py"), str(CONFIG), "--launcher", "pytorch",
+               "--work-dir", str(work), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
@@ -89,15 +96,24 @@ def _state(ckpt_path: Path) -> tuple[dict, dict]:
     return ckpt, extract_state_dict(ckpt, ckpt_path)
 
 
-def _peft_merged(cwd: Path, state: dict) -> dict[str, torch.Tensor]:
-    """Base from disk + the checkpoint's adapter, loaded and merged by PEFT itself, in bf16."""
+def _peft_loaded(cwd: Path, state: dict):
+    """Base from disk + the checkpoint's adapter (its LoRA tensors), loaded by PEFT itself."""
     base = AutoModelForCausalLM.from_pretrained(cwd / "work_dirs" / "tiny_llm", torch_dtype=torch.float32)
     pm = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"]))
-    res = set_peft_model_state_dict(pm, {k.removeprefix("llm."): v for k, v in state.items()})
+    res = set_peft_model_state_dict(pm, {k.removeprefix("llm."): v for k, v in state.items() if "lora_" in k})
     assert not res.unexpected_keys
-    return {k: v.to(torch.bfloat16) for k, v in pm.merge_and_unload().state_dict().items()}
+    return pm
+
+
+def _peft_merged(cwd: Path, state: dict) -> dict[str, torch.Tensor]:
+    """PEFT's own merge of that, in bf16: the independent reference."""
+    return {k: v.to(torch.bfloat16) for k, v in _peft_loaded(cwd, state).merge_and_unload().state_dict().items()}
+
+
+def _lora(state: dict) -> dict:
+    return {k: v for k, v in state.items() if "lora_" in k}
 
 
 def _snapshot_tensors(snap: Path) -> dict[str, torch.Tensor]:
@@ -117,8 +133,9 @@ def test_hooks_fire_and_record_what_each_checkpoint_holds(runs, mode):
         recorded = recorded_fingerprints(ckpt, ckpt_path)
         assert recorded.trained is not None, f"{mode}: no fingerprints inside {ckpt_path}"
         assert recorded.source in ("checkpoint meta", "checkpoint message_hub")
-        # recomputed here from the weights the checkpoint holds (DeepSpeed's own consolidation)
-        assert {k: fingerprint_tensor(k, v).digest for k, v in state.items()} == \
+        # recomputed here from the weights the checkpoint holds (DeepSpeed's own consolidation; FSDP's
+        # full state dict holds the frozen weights too)
+        assert {k: fingerprint_tensor(k, v).digest for k, v in _lora(state).items()} == \
             {k: fp.digest for k, fp in recorded.trained.tensors.items()}
         sidecar = json.loads((work / f"iter_{it}.pth.fingerprints.json").read_text())
         assert sidecar["trained"]["root"] == recorded.trained.root and sidecar["iter"] == it
@@ -140,7 +157,7 @@ def test_every_snapshot_verifies_and_equals_peft_merge_of_its_checkpoint(runs, c
         assert [k for k in want if not torch.equal(want[k], got[k])] == []
 
 
-@pytest.mark.parametrize("mode", list(LAUNCH))
+@pytest.mark.parametrize("mode", XTUNER_MODES)
 def test_single_process_reexport_has_the_same_root_digest(runs, cwd, mode):
     work, _, _ = runs[mode]
     out = cwd / f"offline_{mode}"
@@ -166,8 +183,24 @@ def test_training_is_bit_identical_with_and_without_the_hooks(runs, mode):
     for it in (3, 6):
         _, a = _state(work / f"iter_{it}.pth")
         _, b = _state(without / f"iter_{it}.pth")
-        assert set(a) == set(b) and len(a) == 28
+        assert set(a) == set(b) and len(_lora(a)) == 28
         assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_fsdp_export_equals_a_single_process_export_of_the_checkpoint(runs, cwd):
+    """FSDP's full checkpoint (rank 0, every weight) loaded into a plain PEFT model in one process:
+    its export has the in-loop export's root digest."""
+    from sa2va_hooks import export_hf
+    from sa2va_hooks.core.dist import RankGroup
+    work, _, _ = runs["fsdp"]
+    _, state = _state(work / "iter_6.pth")
+    pm = _peft_loaded(cwd, state)
+    single = export_hf(pm, cwd / "single_fsdp", dtype="bf16", max_shard_size=20000, group=RankGroup(0, 1))
+    inloop = json.loads((work / "hf" / "iter_6" / "export_manifest.json").read_text())
+    assert single.root_digest == inloop["root_digest"]
+    frozen = {k: v for k, v in state.items() if "lora_" not in k}
+    live = {f"llm.{k}": v for k, v in pm.state_dict().items() if "lora_" not in k}
+    assert [k for k in frozen if not torch.equal(frozen[k], live[k])] == [], "the frozen weights trained on"
 
 
 def test_failure_on_rank_1_only_publishes_nothing_and_training_finishes(cwd):

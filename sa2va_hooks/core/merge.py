@@ -28,6 +28,7 @@ from torch import nn
 
 from peft import PeftModel
 
+from .sharding import clean_name, is_fsdp_module
 from .sharding import logical_shape as sharded_shape
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
@@ -335,6 +336,8 @@ class _Walker:
             self._emit(_plain(_join(name, bname), b, ROLE_FROZEN, tprefix + bname), b)
 
     def walk(self, module: nn.Module, name: str = "", tprefix: str = "") -> None:
+        if is_fsdp_module(module):  # transparent, as in FSDP's own state dicts
+            return self.walk(module._fsdp_wrapped_module, name, tprefix)
         if isinstance(module, PeftModel):
             cfg = module.peft_config.get(module.active_adapter)
             if cfg is not None and getattr(cfg, "is_prompt_learning", False):
@@ -427,10 +430,10 @@ def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     """Trainable parameters under their training-time names (the checkpoint's names)."""
     for name, p in model.named_parameters():
         if p.requires_grad:
-            yield name, p
+            yield clean_name(name), p
 
 
 def frozen_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
-            yield name, p
+            yield clean_name(name), p

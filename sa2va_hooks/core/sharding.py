@@ -7,7 +7,14 @@ The exporter and the fingerprints must see every parameter whole, whatever the l
   ``(0,)`` tensor and its logical shape is ``p.ds_shape``. Gathering is collective: every rank
   must enter the same gather in the same order, so callers walk the model in one fixed order on
   every rank and gather one module's own parameters at a time (peak extra memory: one module);
-- FSDP (flat parameters or DTensor): refused with a clear error for now (docs/decisions.md).
+- FSDP (torch's FullyShardedDataParallel, as mmengine's FSDPStrategy wraps it, with
+  ``use_orig_params=True``): outside ``summon_full_params`` an original parameter is a 1-D view
+  of this rank's part of its unit's flat shard (often empty). :func:`index_fsdp` records, on each
+  parameter, the FSDP unit that manages it and its unsharded shape (from the unit's
+  FlatParameter); :func:`gathered` then summons exactly those units, ``recurse=False`` and
+  ``writeback=False`` (collective; peak extra memory: one unit). FSDP wrappers are transparent in
+  names (``_fsdp_wrapped_module.`` is dropped), as in FSDP's own state dicts. FSDP with
+  ``use_orig_params=False`` and FSDP2 (DTensor parameters) are refused with a clear error.
 
 We never assemble the model on one rank and never ask DeepSpeed for its consolidated 16-bit
 state dict: the engine's own gather, one module at a time, is the only way in.
@@ -32,47 +39,113 @@ class UnsupportedShardingError(TypeError):
     """The model is sharded by an engine whose gather sa2va_hooks does not implement."""
 
 
+_FSDP_UNIT = "_sa2va_fsdp_unit"  # set on each original parameter by index_fsdp
+_FSDP_SHAPE = "_sa2va_fsdp_shape"
+FSDP_WRAPPED = "_fsdp_wrapped_module"
+
+
 def is_zero3_partitioned(t: torch.Tensor) -> bool:
     """DeepSpeed ZeRO-3 marks every partitioned parameter with ``ds_id`` and ``ds_shape``."""
     return hasattr(t, "ds_id") and hasattr(t, "ds_shape")
+
+
+def is_fsdp_sharded(t: torch.Tensor) -> bool:
+    return hasattr(t, _FSDP_UNIT)
+
+
+def is_partitioned(t: torch.Tensor) -> bool:
+    return is_zero3_partitioned(t) or is_fsdp_sharded(t)
 
 
 def logical_shape(t: torch.Tensor) -> tuple[int, ...]:
     """The shape the tensor has in the model, gathered or not."""
     if is_zero3_partitioned(t):
         return tuple(int(s) for s in t.ds_shape)
+    if is_fsdp_sharded(t):
+        return getattr(t, _FSDP_SHAPE)
     return tuple(int(s) for s in t.shape)
 
 
 def needs_gather(model: nn.Module) -> bool:
-    """Whether reading this model's parameters needs a collective gather (ZeRO-3). The answer is
-    the same on every rank, because every rank wraps the same model the same way."""
-    return any(is_zero3_partitioned(p) for p in model.parameters())
+    """Whether reading this model's parameters needs a collective gather (ZeRO-3, FSDP). The
+    answer is the same on every rank, because every rank wraps the same model the same way."""
+    index_fsdp(model)
+    return any(is_partitioned(p) for p in model.parameters())
+
+
+def _fsdp_class():
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed
+        return None
+    return FullyShardedDataParallel
+
+
+def is_fsdp_module(module: nn.Module) -> bool:
+    cls = _fsdp_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def index_fsdp(model: nn.Module) -> None:
+    """Record on every original parameter the FSDP unit that manages it and its unsharded shape.
+    Uses the FlatParameter's ``_params``/``_shapes`` (torch's FSDP1 internals, stable from torch
+    2.1 to 2.14): FSDP exposes no public way to know an original parameter's shape while sharded."""
+    for unit in model.modules():
+        if not is_fsdp_module(unit):
+            continue
+        flat = getattr(unit, "_flat_param", None)
+        if flat is None:
+            continue
+        params = getattr(flat, "_params", None)
+        if params is None:
+            raise UnsupportedShardingError(
+                f"FSDP unit {type(unit._fsdp_wrapped_module).__name__} was wrapped with use_orig_params=False: its "
+                "original parameters are not visible, so sa2va_hooks cannot fingerprint or export them. Use "
+                "use_orig_params=True (mmengine's MMFullyShardedDataParallel default, and required for LoRA).")
+        for p, shape in zip(params, flat._shapes):
+            setattr(p, _FSDP_UNIT, unit)
+            setattr(p, _FSDP_SHAPE, tuple(int(s) for s in shape))
 
 
 def refuse_unsupported_sharding(model: nn.Module) -> None:
-    """FSDP keeps flat or DTensor shards that this exporter cannot gather yet; say so rather than
-    write or fingerprint rank 0's slice."""
+    """Shards we cannot gather are refused rather than fingerprinted or written as one rank's
+    slice: FSDP2's DTensor parameters and FSDP1 flat parameters without original parameters."""
+    index_fsdp(model)
     for name, p in model.named_parameters():
-        kind = type(p).__name__
-        if "FlatParameter" in kind or "_flat_param" in name or type(getattr(p, "data", p)).__name__ == "DTensor":
+        if type(p).__name__ == "FlatParameter" or type(getattr(p, "data", p)).__name__ == "DTensor":
             raise UnsupportedShardingError(
-                f"parameter '{name}' is an FSDP shard ({kind}); sa2va_hooks gathers DeepSpeed ZeRO-3 shards but not "
-                "FSDP ones yet, and would otherwise fingerprint and export one rank's slice. Train with DeepSpeed "
-                "(--deepspeed deepspeed_zero2 or _zero3) or DDP, or export offline from the checkpoint.")
+                f"parameter '{name}' is a {type(p).__name__} shard ({'FSDP2/DTensor' if 'DTensor' in repr(type(p.data)) else 'FSDP flat parameter'}); "
+                "sa2va_hooks gathers DeepSpeed ZeRO-3 and FSDP (use_orig_params=True) shards, not this kind, and would "
+                "otherwise fingerprint and export one rank's slice. Train with DeepSpeed ZeRO-2/3, DDP or mmengine's "
+                "FSDPStrategy, or export offline from a full checkpoint.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name as the unwrapped model has it (FSDP's own state dicts do the same)."""
+    return name.replace(FSDP_WRAPPED + ".", "")
 
 
 @contextlib.contextmanager
 def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Make ``params`` whole for the duration of the block, read-only (``modifier_rank=None``:
-    nothing is written back). Collective under ZeRO-3: every rank must enter with the same list.
-    A no-op for parameters that are not partitioned."""
+    """Make ``params`` whole for the duration of the block, read-only (nothing is written back).
+    Collective under ZeRO-3 and FSDP: every rank must enter with the same list. A no-op for
+    parameters that are not partitioned."""
     params = [p for p in params if p is not None]
-    if not any(is_zero3_partitioned(p) for p in params):
+    zero3 = [p for p in params if is_zero3_partitioned(p)]
+    units: list[nn.Module] = []
+    for p in params:
+        unit = getattr(p, _FSDP_UNIT, None)
+        if unit is not None and all(unit is not u for u in units):
+            units.append(unit)
+    if not zero3 and not units:
         yield
         return
-    import deepspeed
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    with contextlib.ExitStack() as stack:
+        if zero3:
+            import deepspeed
+            stack.enter_context(deepspeed.zero.GatheredParameters(zero3, modifier_rank=None))
+        for unit in units:
+            stack.enter_context(_fsdp_class().summon_full_params(unit, recurse=False, writeback=False))
         yield
 
 
@@ -98,10 +171,11 @@ def module_own_params(module: nn.Module) -> list[torch.Tensor]:
 
 
 def iter_whole_parameters(model: nn.Module, keep: Callable[[torch.Tensor], bool]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, parameter)`` for every parameter ``keep`` accepts, each whole while the caller holds
-    it (the generator is suspended inside the gather of its module). Order and gathers are those
-    of ``named_modules``: identical on every rank. Shared parameters are yielded once, under the
-    first name, as ``named_parameters`` does."""
+    """``(name, parameter)`` for every parameter ``keep`` accepts, meant to be whole while the
+    caller holds it (the generator is suspended inside the gather of its module; the caller
+    checks with :func:`check_full`). Order and gathers are those of ``named_modules``: identical
+    on every rank. Shared parameters are yielded once, under the first name, as
+    ``named_parameters`` does."""
     refuse_unsupported_sharding(model)
     seen: set[int] = set()
     for mname, module in model.named_modules():
@@ -112,6 +186,4 @@ def iter_whole_parameters(model: nn.Module, keep: Callable[[torch.Tensor], bool]
         with gathered([p for _, p in own]):
             for n, p in own:
                 if keep(p):
-                    full = f"{mname}.{n}" if mname else n
-                    check_full(full, p)
-                    yield full, p
+                    yield clean_name(f"{mname}.{n}" if mname else n), p

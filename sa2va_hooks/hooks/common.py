@@ -9,6 +9,7 @@ from mmengine.model import is_model_wrapper
 from torch import nn
 
 from ..core.fingerprint import Fingerprint
+from ..core.sharding import is_fsdp_module
 from ..export import frozen_root, trained_fingerprints
 
 BASELINE_KEY = "sa2va_hooks/baseline"  # trainable fingerprints before training (resumed with the run)
@@ -24,9 +25,13 @@ _FROZEN_NOW_KEY = "sa2va_hooks/frozen_root_this_process"  # not resumed: compute
 
 
 def unwrapped_model(runner) -> nn.Module:
-    """The user's model inside DDP, mmengine's DeepSpeed wrapper and the DeepSpeed engine."""
+    """The user's model inside DDP, mmengine's DeepSpeed wrapper and the DeepSpeed engine. An FSDP
+    root is returned as it is: the exporter treats its wrappers as transparent and gathers
+    through its units."""
     model = runner.model
     for _ in range(4):
+        if is_fsdp_module(model):  # kept: its units gather the shards (core/sharding.py)
+            break
         if is_model_wrapper(model) or type(model).__name__ == "DeepSpeedEngine":
             model = getattr(model, "module", None) or model.model
         else:
