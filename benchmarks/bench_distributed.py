@@ -1,8 +1,8 @@
-"""Benchmark: the hooks under mmengine's FlexibleRunner with DeepSpeed ZeRO-2 / ZeRO-3 on 2 GPUs,
+"""Benchmark: the hooks under mmengine's FlexibleRunner with DeepSpeed ZeRO-2 / ZeRO-3 and FSDP on 2 GPUs,
 against a single-GPU export of the same weights, measured in the same command.
 
     python benchmarks/bench_distributed.py single                       # 1 GPU: the reference export
-    torchrun --nproc_per_node 2 benchmarks/bench_distributed.py zero2   # (and zero3)
+    torchrun --nproc_per_node 2 benchmarks/bench_distributed.py zero2   # (and zero3, fsdp)
 
 Model: Qwen2-shaped (SIZE=1.5b by default; 7b, tiny), bf16, LoRA r=64 on every linear layer,
 "fake-trained" by seeded noise on every trainable tensor, so every process builds exactly the
@@ -228,11 +228,23 @@ def distributed(mode: str) -> None:
 
     hf_export_hook.HFExportHook._export_at = timed
     clock = Clock()
-    zero = {"zero2": dict(stage=2, overlap_comm=True), "zero3": dict(stage=3, overlap_comm=True)}[mode]
-    strategy = dict(type="DeepSpeedStrategy", config=dict(bf16=dict(enabled=CUDA), zero_optimization=zero,
-                                                          zero_allow_untested_optimizer=True),
-                    gradient_accumulation_steps=1, train_micro_batch_size_per_gpu=1, gradient_clipping=1.0,
-                    exclude_frozen_parameters=True)
+    if mode == "fsdp":
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+        wrapper = dict(type="MMFullyShardedDataParallel", auto_wrap_policy=ModuleWrapPolicy({Qwen2DecoderLayer}))
+        if not CUDA:
+            wrapper["device_id"] = torch.device("cpu")
+        strategy = dict(type="FSDPStrategy", model_wrapper=wrapper)
+        optim = dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-5))
+    else:
+        zero = {"zero2": dict(stage=2, overlap_comm=True), "zero3": dict(stage=3, overlap_comm=True)}[mode]
+        strategy = dict(type="DeepSpeedStrategy", config=dict(bf16=dict(enabled=CUDA), zero_optimization=zero,
+                                                              zero_allow_untested_optimizer=True),
+                        gradient_accumulation_steps=1, train_micro_batch_size_per_gpu=1, gradient_clipping=1.0,
+                        exclude_frozen_parameters=True)
+        optim = dict(type="DeepSpeedOptimWrapper", optimizer=dict(type="AdamW", lr=1e-5))
+    if CUDA:  # build on this rank's GPU (FSDP checks the module's device against its device_id)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     model = build_model(DEVICE)
     loader = torch.utils.data.DataLoader(_Tokens(64, make_config().vocab_size), batch_size=1, collate_fn=_collate,
                                          sampler=torch.utils.data.distributed.DistributedSampler(
@@ -240,8 +252,7 @@ def distributed(mode: str) -> None:
     runner = FlexibleRunner(
         model=model, work_dir=str(WORK / f"{mode}_wd"), train_dataloader=loader,
         train_cfg=dict(by_epoch=False, max_iters=12),
-        optim_wrapper=dict(type="DeepSpeedOptimWrapper", optimizer=dict(type="AdamW", lr=1e-5)),
-        strategy=strategy, launcher="pytorch", env_cfg=dict(dist_cfg=dict(backend="nccl" if CUDA else "gloo")),
+        optim_wrapper=optim, strategy=strategy, launcher="pytorch", env_cfg=dict(dist_cfg=dict(backend="nccl" if CUDA else "gloo")),
         default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=10**6, save_last=False),
                            logger=dict(type="LoggerHook", interval=1)),
         custom_hooks=[clock, dict(type="HFExportHook", interval=4, dtype="bf16", max_shard_size="2GB", keep_last=1),
