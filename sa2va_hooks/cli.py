@@ -116,8 +116,9 @@ def _fingerprint_checkpoint(path: Path, allow_pickle: bool) -> dict:
     rec = recorded_fingerprints(ckpt, path)
     if rec.trained is not None:
         out.update(recorded_root=rec.trained.root, recorded_source=rec.source, frozen_root=rec.frozen_root)
-        if set(rec.trained.tensors) == set(saved.tensors):
-            out["consistent"] = not compare_fingerprints(rec.trained.tensors, saved.tensors)
+        if set(rec.trained.tensors) <= set(saved.tensors):  # a full state dict (FSDP 'full') holds frozen ones too
+            out["consistent"] = not compare_fingerprints(
+                rec.trained.tensors, {k: saved.tensors[k] for k in rec.trained.tensors})
         else:
             out["note"] = ("the checkpoint saves tensors under other names than training used (e.g. PEFT-style "
                            "without the adapter name); use tools/export.py or verify --checkpoint to check them")
@@ -132,9 +133,15 @@ def _fingerprint_sidecar(path: Path) -> dict:
             "frozen_root": rec.get("frozen_root"), "iter": rec.get("iter")}
 
 
+def _is_deepspeed_dir(path: Path) -> bool:
+    """mmengine + DeepSpeed's iter_N.pth/ (model-states files inside) or DeepSpeed's own layout (a
+    'latest' file naming the tag directory)."""
+    return (path / "latest").is_file() or any(path.glob("*model_states.pt"))
+
+
 def cmd_fingerprint(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if path.is_dir():
+    if path.is_dir() and not _is_deepspeed_dir(path):
         out = _fingerprint_dir(path)
     elif path.suffix == ".json":
         out = _fingerprint_sidecar(path)

@@ -175,6 +175,12 @@ def test_single_process_reexport_has_the_same_root_digest(runs, cwd, mode):
                             "--checkpoint", str(work / "iter_6.pth")], cwd=cwd, env=env, capture_output=True,
                            text=True, timeout=600)
     assert check.returncode == 0, check.stdout + check.stderr
+    fp = subprocess.run([sys.executable, "-m", "sa2va_hooks", "fingerprint", str(work / "iter_6.pth"), "--json"],
+                        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert fp.returncode == 0, fp.stdout + fp.stderr
+    summary = json.loads(fp.stdout[fp.stdout.index("{"):])
+    assert summary["kind"] == "checkpoint" and summary["consistent"] is True
+    assert summary["recorded_root"] == inloop["trained"]["root"]
 
 
 @pytest.mark.parametrize("mode", list(LAUNCH))
