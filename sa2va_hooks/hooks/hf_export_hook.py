@@ -3,6 +3,12 @@
 Thin by design: it reads runner state, decides when, and calls ``export_hf``. It never raises
 into the training loop (a failed export is logged as an error and training goes on), and it
 never changes a model parameter: the merge is out of place.
+
+When: in ``after_train_iter`` / ``after_train_epoch`` on every rank, just after CheckpointHook
+(priority LOWEST), whenever CheckpointHook's own schedule says it saved (or every ``interval``
+iterations). Under every runner and strategy (single process, DDP, DeepSpeed ZeRO-1/2/3, FSDP)
+every rank calls the collective ``export_hf``: the shards are split between the ranks, and a
+failure on any rank is one error on every rank, with nothing published.
 """
 from __future__ import annotations
 
