@@ -27,14 +27,14 @@ import json
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import PeakRSS, qwen2_config  # noqa: E402
 
 OUT = Path(os.environ.get("BENCH_OUT") or os.environ.get("OUT") or "/tmp/bench_out")
 WORK = Path(os.environ.get("WORK", "/tmp/bench_dist"))
@@ -72,42 +72,8 @@ def log(step: str, **kw) -> None:
         f.write(line + "\n")
 
 
-class PeakRSS:
-    """Peak resident memory of this process above its level at entry, sampled every 20 ms."""
-
-    def __init__(self) -> None:
-        self.proc = psutil.Process()
-        self.base = self.peak = self.proc.memory_info().rss
-        self.stop = False
-        self.th = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.02)
-
-    def __enter__(self):
-        self.th.start()
-        return self
-
-    def __exit__(self, *a) -> None:
-        self.stop = True
-        self.th.join()
-
-    @property
-    def extra_gib(self) -> float:
-        return round((self.peak - self.base) / 2**30, 3)
-
-
 def make_config():
-    from transformers import Qwen2Config
-    shapes = {"7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064),
-              "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                           num_key_value_heads=2, vocab_size=151936),
-              "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=8192)}[SIZE]
-    return Qwen2Config(**shapes, tie_word_embeddings=False)
+    return qwen2_config(SIZE)
 
 
 def build_model(device: str):

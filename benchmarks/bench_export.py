@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,6 +24,8 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import PeakRSS, qwen2_config  # noqa: E402
 
 OUT = Path(os.environ.get("BENCH_OUT") or os.environ.get("OUT") or "/tmp/bench_out")
 WORK = Path(os.environ.get("WORK", "/tmp/bench"))
@@ -44,44 +45,12 @@ def log(step: str, **kw) -> None:
         f.write(line + "\n")
 
 
-class PeakRSS:
-    def __init__(self) -> None:
-        self.proc = psutil.Process()
-        self.base = self.peak = self.proc.memory_info().rss
-        self.stop = False
-        self.th = threading.Thread(target=self.run, daemon=True)
-
-    def run(self) -> None:
-        while not self.stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self.th.start()
-        return self
-
-    def __exit__(self, *a) -> None:
-        self.stop = True
-        self.th.join()
-
-    @property
-    def extra_gb(self) -> float:
-        return round((self.peak - self.base) / 2**30, 2)
-
-
 def dir_gib(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**30
 
 
 def make_config():
-    from transformers import Qwen2Config
-    shapes = {"7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064),
-              "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                           num_key_value_heads=2, vocab_size=151936),
-              "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=8192)}[SIZE]
-    return Qwen2Config(**shapes, tie_word_embeddings=False)
+    return qwen2_config(SIZE)
 
 
 def raw_write(gib: int) -> None:
@@ -141,7 +110,7 @@ def run_ours(pm, name: str, readback: bool) -> None:
         dt = time.time() - t
     gib = dir_gib(out)
     gpu_extra = round((torch.cuda.max_memory_allocated() - g0) / 2**30, 2) if torch.cuda.is_available() else None
-    log(name, s=round(dt, 2), gib=round(gib, 2), gib_s=round(gib / dt, 3), extra_rss_gb=m.extra_gb,
+    log(name, s=round(dt, 2), gib=round(gib, 2), gib_s=round(gib / dt, 3), extra_rss_gb=m.extra_gib,
         gpu_peak_extra_gb=gpu_extra, tensors=len(manifest.tensors), readback=readback,
         trained_differ=manifest.training_effect["trained_differ_from_base"],
         trained=manifest.training_effect["trained_tensors"])
@@ -160,7 +129,7 @@ def run_peft(pm) -> None:
         dt = time.time() - t
     gib = dir_gib(out)
     log("peft_merge_and_unload_save_pretrained", merge_s=round(tm, 2), s=round(dt, 2), gib=round(gib, 2),
-        gib_s=round(gib / dt, 3), extra_rss_gb=m.extra_gb)
+        gib_s=round(gib / dt, 3), extra_rss_gb=m.extra_gib)
     shutil.rmtree(out)
 
 
