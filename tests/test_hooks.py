@@ -132,3 +132,29 @@ def test_disk_full_during_a_later_export_keeps_the_earlier_snapshot(tiny_base, t
     assert verify_snapshot(tmp_path / "hf" / "iter_3") == []
     log = _log_text(tmp_path)
     assert "HF export of iteration 6" in log and "No space left on device" in log
+
+
+def test_epoch_based_checkpoints_follow_checkpoint_hook_schedule(tiny_base, tmp_path):
+    """by_epoch=True: CheckpointHook saves in after_train_epoch; both hooks follow its rule there
+    (not before_save_checkpoint), and the record names the checkpoint's own iteration."""
+    from mmengine.runner import Runner
+
+    from sa2va_hooks.core.fingerprint import fingerprint_tensor
+    from sa2va_hooks.demo.runs import tiny_config
+    cfg = tiny_config(tmp_path, tiny_base, hooks=[dict(type="FingerprintHook"), dict(type="HFExportHook")])
+    cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=2)
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=True)
+    Runner.from_cfg(cfg).train()
+    snaps = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert snaps == ["iter_16", "iter_8"]  # 32 samples, batch 4: 8 iterations an epoch
+    for epoch, it in ((1, 8), (2, 16)):
+        ckpt = torch.load(tmp_path / f"epoch_{epoch}.pth", map_location="cpu", weights_only=False)
+        record = ckpt["meta"]["sa2va_hooks"]
+        assert record["iter"] == ckpt["meta"]["iter"] == it and record["epoch"] == epoch
+        assert ckpt["message_hub"]["runtime_info"]["sa2va_hooks/checkpoint"]["iter"] == it
+        saved = {k: fingerprint_tensor(k, v).digest for k, v in ckpt["state_dict"].items()}
+        assert saved == {k: fp["digest"] for k, fp in record["trained"]["tensors"].items()}
+        sidecar = json.loads((tmp_path / f"epoch_{epoch}.pth.fingerprints.json").read_text())
+        assert sidecar["trained"]["root"] == record["trained"]["root"]
+        manifest = ExportManifest.load(tmp_path / "hf" / f"iter_{it}")
+        assert manifest.trained["root"] == record["trained"]["root"]
