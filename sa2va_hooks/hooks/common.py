@@ -53,6 +53,12 @@ def _checkpoint_hook(runner) -> CheckpointHook | None:
     return next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
 
 
+def has_checkpoint_schedule(runner) -> bool:
+    """CheckpointHook saves at all: a positive interval, or only the last checkpoint (save_last)."""
+    hook = _checkpoint_hook(runner)
+    return hook is not None and ((hook.interval or 0) > 0 or bool(hook.save_last))
+
+
 def checkpoint_due(runner, stage: str) -> bool:
     """Whether CheckpointHook saves (or just saved) a checkpoint at this point of training:
     its own rule (``interval``, ``by_epoch``, ``save_begin``, ``save_last``), evaluated on every
@@ -60,7 +66,7 @@ def checkpoint_due(runner, stage: str) -> bool:
     (after_train_iter) or "epoch" (after_train_epoch). This does not depend on
     ``before_save_checkpoint``, which DeepSpeedStrategy never calls."""
     hook = _checkpoint_hook(runner)
-    if hook is None or hook.interval is None or hook.interval <= 0:
+    if hook is None:
         return False
     if stage == "iter":
         return not hook.by_epoch and (hook.every_n_train_iters(runner, hook.interval, hook.save_begin) or

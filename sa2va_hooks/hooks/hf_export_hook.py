@@ -27,7 +27,7 @@ from ..compat import allow_mmengine_checkpoint_globals
 from ..core.manifest import MANIFEST_FILE
 from ..export import export_hf
 from .common import (CURRENT_TRAINED_KEY, build_callable_cfg, checkpoint_due, checkpoint_point, config_sha256,
-                     ensure_baseline, unwrapped_model)
+                     ensure_baseline, has_checkpoint_schedule, unwrapped_model)
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 
@@ -71,6 +71,10 @@ class HFExportHook(Hook):
     # -- timing: the checkpoint schedule (or our interval), on every rank -----------------------
     def before_train(self, runner) -> None:
         self._baseline, _, _ = ensure_baseline(runner)  # collective under ZeRO-3
+        if self.interval is None and not has_checkpoint_schedule(runner):
+            runner.logger.warning("[sa2va_hooks] HFExportHook exports at checkpoints, but this run has no "
+                                  "CheckpointHook with a positive interval: it will export nothing. Set "
+                                  "HFExportHook(interval=N) to export every N iterations.")
         self._remove_stale_staging(runner)
         if isinstance(self.tokenizer, dict):
             self.tokenizer = build_callable_cfg(self.tokenizer)
