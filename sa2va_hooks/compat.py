@@ -51,7 +51,24 @@ def mmengine_checkpoint_safe_globals() -> list:
              multiarray.multiarray.scalar, builtins.getattr]
     # numpy 2 pickles dtypes through their concrete classes (np.dtypes.Float64DType, ...)
     types += [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
-    return types
+    return types + deepspeed_checkpoint_safe_globals()
+
+
+def deepspeed_checkpoint_safe_globals() -> list:
+    """What mmengine + DeepSpeed checkpoint directories (``iter_N.pth/``) add: the model-states
+    file's client state holds mmengine's ``ConfigDict`` (the DeepSpeed config), and the optimizer
+    files DeepSpeed's loss scaler, ZeRO stage enum and fragment addresses. Without them, resuming
+    such a run through xtuner (``get_seed_from_checkpoint`` loads the model states with torch's
+    ``weights_only`` default) fails before training starts. All are plain data holders."""
+    from mmengine.config.config import ConfigDict
+    types: list = [ConfigDict]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:  # DeepSpeed is optional
+        return types
+    return types + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def allow_mmengine_checkpoint_globals() -> None:

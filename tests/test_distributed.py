@@ -49,9 +49,10 @@ XTUNER_MODES = ["zero2", "zero3", "ddp"]
 _ports = itertools.count(29600 + os.getpid() % 200)
 
 
-def _launch(cwd: Path, mode: str, *, hooks: bool = True, env_extra: dict | None = None) -> tuple[Path, str]:
-    work = cwd / f"{mode}{'' if hooks else '_nohooks'}{'_fail' if env_extra else ''}"
-    args = list(LAUNCH[mode])
+def _launch(cwd: Path, mode: str, *, hooks: bool = True, env_extra: dict | None = None,
+            work: Path | None = None, extra: tuple = ()) -> tuple[Path, str]:
+    work = work or cwd / f"{mode}{'' if hooks else '_nohooks'}{'_fail' if env_extra else ''}"
+    args = [*extra, *LAUNCH[mode]]
     opts = ["custom_hooks.1.max_shard_size=20000"] if hooks else ["custom_hooks=[]"]
     if "--cfg-options" in args:
         args += opts
@@ -207,6 +208,24 @@ def test_fsdp_export_equals_a_single_process_export_of_the_checkpoint(runs, cwd)
     frozen = {k: v for k, v in state.items() if "lora_" not in k}
     live = {f"llm.{k}": v for k, v in pm.state_dict().items() if "lora_" not in k}
     assert [k for k in frozen if not torch.equal(frozen[k], live[k])] == [], "the frozen weights trained on"
+
+
+def test_resuming_a_deepspeed_run_reproduces_its_fingerprints_and_export(runs, cwd):
+    """Resume the ZeRO-2 run from iter_3.pth/ (xtuner --resume): the baseline and frozen root come
+    back from the checkpoint's message_hub, and iteration 6 is fingerprinted and exported exactly
+    as in the uninterrupted run."""
+    import shutil
+    work, _, _ = runs["zero2"]
+    resumed = cwd / "zero2_resumed"
+    shutil.copytree(work, resumed, ignore=shutil.ignore_patterns("iter_6*", "*.log"))
+    shutil.rmtree(resumed / "hf" / "iter_6", ignore_errors=True)
+    _, log = _launch(cwd, "zero2", work=resumed, extra=("--resume", str(resumed / "iter_3.pth")))
+    assert "resumed epoch: 0, iter: 3" in log and "is not defined in message_hub" not in log
+    for name in ("trained", "root_digest"):
+        a = json.loads((work / "hf" / "iter_6" / "export_manifest.json").read_text())
+        b = json.loads((resumed / "hf" / "iter_6" / "export_manifest.json").read_text())
+        assert a[name] == b[name]
+    assert verify_snapshot(resumed / "hf" / "iter_6") == []
 
 
 def test_failure_on_rank_1_only_publishes_nothing_and_training_finishes(cwd):

@@ -18,10 +18,16 @@ META_KEY = "sa2va_hooks"  # key inside checkpoint["meta"] (classic Runner, which
 # the record of the checkpoint being saved: message_hub runtime info is saved into every checkpoint
 # by every runner and strategy (DeepSpeed included), so this is where the fingerprints travel
 CHECKPOINT_RECORD_KEY = "sa2va_hooks/checkpoint"
-# trained fingerprints FingerprintHook computed at this iteration's checkpoint; not resumed (not
-# saved into checkpoints), only handed to HFExportHook so the same tensors are not hashed twice
-CURRENT_TRAINED_KEY = "sa2va_hooks/current_trained"
-_FROZEN_NOW_KEY = "sa2va_hooks/frozen_root_this_process"  # not resumed: computed once per process
+# trained fingerprints FingerprintHook computed at this iteration's checkpoint, handed to
+# HFExportHook so the same tensors are not hashed twice; process-local (process_state)
+CURRENT_TRAINED_KEY = "current_trained"
+_FROZEN_NOW_KEY = "frozen_root_this_process"  # computed once per process
+
+
+def process_state(runner) -> dict:
+    """State the hooks share within this process only. Not message_hub: even a non-resumed key
+    there is listed in every checkpoint, and mmengine warns about each such key on resume."""
+    return runner.__dict__.setdefault("_sa2va_hooks_process_state", {})
 
 
 def unwrapped_model(runner) -> nn.Module:
@@ -89,10 +95,10 @@ def ensure_baseline(runner) -> tuple[dict[str, Fingerprint], str, str | None]:
     """
     model = unwrapped_model(runner)
     hub = runner.message_hub
-    frozen_now = hub.get_info(_FROZEN_NOW_KEY)
+    local = process_state(runner)
+    frozen_now = local.get(_FROZEN_NOW_KEY)
     if frozen_now is None:
-        frozen_now = frozen_root(model)
-        hub.update_info(_FROZEN_NOW_KEY, frozen_now, resumed=False)
+        frozen_now = local[_FROZEN_NOW_KEY] = frozen_root(model)
     recorded_frozen = hub.get_info(FROZEN_ROOT_KEY)
     if recorded_frozen is None:
         hub.update_info(FROZEN_ROOT_KEY, frozen_now)

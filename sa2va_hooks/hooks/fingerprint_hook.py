@@ -28,7 +28,7 @@ from ..core.fingerprint import FingerprintSet
 from ..core.sharding import needs_gather
 from ..export import trained_fingerprints
 from .common import (CHECKPOINT_RECORD_KEY, CURRENT_TRAINED_KEY, META_KEY, checkpoint_due, checkpoint_point,
-                     ensure_baseline, unwrapped_model)
+                     ensure_baseline, process_state, unwrapped_model)
 
 SIDECAR_SUFFIX = ".fingerprints.json"
 
@@ -102,7 +102,7 @@ class FingerprintHook(Hook):
         record = self._make_record(trained, it, epoch)
         hub = runner.message_hub
         hub.update_info(CHECKPOINT_RECORD_KEY, record)  # resumed=True: saved inside the checkpoint
-        hub.update_info(CURRENT_TRAINED_KEY, {"iter": it, "trained": trained}, resumed=False)
+        process_state(runner)[CURRENT_TRAINED_KEY] = {"iter": it, "trained": trained}
         changed = (len(trained.tensors) if self._last is None else
                    sum(1 for k, fp in trained.tensors.items()
                        if k not in self._last.tensors or self._last.tensors[k].digest != fp.digest))

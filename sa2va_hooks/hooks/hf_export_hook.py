@@ -27,7 +27,7 @@ from ..compat import allow_mmengine_checkpoint_globals
 from ..core.manifest import MANIFEST_FILE
 from ..export import export_hf
 from .common import (CURRENT_TRAINED_KEY, build_callable_cfg, checkpoint_due, checkpoint_point, config_sha256,
-                     ensure_baseline, has_checkpoint_schedule, unwrapped_model)
+                     ensure_baseline, has_checkpoint_schedule, process_state, unwrapped_model)
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 
@@ -116,7 +116,7 @@ class HFExportHook(Hook):
         if self.tokenizer is not None:
             converter = {**(converter if isinstance(converter, dict) else {"type": converter}),
                          "tokenizer": self.tokenizer}
-        shared = runner.message_hub.get_info(CURRENT_TRAINED_KEY) or {}
+        shared = process_state(runner).get(CURRENT_TRAINED_KEY) or {}
         trained = shared.get("trained") if shared.get("iter") == point["iter"] else None
         manifest = export_hf(unwrapped_model(runner), out, converter=converter, dtype=self.dtype,
                              max_shard_size=self.max_shard_size, provenance=provenance, baseline=self._baseline,
