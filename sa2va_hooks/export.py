@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 from .converters.base import SnapshotContext, resolve_converter
-from .core.fingerprint import (Fingerprint, FingerprintSet, compare_fingerprints, fingerprint_state, fingerprint_tensor,
+from .core.fingerprint import (Fingerprint, FingerprintSet, compare_fingerprints, fingerprint_tensor,
                                root_digest)
 from .core.host import HostStager
 from .core.manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
-from .core.merge import (ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, frozen_parameters, plan_merged_tensors,
-                         trainable_parameters)
+from .core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, plan_merged_tensors
 from .core.verify import hash_safetensors_file
 from .core.dist import RankFailedError, RankFailure, RankGroup, agree, describe
 from .core.sharding import (ShardedTensorError, check_full, gathered, is_partitioned, iter_whole_parameters, needs_gather,

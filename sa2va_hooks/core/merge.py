@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 
 from peft import PeftModel
 
-from .sharding import clean_name, is_fsdp_module
+from .sharding import is_fsdp_module
 from .sharding import logical_shape as sharded_shape
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
@@ -424,16 +424,3 @@ def plan_merged_tensors(module: nn.Module) -> WalkResult:
     walker = _Walker()
     walker.walk(module)
     return WalkResult(walker.out, walker.tied, walker.inactive, walker.dequantized)
-
-
-def trainable_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Trainable parameters under their training-time names (the checkpoint's names)."""
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            yield clean_name(name), p
-
-
-def frozen_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            yield clean_name(name), p
