@@ -16,10 +16,11 @@ from .compat import apply_torch_cpu_bf16_shim
 from .converters import CONVERTERS, Converter
 from .core.fingerprint import Fingerprint, FingerprintSet
 from .core.manifest import ExportManifest
+from .core.merge import NonFiniteError
 from .core.verify import verify_snapshot
 from .export import export_hf
 from .hooks import FingerprintHook, HFExportHook
 
 __version__ = "0.1.0"
 __all__ = ["CONVERTERS", "Converter", "ExportManifest", "Fingerprint", "FingerprintSet", "FingerprintHook",
-           "HFExportHook", "apply_torch_cpu_bf16_shim", "export_hf", "verify_snapshot"]
+           "HFExportHook", "NonFiniteError", "apply_torch_cpu_bf16_shim", "export_hf", "verify_snapshot"]

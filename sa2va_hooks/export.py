@@ -19,7 +19,7 @@ from .core.fingerprint import (Fingerprint, FingerprintSet, compare_fingerprints
                                root_digest)
 from .core.host import HostStager
 from .core.manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
-from .core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, plan_merged_tensors
+from .core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, NonFiniteError, non_finite_names, plan_merged_tensors
 from .core.verify import hash_safetensors_file
 from .core.dist import RankFailedError, RankFailure, RankGroup, agree, describe
 from .core.sharding import (ShardedTensorError, check_full, gathered, is_partitioned, iter_whole_parameters, needs_gather,
@@ -305,6 +305,7 @@ class _RankWork:
     def _produce(self, slot: TensorSlot, st, fname: str) -> torch.Tensor:
         merged = st.materialize(self.dt)
         check_full(slot.name, merged.tensor, slot.shape)
+        _check_finite(slot.name, merged.tensor, st, self.dt)
         host = self.stager.to_host(merged.tensor)
         fp = fingerprint_tensor(slot.name, merged.tensor, host=host)
         role = merged.role or st.role
@@ -313,6 +314,19 @@ class _RankWork:
         _record(self.effect, slot.name, role, merged, st.sources, self.trained, self.baseline)
         self.bar.update(slot.nbytes)
         return host
+
+
+def _check_finite(name: str, out: torch.Tensor, st, dt) -> None:
+    """Every exported tensor is checked after the cast (merged, saved copies, trained, frozen): a
+    NaN or Inf is refused, saying whether memory or the cast to the export dtype produced it."""
+    if not non_finite_names([(name, out)]):
+        return
+    in_memory = non_finite_names([(name, st.materialize(None).tensor)])
+    cause = ("it is NaN/Inf in memory: training diverged, check the loss and the learning rate" if in_memory else
+             f"it is finite in memory, but the cast to {str(out.dtype).removeprefix('torch.')} overflowed: export in "
+             "a wider dtype (dtype='bf16' or 'fp32')")
+    raise NonFiniteError(f"tensor '{name}' ({st.role}) would be written with NaN or Inf values; {cause}. Nothing was "
+                         "published.")
 
 
 def _changed_error(versions: Mapping[str, int], model: nn.Module) -> BaseException | None:

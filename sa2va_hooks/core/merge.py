@@ -43,6 +43,15 @@ class UnsupportedModuleError(TypeError):
     """A module holds trained state that this exporter cannot merge faithfully."""
 
 
+class NonFiniteError(FloatingPointError):
+    """A tensor of the export is NaN or Inf: in memory (training diverged) or after the cast to
+    the export dtype (the values do not fit it). Nothing is published."""
+
+
+def non_finite_names(named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    return [n for n, t in named if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 @dataclasses.dataclass
 class MergedTensor:
     """One exported tensor, ready to write, plus what training did to it."""
@@ -193,6 +202,10 @@ class _MergeGroup:
 
     def _compute(self) -> dict[str, torch.Tensor]:
         proxy = _merge_proxy(self.layer)
+        bad = non_finite_names(list(proxy.named_parameters()))
+        if bad:  # before PEFT's safe merge, which would call it a broken adapter
+            raise NonFiniteError(f"module '{self.name}' holds NaN or Inf in memory, in {bad[:5]}: training diverged "
+                                 "(check the loss and the learning rate); nothing was exported from this state.")
         merge = _plain_merge_for(self.layer) or type(proxy).merge
         try:
             with torch.no_grad():
@@ -255,7 +268,7 @@ def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: _M
         merged32 = group.take(pname)
         ref = dequantized_weight(base) if quantized else original
         if merged32.is_floating_point() and not torch.isfinite(merged32).all():
-            raise FloatingPointError(f"merged '{_join(name, pname)}' has NaN or Inf: the adapter weights are not "
+            raise NonFiniteError(f"merged '{_join(name, pname)}' has NaN or Inf: the adapter weights are not "
                                      "finite. Check the training loss for divergence before exporting.")
         base32 = ref.detach().float()
         delta = float(torch.linalg.vector_norm((merged32.float() - base32).double()))
