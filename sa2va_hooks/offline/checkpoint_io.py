@@ -20,7 +20,7 @@ from ..hooks.common import BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY,
 
 SIDECAR_SUFFIX = ".fingerprints.json"
 # 0.19 removed deepspeed.runtime.fp16.onebit, which mmengine 0.10.x imports: training breaks
-DEEPSPEED_REQUIREMENT = "deepspeed>=0.14,<0.19"
+DEEPSPEED_REQUIREMENT = "deepspeed>=0.18.9,<0.19"
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -110,7 +110,7 @@ def load_deepspeed_dir(path: Path, *, allow_pickle: bool = False, log: Callable[
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as e:
         raise ImportError(f"{path} is a directory, i.e. a DeepSpeed checkpoint; consolidating it needs DeepSpeed's "
-                          f"own zero_to_fp32 utility. Install it with `pip install {DEEPSPEED_REQUIREMENT}` (or "
+                          f"own zero_to_fp32 utility. Install it with `pip install '{DEEPSPEED_REQUIREMENT}'` (or "
                           "`pip install -e .[deepspeed]`) and run again.") from e
     path = path.resolve()
     if (path / "latest").is_file():  # DeepSpeed's own layout: a parent dir with 'latest' naming the tag
