@@ -4,7 +4,8 @@ Layout (the architecture):
 - ``core/``: merge (out-of-place LoRA via PEFT's delta math), sharded safetensors writing with
   atomic publish, fingerprints, manifest, verification. No mmengine.
 - ``converters/``: one file per model family, registered in ``CONVERTERS`` (an mmengine Registry).
-- ``export.py``: ``export_hf``, the single path from a model to a verified snapshot.
+- ``export.py``: ``export_hf``, the single path from a model to a verified snapshot, and
+  ``start_export``, the same path on a background thread after a millisecond capture.
 - ``hooks/``: thin mmengine hooks (``FingerprintHook``, ``HFExportHook``) that read runner state,
   decide timing and call the core.
 - ``cli.py``: ``python -m sa2va_hooks verify|fingerprint``.
@@ -17,10 +18,12 @@ from .converters import CONVERTERS, Converter
 from .core.fingerprint import Fingerprint, FingerprintSet
 from .core.manifest import ExportManifest
 from .core.merge import NonFiniteError
+from .core.snapshot import ModelChangedError, SnapshotBuffers
 from .core.verify import verify_snapshot
-from .export import export_hf
+from .export import ExportJob, export_hf, start_export
 from .hooks import FingerprintHook, HFExportHook
 
 __version__ = "0.1.0"
-__all__ = ["CONVERTERS", "Converter", "ExportManifest", "Fingerprint", "FingerprintSet", "FingerprintHook",
-           "HFExportHook", "NonFiniteError", "apply_torch_cpu_bf16_shim", "export_hf", "verify_snapshot"]
+__all__ = ["CONVERTERS", "Converter", "ExportJob", "ExportManifest", "Fingerprint", "FingerprintSet", "FingerprintHook",
+           "HFExportHook", "ModelChangedError", "NonFiniteError", "SnapshotBuffers", "apply_torch_cpu_bf16_shim",
+           "export_hf", "start_export", "verify_snapshot"]

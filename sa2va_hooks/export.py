@@ -5,11 +5,15 @@ re-export of the same weights give the same root digest.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import shutil
+import threading
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -22,10 +26,11 @@ from .core.manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, packag
 from .core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, NonFiniteError, non_finite_names, plan_merged_tensors
 from .core.verify import hash_safetensors_file
 from .core.dist import RankFailedError, RankFailure, RankGroup, agree, describe
-from .core.sharding import (ShardedTensorError, check_full, gathered, is_partitioned, iter_whole_parameters, needs_gather,
-                            refuse_unsupported_sharding)
-from .core.writer import (ShardWriter, TensorSlot, assign_shards, check_free_space, file_entries, plan_shards, publish,
-                          staging_dir_for, write_index, write_json)
+from .core.sharding import (ShardedTensorError, UnsupportedShardingError, check_full, gathered, is_partitioned,
+                            iter_whole_parameters, needs_gather, refuse_unsupported_sharding)
+from .core.snapshot import Capture, ModelChangedError, SnapshotBuffers, live, substituted
+from .core.writer import (ShardWriter, TensorSlot, assign_shards, check_free_space, file_entries, link_or_copy,
+                          plan_shard_groups, publish, safetensors_header, staging_dir_for, write_index, write_json)
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -61,12 +66,12 @@ def fingerprint_whole(model: nn.Module, keep, group: RankGroup | None = None) ->
             continue
         try:
             check_full(name, p)
-            host = stager.to_host(p.detach())
+            host = stager.to_host(live(p).detach())
             if is_partitioned(p) and host.data_ptr() == p.data_ptr():
                 # hashing goes through numpy, which pins the storage (not resizable); the engine must
                 # free a gathered CPU parameter's storage when the gather ends, so hash a copy
                 host = host.clone()
-            mine[name] = fingerprint_tensor(name, p, host=host).to_json()
+            mine[name] = fingerprint_tensor(name, live(p), host=host).to_json()
         except Exception as e:  # noqa: BLE001 - reported collectively below, so no rank is left waiting
             error = e
     agree(group, error, "fingerprinting the model")
@@ -96,21 +101,6 @@ def _readback(staging: Path, files: list[str], expected: Mapping[str, dict]) -> 
                                       f"{lines}")
 
 
-def _version_counters(model: nn.Module) -> dict[str, int]:
-    return {n: p._version for n, p in model.named_parameters()}
-
-
-def _check_unchanged(before: Mapping[str, int], model: nn.Module) -> None:
-    """The export read the model over some time; if anything wrote to a parameter meanwhile (a
-    training step on another thread), the snapshot mixes two states and must not be published."""
-    changed = [n for n, v in _version_counters(model).items() if before.get(n, v) != v]
-    if changed:
-        raise ExportVerificationError(
-            f"{len(changed)} parameter(s) were modified while the export was reading the model, e.g. "
-            f"{changed[:5]}; the snapshot would mix two training states and was not published. Export when no "
-            "optimizer step can run (HFExportHook does), or export from a copy.")
-
-
 def _record(effect: TrainingEffect, name: str, role: str, merged, sources, trained: FingerprintSet,
             baseline: Mapping[str, Fingerprint] | None) -> None:
     if role == ROLE_FROZEN:
@@ -136,7 +126,8 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
               max_shard_size: int | str = "5GB", provenance: Mapping | None = None,
               baseline: Mapping[str, Fingerprint] | None = None, overwrite: bool = False,
               readback: bool = True, progress: bool = False,
-              trained: FingerprintSet | None = None, group: RankGroup | None = None) -> ExportManifest:
+              trained: FingerprintSet | None = None, group: RankGroup | None = None,
+              link_from: str | Path | None = None) -> ExportManifest:
     """Merge, write and verify an HF snapshot of ``model`` without changing it.
 
     ``model`` may be a PreTrainedModel, a PeftModel, xtuner's SupervisedFinetune or a
@@ -146,7 +137,9 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
     directly trained tensors can be told apart from untouched ones. Returns the manifest
     that was written into the snapshot. ``trained`` may pass the trainable parameters'
     fingerprints when the caller has just computed them for this exact state (FingerprintHook
-    at the same checkpoint), so they are not hashed twice.
+    at the same checkpoint), so they are not hashed twice. ``link_from`` names an earlier
+    complete snapshot: each shard of frozen tensors whose tensors are digest for digest those
+    of the same shard there is hard-linked (copied across filesystems) instead of written.
 
     Collective when ``torch.distributed`` is initialised (``group`` defaults to every rank):
     every rank must call it. The shards are split between the ranks; each rank merges, hashes,
@@ -156,41 +149,241 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto",
     :class:`RankFailedError` on every rank, naming the rank and the cause, and nothing is
     published. Pass ``group=RankGroup(0, 1)`` to export from one process that holds whole weights.
     """
-    group = group or RankGroup.current()
-    out_dir = Path(out_dir)
-    dt = parse_dtype(dtype)
-    conv = resolve_converter(converter, model)
-    refuse_unsupported_sharding(model)
-    versions = _version_counters(model)
-    walk = plan_merged_tensors(conv.hf_root(model))
-    names = conv.map_keys([st.name for st in walk.tensors])
-    kept = [(names[st.name], st) for st in walk.tensors if names[st.name] is not None]
-    _refuse_empty(kept)
-    plan = plan_shards([TensorSlot(n, st.shape, st.out_dtype(dt)) for n, st in kept], max_shard_size)
-    trained = trained if trained is not None else trained_fingerprints(model, group)
-    staging = _open_staging(out_dir, plan, group)
-    try:
-        work = _RankWork(model, dict(kept), plan, dt, trained, baseline, group, progress)
-        error = work.run(staging, readback)
-        if error is None:
-            error = _changed_error(versions, model)
-        agree(group, error, f"export of {out_dir}")
-        parts = group.all_gather((work.tensors, work.effect))
-        provenance = {**(provenance or {}), "ranks": group.world,
-                      "shard_writers": {f: work.owners[f] for f, _ in plan.files}}
-        manifest_json, failure = None, None
-        if group.is_main:
+    return ExportTask(model, out_dir, converter=converter, dtype=dtype, max_shard_size=max_shard_size,
+                      provenance=provenance, baseline=baseline, overwrite=overwrite, readback=readback,
+                      progress=progress, trained=trained, group=group, link_from=link_from).run()
+
+
+def start_export(model: nn.Module, out_dir: str | Path, *, capture: Capture | None = None,
+                 buffers: SnapshotBuffers | None = None, on_done: Callable[["ExportJob"], None] | None = None,
+                 **kwargs: Any) -> "ExportJob":
+    """Export in the background: what training changes next (the trainable tensors, the buffers)
+    is copied now, into ``buffers`` (reused from one export to the next); the frozen rest is read
+    by a thread while the caller goes on, and its version counters must be unchanged at the end
+    or nothing is published. Returns the running :class:`ExportJob`; its snapshot holds exactly
+    the weights of this moment. Takes :func:`export_hf`'s keyword arguments; ``group`` must then
+    be a group only background exports use (``RankGroup.background()``)."""
+    job = prepare_background_export(model, out_dir, capture=capture, buffers=buffers, on_done=on_done, **kwargs)
+    return job.start()
+
+
+def prepare_background_export(model: nn.Module, out_dir: str | Path, *, capture: Capture | None = None,
+                              buffers: SnapshotBuffers | None = None,
+                              on_done: Callable[["ExportJob"], None] | None = None, **kwargs: Any) -> "ExportJob":
+    """The synchronous half of :func:`start_export` (plan and capture), not started yet: a
+    multi-rank caller agrees that every rank got this far before any rank starts its thread."""
+    if needs_gather(model):
+        raise UnsupportedShardingError(
+            "a background export reads the frozen tensors while training goes on, but this model's parameters are "
+            "partitioned (DeepSpeed ZeRO-3 or FSDP), so only a collective gather can read them; use the synchronous "
+            "export_hf (HFExportHook does so automatically under ZeRO-3 and FSDP).")
+    if capture is None:
+        capture = (buffers or SnapshotBuffers()).capture(model)
+    return ExportJob(ExportTask(model, out_dir, capture=capture, **kwargs), on_done)
+
+
+class ExportTask:
+    """One export: planned at construction (names, shapes, shards: no tensor data is produced),
+    carried out by :meth:`run`, in this thread or another."""
+
+    def __init__(self, model: nn.Module, out_dir: str | Path, *, converter: Any = "auto", dtype: Any = None,
+                 max_shard_size: int | str = "5GB", provenance: Mapping | None = None,
+                 baseline: Mapping[str, Fingerprint] | None = None, overwrite: bool = False,
+                 readback: bool = True, progress: bool = False, trained: FingerprintSet | None = None,
+                 group: RankGroup | None = None, link_from: str | Path | None = None,
+                 capture: Capture | None = None) -> None:
+        self.model, self.out_dir = model, Path(out_dir)
+        self.group = group or RankGroup.current()
+        self.dt = parse_dtype(dtype)
+        self.conv = resolve_converter(converter, model)
+        refuse_unsupported_sharding(model)
+        self.capture = capture or Capture.nothing(model)
+        self.walk = plan_merged_tensors(self.conv.hf_root(model))
+        self.names = self.conv.map_keys([st.name for st in self.walk.tensors])
+        self.kept = [(self.names[st.name], st) for st in self.walk.tensors if self.names[st.name] is not None]
+        _refuse_empty(self.kept)
+        slots = [(st.static, TensorSlot(n, st.shape, st.out_dtype(self.dt))) for n, st in self.kept]
+        self.plan = plan_shard_groups([[s for static, s in slots if static], [s for static, s in slots if not static]],
+                                      max_shard_size)
+        self.provenance, self.baseline, self.trained = dict(provenance or {}), baseline, trained
+        self.overwrite, self.readback, self.progress = overwrite, readback, progress
+        self.link_from = Path(link_from) if link_from else None
+
+    def run(self) -> ExportManifest:
+        with substituted(self.capture if self.capture.background else None):
+            return self._run()
+
+    def _run(self) -> ExportManifest:
+        group, out_dir = self.group, self.out_dir
+        trained = self.trained if self.trained is not None else trained_fingerprints(self.model, group)
+        previous = _Previous.load(self.link_from)
+        staging = _open_staging(out_dir, self.plan, group)
+        try:
+            work = _RankWork(self.model, dict(self.kept), self.plan, self.dt, trained, self.baseline, group,
+                             self.progress, previous)
+            error = work.run(staging, self.readback)
+            if error is None:
+                error = _changed_error(self.capture)
+            agree(group, error, f"export of {out_dir}")
+            parts = group.all_gather((work.tensors, work.effect, work.storage()))
+            provenance = {**self.provenance, "ranks": group.world,
+                          "shard_writers": {f: work.owners[f] for f, _ in self.plan.files},
+                          "background": self.capture.background}
+            manifest_json, failure = None, None
+            if group.is_main:
+                try:
+                    manifest_json = self._finish(parts, staging, trained, provenance).to_json()
+                except Exception as e:  # noqa: BLE001 - every rank must learn of it, below
+                    failure = e
+            agree(group, failure, f"publishing {out_dir}")
+            return ExportManifest.from_json(group.broadcast(manifest_json))
+        except BaseException:
+            if group.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def _finish(self, parts, staging: Path, trained, provenance) -> ExportManifest:
+        """Rank 0, after every rank wrote and read back its shards: index, config, extras,
+        manifest, publish."""
+        model, conv, walk, names, kept, plan, dt = (self.model, self.conv, self.walk, self.names, self.kept,
+                                                    self.plan, self.dt)
+        tensors: dict[str, dict] = {}
+        effect = TrainingEffect()
+        storage = {"bytes_written": 0, "bytes_linked": 0, "linked_from": {}}
+        for rank_tensors, rank_effect, rank_storage in parts:
+            tensors.update(rank_tensors)
+            effect.absorb(rank_effect)
+            storage["bytes_written"] += rank_storage["bytes_written"]
+            storage["bytes_linked"] += rank_storage["bytes_linked"]
+            storage["linked_from"].update(rank_storage["linked_from"])
+        missing = sorted({n for n, _ in kept} - set(tensors))
+        if missing:
+            raise ExportVerificationError(f"{len(missing)} planned tensor(s) were written by no rank, e.g. "
+                                          f"{missing[:5]}")
+        write_index(staging, plan)
+        ctx = SnapshotContext(model=model, dtype=dt, names={n for n, _ in kept}, notes=[])
+        ctx.notes += [f"adapter '{a}' is present on {len(mods)} module(s) (e.g. {mods[0]}) but not active, so it "
+                      "was not merged" for a, mods in sorted(walk.inactive.items())]
+        if walk.dequantized:
+            ctx.notes.append(f"base dequantized: {len(walk.dequantized)} quantized (bitsandbytes) module(s), e.g. "
+                             f"{walk.dequantized[0]}, were dequantized and merged in fp32, then written as "
+                             f"{dt or 'float32'}")
+        cfg = conv.hf_config(model, ctx)
+        if isinstance(cfg, dict):
+            write_json(staging / "config.json", cfg)
+        else:
+            cfg.save_pretrained(str(staging))
+        conv.save_extras(model, staging, ctx)
+        files = {rel: {"size": size} | ({} if rel.endswith(".safetensors") else {"sha256": sha256_file(staging / rel)})
+                 for rel, size in file_entries(staging, exclude=[MANIFEST_FILE]).items()}
+        storage["bytes_written"] += sum(v["size"] for k, v in files.items() if not k.endswith(".safetensors"))
+        dropped = {st.name: f"dropped by converter '{conv.name}'" for st in walk.tensors if names[st.name] is None}
+        renamed = {st.name: names[st.name] for st in walk.tensors if names[st.name] not in (None, st.name)}
+        manifest = ExportManifest(
+            converter=conv.name, dtype=str(dt).removeprefix("torch.") if dt else "as_in_memory",
+            tensors=dict(sorted(tensors.items())),
+            root_digest=root_digest({n: t["digest"] for n, t in tensors.items()}),
+            files=files, trained=trained.to_json(), training_effect=effect.to_json(),
+            provenance={**provenance, "versions": package_versions(),
+                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+            tied=walk.tied, dropped=dropped, renamed=renamed, notes=ctx.notes, readback_verified=self.readback,
+            storage=storage)
+        write_json(staging / MANIFEST_FILE, manifest.to_json())
+        self.capture.check_unchanged("the export")
+        publish(staging, self.out_dir, overwrite=self.overwrite)
+        return manifest
+
+
+class ExportJob:
+    """One export on a thread of its own (not a daemon: the interpreter waits for it at exit, so
+    a snapshot being written is finished, not torn). On a GPU it works on a CUDA stream of its
+    own, so its copies and merges never queue behind training's kernels."""
+
+    def __init__(self, task: ExportTask, on_done: Callable[["ExportJob"], None] | None = None) -> None:
+        self.task, self.on_done = task, on_done
+        self.manifest: ExportManifest | None = None
+        self.error: BaseException | None = None
+        self.seconds: float | None = None
+        self._thread = threading.Thread(target=self._main, name=f"sa2va_hooks-export-{task.out_dir.name}")
+
+    @property
+    def out_dir(self) -> Path:
+        return self.task.out_dir
+
+    def start(self) -> "ExportJob":
+        self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the export; True once it has finished (successfully or not)."""
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def result(self) -> ExportManifest:
+        """Wait, then return the manifest or raise the export's error."""
+        self.wait()
+        if self.error is not None:
+            raise self.error
+        if self.manifest is None:
+            raise RuntimeError(f"the export to {self.out_dir} was never started")
+        return self.manifest
+
+    def _main(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            with _own_stream(self.task.model):
+                self.manifest = self.task.run()
+        except BaseException as e:  # noqa: BLE001 - kept for result() and the callback; a thread has no caller
+            self.error = e
+        self.seconds = time.perf_counter() - t0
+        if self.on_done is not None:
             try:
-                manifest_json = _finish(model, conv, walk, names, kept, plan, dt, parts, staging, out_dir,
-                                        trained, provenance, overwrite, readback, versions).to_json()
-            except Exception as e:  # noqa: BLE001 - every rank must learn of it, below
-                failure = e
-        agree(group, failure, f"publishing {out_dir}")
-        return ExportManifest.from_json(group.broadcast(manifest_json))
-    except BaseException:
-        if group.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
+                self.on_done(self)
+            except Exception:  # noqa: BLE001 - a callback bug must not vanish silently
+                logging.getLogger("sa2va_hooks").exception("the export's completion callback failed")
+
+
+def _own_stream(model: nn.Module):
+    device = next((p.device for p in model.parameters() if p.device.type == "cuda"), None)
+    if device is None:
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream(device))
+
+
+class _Previous:
+    """The previous complete snapshot of this run: its manifest says which tensors each shard
+    holds, with their digests; a shard is reused only when names, order, dtypes, shapes (the
+    header, byte for byte) and every digest are equal."""
+
+    def __init__(self, path: Path, manifest: ExportManifest) -> None:
+        self.path, self.tensors = path, manifest.tensors
+
+    @classmethod
+    def load(cls, path: Path | None) -> "_Previous | None":
+        if path is None or not (path / MANIFEST_FILE).is_file():
+            return None
+        try:
+            return cls(path, ExportManifest.load(path))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None  # unreadable: write everything, as with no previous snapshot
+
+    def same_shard(self, fname: str, slots, digests: Mapping[str, str]) -> bool:
+        prev = self.path / fname
+        names = {n for n, t in self.tensors.items() if isinstance(t, dict) and t.get("file") == fname}
+        if names != {s.name for s in slots} or not prev.is_file():
+            return False
+        if any(self.tensors[s.name].get("digest") != digests[s.name] for s in slots):
+            return False
+        header = safetensors_header(slots)
+        with open(prev, "rb") as f:
+            if f.read(len(header)) != header:
+                return False
+        return prev.stat().st_size == len(header) + sum(s.nbytes for s in slots)
 
 
 def _refuse_empty(kept: list) -> None:
@@ -252,17 +445,28 @@ _TOKEN = ".sa2va_hooks_rank_check"
 class _RankWork:
     """This rank's share of an export: the shards it owns, written in plan order. Under ZeRO-3
     it also takes part in the gathers of every other tensor, so that all ranks enter the same
-    collectives in the same order; after a failure it keeps doing so, writing nothing."""
+    collectives in the same order; after a failure it keeps doing so, writing nothing.
 
-    def __init__(self, model, by_name, plan, dt, trained, baseline, group: RankGroup, progress: bool) -> None:
+    A shard of frozen tensors is first hashed, tensor by tensor; when every digest equals the
+    same shard's in the previous snapshot, that file is hard-linked and read back instead of
+    written. Otherwise (or if the linked file does not read back right) it is written."""
+
+    def __init__(self, model, by_name, plan, dt, trained, baseline, group: RankGroup, progress: bool,
+                 previous: "_Previous | None" = None) -> None:
         self.by_name, self.plan, self.dt = by_name, plan, dt
         self.trained, self.baseline, self.group = trained, baseline, group
         self.collective = needs_gather(model)
+        self.previous = None if self.collective else previous  # linking never changes the gather order
         self.owners = assign_shards(plan, group.world)
         self.tensors: dict[str, dict] = {}
         self.effect = TrainingEffect()
         self.stager = HostStager()
         self.bar = _progress(plan.total_size, progress and group.is_main)
+        self.written = self.linked = 0
+        self.linked_from: dict[str, str] = {}
+
+    def storage(self) -> dict:
+        return {"bytes_written": self.written, "bytes_linked": self.linked, "linked_from": dict(self.linked_from)}
 
     def run(self, staging: Path, readback: bool) -> BaseException | None:
         error: BaseException | None = None
@@ -271,29 +475,16 @@ class _RankWork:
             own = self.owners[fname] == self.group.rank
             if not (own or self.collective):
                 continue
-            writer = None
-            if own and error is None:
+            if own and error is None and self._linkable(slots):
                 try:
-                    writer = ShardWriter(staging / fname, slots)
-                    mine.append(fname)
+                    if self._link(staging, fname, slots):
+                        continue
                 except Exception as e:  # noqa: BLE001
                     error = e
-            for slot in slots:
-                st = self.by_name[slot.name]
-                with gathered(st.gather if self.collective or own else ()):
-                    if writer is not None and error is None:
-                        try:
-                            writer.append(slot, self._produce(slot, st, fname))
-                        except Exception as e:  # noqa: BLE001
-                            error = e
-            if writer is not None:
-                if error is None:
-                    try:
-                        writer.close()
-                    except Exception as e:  # noqa: BLE001
-                        error = e
-                else:
-                    writer.abort()
+                    continue
+            error = self._write(staging, fname, slots, own, error)
+            if own and error is None:
+                mine.append(fname)
         self.bar.close()
         if error is None and readback:
             try:
@@ -302,11 +493,66 @@ class _RankWork:
                 error = e
         return error
 
-    def _produce(self, slot: TensorSlot, st, fname: str) -> torch.Tensor:
+    def _linkable(self, slots) -> bool:
+        return self.previous is not None and all(self.by_name[s.name].static for s in slots)
+
+    def _link(self, staging: Path, fname: str, slots) -> bool:
+        """Hash the shard's tensors; link the previous snapshot's file when they are equal."""
+        for slot in slots:
+            self._produce(slot, self.by_name[slot.name], fname)
+        digests = {s.name: self.tensors[s.name]["digest"] for s in slots}
+        if not self.previous.same_shard(fname, slots, digests):
+            return False
+        dst = staging / fname
+        how = link_or_copy(self.previous.path / fname, dst)
+        if hash_safetensors_file(dst) != digests:  # the older file was changed after it was published
+            dst.unlink()
+            logging.getLogger("sa2va_hooks").warning(
+                f"{self.previous.path / fname} no longer holds what its manifest says (edited or damaged after it "
+                f"was published; `verify {self.previous.path}` will say so); writing {fname} afresh instead")
+            return False
+        size = dst.stat().st_size
+        if how == "linked":
+            self.linked += size
+        else:
+            self.written += size
+        self.linked_from[fname] = f"{self.previous.path.name}/{fname} ({how})"
+        return True
+
+    def _write(self, staging: Path, fname: str, slots, own: bool, error: BaseException | None):
+        """Write one shard (or, under ZeRO-3, take part in its gathers only); returns the error."""
+        record = not any(s.name in self.tensors for s in slots)  # hashed already by a failed _link
+        writer = None
+        if own and error is None:
+            try:
+                writer = ShardWriter(staging / fname, slots)
+            except Exception as e:  # noqa: BLE001
+                error = e
+        for slot in slots:
+            st = self.by_name[slot.name]
+            with gathered(st.gather if self.collective or own else ()):
+                if writer is not None and error is None:
+                    try:
+                        writer.append(slot, self._produce(slot, st, fname, record))
+                    except Exception as e:  # noqa: BLE001
+                        error = e
+        if writer is not None:
+            if error is None:
+                try:
+                    self.written += writer.close()
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            else:
+                writer.abort()
+        return error
+
+    def _produce(self, slot: TensorSlot, st, fname: str, record: bool = True) -> torch.Tensor:
         merged = st.materialize(self.dt)
         check_full(slot.name, merged.tensor, slot.shape)
         _check_finite(slot.name, merged.tensor, st, self.dt)
         host = self.stager.to_host(merged.tensor)
+        if not record:
+            return host
         fp = fingerprint_tensor(slot.name, merged.tensor, host=host)
         role = merged.role or st.role
         self.tensors[slot.name] = {**{k: v for k, v in fp.to_json().items() if k != "name"},
@@ -329,57 +575,12 @@ def _check_finite(name: str, out: torch.Tensor, st, dt) -> None:
                          "published.")
 
 
-def _changed_error(versions: Mapping[str, int], model: nn.Module) -> BaseException | None:
+def _changed_error(capture: Capture) -> BaseException | None:
     try:
-        _check_unchanged(versions, model)
-    except ExportVerificationError as e:
+        capture.check_unchanged("the export")
+    except ModelChangedError as e:
         return e
     return None
-
-
-def _finish(model, conv, walk, names, kept, plan, dt, parts, staging: Path, out_dir: Path, trained,
-            provenance, overwrite: bool, readback: bool, versions: Mapping[str, int]) -> ExportManifest:
-    """Rank 0, after every rank wrote and read back its shards: index, config, extras,
-    manifest, publish."""
-    tensors: dict[str, dict] = {}
-    effect = TrainingEffect()
-    for rank_tensors, rank_effect in parts:
-        tensors.update(rank_tensors)
-        effect.absorb(rank_effect)
-    missing = sorted({n for n, _ in kept} - set(tensors))
-    if missing:
-        raise ExportVerificationError(f"{len(missing)} planned tensor(s) were written by no rank, e.g. {missing[:5]}")
-    write_index(staging, plan)
-    by_name = dict(kept)
-    ctx = SnapshotContext(model=model, dtype=dt, names=set(by_name), notes=[])
-    ctx.notes += [f"adapter '{a}' is present on {len(mods)} module(s) (e.g. {mods[0]}) but not active, so it "
-                  "was not merged" for a, mods in sorted(walk.inactive.items())]
-    if walk.dequantized:
-        ctx.notes.append(f"base dequantized: {len(walk.dequantized)} quantized (bitsandbytes) module(s), e.g. "
-                         f"{walk.dequantized[0]}, were dequantized and merged in fp32, then written as "
-                         f"{dt or 'float32'}")
-    cfg = conv.hf_config(model, ctx)
-    if isinstance(cfg, dict):
-        write_json(staging / "config.json", cfg)
-    else:
-        cfg.save_pretrained(str(staging))
-    conv.save_extras(model, staging, ctx)
-    files = {rel: {"size": size} | ({} if rel.endswith(".safetensors") else {"sha256": sha256_file(staging / rel)})
-             for rel, size in file_entries(staging, exclude=[MANIFEST_FILE]).items()}
-    dropped = {st.name: f"dropped by converter '{conv.name}'" for st in walk.tensors if names[st.name] is None}
-    renamed = {st.name: names[st.name] for st in walk.tensors if names[st.name] not in (None, st.name)}
-    manifest = ExportManifest(
-        converter=conv.name, dtype=str(dt).removeprefix("torch.") if dt else "as_in_memory",
-        tensors=dict(sorted(tensors.items())),
-        root_digest=root_digest({n: t["digest"] for n, t in tensors.items()}),
-        files=files, trained=trained.to_json(), training_effect=effect.to_json(),
-        provenance={**(provenance or {}), "versions": package_versions(),
-                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-        tied=walk.tied, dropped=dropped, renamed=renamed, notes=ctx.notes, readback_verified=readback)
-    write_json(staging / MANIFEST_FILE, manifest.to_json())
-    _check_unchanged(versions, model)
-    publish(staging, out_dir, overwrite=overwrite)
-    return manifest
 
 
 def _progress(total: int, enabled: bool):

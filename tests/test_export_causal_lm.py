@@ -130,7 +130,7 @@ def test_unmapped_key_is_an_error_not_a_silent_drop(tmp_path):
 def test_parameter_modified_during_export_blocks_publication(tmp_path, monkeypatch):
     """Simulates a training step on another thread while the export reads the model."""
     import sa2va_hooks.export as ex
-    from sa2va_hooks.export import ExportVerificationError
+    from sa2va_hooks.core.snapshot import ModelChangedError
     pm = _peft_model()
     real = ex.write_index
 
@@ -140,6 +140,6 @@ def test_parameter_modified_during_export_blocks_publication(tmp_path, monkeypat
             pm.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(1.0)
 
     monkeypatch.setattr(ex, "write_index", write_then_train)
-    with pytest.raises(ExportVerificationError, match=r"modified while the export was reading.*q_proj\.lora_B"):
+    with pytest.raises(ModelChangedError, match=r"modified in place while the export was reading.*q_proj\.lora_B"):
         export_hf(pm, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

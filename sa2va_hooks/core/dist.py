@@ -16,12 +16,24 @@ import torch.distributed as dist
 class RankGroup:
     rank: int
     world: int
+    # the process group the exchanges use; None is the default (training) group. A background
+    # export uses a gloo group of its own, so its exchanges never interleave with training's.
+    pg: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def current(cls) -> "RankGroup":
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls(0, 1)
+
+    @classmethod
+    def background(cls) -> "RankGroup":
+        """Every rank in a new gloo group, for exchanges made from a background thread while the
+        training thread keeps using the default group (NCCL or gloo). Collective: every rank
+        must call it at the same point (HFExportHook does, in ``before_train``)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls(0, 1)
+        return cls(dist.get_rank(), dist.get_world_size(), dist.new_group(backend="gloo"))
 
     @property
     def is_main(self) -> bool:
@@ -32,7 +44,7 @@ class RankGroup:
         if self.world == 1:
             return [obj]
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.pg)
         return out
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
@@ -40,7 +52,7 @@ class RankGroup:
         if self.world == 1:
             return obj
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=self.pg)
         return box[0]
 
 

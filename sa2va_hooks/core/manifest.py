@@ -88,6 +88,8 @@ class ExportManifest:
     renamed: dict[str, str] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     readback_verified: bool = False
+    # bytes this export wrote, and bytes it hard-linked from the previous snapshot (file -> source)
+    storage: dict = dataclasses.field(default_factory=dict)
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> dict:

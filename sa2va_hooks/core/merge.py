@@ -29,6 +29,7 @@ from torch import nn
 from peft import PeftModel
 
 from .sharding import is_fsdp_module
+from .snapshot import live
 from .sharding import logical_shape as sharded_shape
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
@@ -75,6 +76,9 @@ class SourceTensor:
     # parameters that must be whole while this tensor is produced (ZeRO-3 gathers them; a no-op
     # for parameters that are not partitioned)
     gather: tuple[torch.Tensor, ...] = dataclasses.field(default=(), repr=False)
+    # computed from frozen tensors only: expected byte-identical from one export to the next, so
+    # it goes into a shard of frozen tensors that a later export can hard-link
+    static: bool = False
 
     def out_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         """Floating tensors take the export dtype; integer and bool buffers keep theirs."""
@@ -100,16 +104,17 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _plain(name: str, t: torch.Tensor, role: str, source: str) -> SourceTensor:
     def produce(dtype: torch.dtype) -> MergedTensor:
-        return MergedTensor(_cast(t, dtype))
+        return MergedTensor(_cast(live(t), dtype))
 
     gather = (t,) if isinstance(t, nn.Parameter) else ()
-    return SourceTensor(name, sharded_shape(t), t.dtype, role, (source,), produce, gather)
+    static = not getattr(t, "requires_grad", False)
+    return SourceTensor(name, sharded_shape(t), t.dtype, role, (source,), produce, gather, static)
 
 
 def _fp32_param(p: torch.Tensor | None, requires_grad: bool = False):
     if p is None or not p.is_floating_point():
         return p
-    return nn.Parameter(p.detach().float().clone(), requires_grad=requires_grad)
+    return nn.Parameter(live(p).detach().float().clone(), requires_grad=requires_grad)
 
 
 def _private_copy(module: nn.Module) -> nn.Module:
@@ -117,7 +122,7 @@ def _private_copy(module: nn.Module) -> nn.Module:
     copies. Nested ``base_layer``s (a tuner layer around a tuner layer) are privatised too."""
     proxy = copy.copy(module)
     proxy._parameters = {k: _fp32_param(v) for k, v in module._parameters.items()}
-    proxy._buffers = {k: None if v is None else v.detach().float().clone() if v.is_floating_point() else v
+    proxy._buffers = {k: None if v is None else live(v).detach().float().clone() if v.is_floating_point() else v
                       for k, v in module._buffers.items()}
     proxy._modules = dict(module._modules)
     if isinstance(proxy._modules.get("base_layer"), nn.Module):
@@ -266,7 +271,7 @@ def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: _M
 
     def produce(dtype: torch.dtype) -> MergedTensor:
         merged32 = group.take(pname)
-        ref = dequantized_weight(base) if quantized else original
+        ref = dequantized_weight(base) if quantized else live(original)
         if merged32.is_floating_point() and not torch.isfinite(merged32).all():
             raise NonFiniteError(f"merged '{_join(name, pname)}' has NaN or Inf: the adapter weights are not "
                                      "finite. Check the training loss for divergence before exporting.")
@@ -292,13 +297,14 @@ def _dequantized(name: str, module: nn.Module, source: str) -> SourceTensor:
         return MergedTensor(_cast(dequantized_weight(module), dtype))
 
     shape = (int(module.out_features), int(module.in_features))
-    return SourceTensor(name, shape, torch.float32, ROLE_FROZEN, (source,), produce, tuple(module.parameters()))
+    return SourceTensor(name, shape, torch.float32, ROLE_FROZEN, (source,), produce, tuple(module.parameters()),
+                        static=True)
 
 
 def _saved_copy(name: str, t: torch.Tensor, original: torch.Tensor | None, source: str) -> SourceTensor:
     def produce(dtype: torch.dtype) -> MergedTensor:
-        out = _cast(t, dtype)
-        differs = None if original is None else not torch.equal(out, _cast(original, dtype))
+        out = _cast(live(t), dtype)
+        differs = None if original is None else not torch.equal(out, _cast(live(original), dtype))
         return MergedTensor(out, None, None, differs)
 
     gather = (t,) if original is None else (t, original)

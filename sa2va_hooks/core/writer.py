@@ -15,6 +15,7 @@ complete snapshot or none, and a crash leaves only an ``.incomplete-*`` director
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -95,6 +96,34 @@ def plan_shards(slots: Sequence[TensorSlot], max_shard_size: int | str) -> Shard
         return ShardPlan([(SINGLE_FILE, groups[0])])
     n = len(groups)
     return ShardPlan([(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)])
+
+
+def plan_shard_groups(groups: Sequence[Sequence[TensorSlot]], max_shard_size: int | str) -> ShardPlan:
+    """Shards that never mix groups: each group is split on its own, in its own order, and the
+    files are numbered group after group. Exported with the frozen tensors as the first group,
+    the frozen shards hold the same tensors in the same order at every export, so their bytes
+    repeat and a later export can hard-link them. A model that fits one file stays one file."""
+    groups = [list(g) for g in groups if g]
+    flat = [s for g in groups for s in g]
+    if len(groups) <= 1 or sum(s.nbytes for s in flat) <= parse_size(max_shard_size):
+        return plan_shards(flat, max_shard_size)
+    parts = [slots for g in groups for _, slots in plan_shards(g, max_shard_size).files]
+    n = len(parts)
+    return ShardPlan([(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(parts)])
+
+
+def link_or_copy(src: Path, dst: Path) -> str:
+    """Hard-link ``src`` to ``dst``; across filesystems (or where links are not allowed), copy and
+    fsync it. Returns "linked" or "copied". Deleting either name later never affects the other."""
+    try:
+        os.link(src, dst)
+        return "linked"
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    shutil.copyfile(src, dst)
+    fsync_path(dst)
+    return "copied"
 
 
 def fsync_path(path: Path) -> None:

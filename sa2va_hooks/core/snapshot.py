@@ -1,0 +1,187 @@
+"""A frozen moment of a training model, taken in milliseconds, read at leisure.
+
+A background export must write the weights of its checkpoint iteration, although training goes
+on. What training changes next is small for LoRA (the trainable tensors and the buffers), so only
+that is copied synchronously, into host buffers that are allocated once and reused (pinned when
+the model is on a GPU: a pinned device-to-host copy runs at tens of GiB/s, a fresh pageable one at
+about 1.3 GiB/s). Everything else, the frozen base, is read later from the live model; its version
+counters, recorded at the capture, prove afterwards that nothing wrote to it meanwhile.
+
+While a :class:`Capture` is :func:`substituted`, :func:`live` hands out the captured copy of a
+tensor instead of the tensor itself. The merge code reads every tensor through :func:`live`, so
+the same code path exports the live model (synchronously) or a captured moment (in the
+background).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .fingerprint import Fingerprint, digest_tensor, dtype_name, tensor_stats
+from .sharding import check_full, clean_name, iter_whole_parameters, is_partitioned
+
+_SUBSTITUTE: contextvars.ContextVar[Mapping[int, torch.Tensor] | None] = contextvars.ContextVar(
+    "sa2va_hooks_substitute", default=None)
+
+
+class ModelChangedError(RuntimeError):
+    """A tensor that a background export reads from the live model was written meanwhile."""
+
+
+def live(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or its captured copy (on ``t``'s device) while a capture is substituted."""
+    sub = _SUBSTITUTE.get()
+    if sub is None:
+        return t
+    copy = sub.get(id(t))
+    if copy is None:
+        return t
+    return copy if copy.device == t.device else copy.to(t.device)
+
+
+@contextlib.contextmanager
+def substituted(capture: "Capture | None") -> Iterator[None]:
+    token = _SUBSTITUTE.set(None if capture is None else capture.by_id)
+    try:
+        yield
+    finally:
+        _SUBSTITUTE.reset(token)
+
+
+@dataclasses.dataclass
+class Capture:
+    """The captured tensors (by the live tensor's id and by name) and the version counters of
+    every tensor that was not captured, at the moment of the capture."""
+
+    by_id: dict[int, torch.Tensor]
+    by_name: dict[str, torch.Tensor]
+    versions: dict[str, tuple[torch.Tensor, int]]
+    nbytes: int
+    trainable: list[str] = dataclasses.field(default_factory=list)  # captured parameters (not buffers)
+    stats: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # name -> (norm, sum)
+
+    @classmethod
+    def nothing(cls, model: nn.Module) -> "Capture":
+        """No copy at all: every parameter is read live, and all their versions are checked (the
+        synchronous export, which runs while no optimizer step can)."""
+        return cls({}, {}, {clean_name(n): (p, p._version) for n, p in model.named_parameters()}, 0)
+
+    @property
+    def background(self) -> bool:
+        return bool(self.by_id)
+
+    def check_unchanged(self, what: str) -> None:
+        """Raise :class:`ModelChangedError` if any uncaptured tensor was written since the capture."""
+        changed = [n for n, (t, v) in self.versions.items() if t._version != v]
+        if not changed:
+            return
+        if self.background:
+            hint = ("something wrote in place to parameters that are not trainable (requires_grad=False) while the "
+                    "background export read them: make them trainable, or export synchronously "
+                    "(HFExportHook(background=False)).")
+        else:
+            hint = ("export when no optimizer step can run (HFExportHook does), or export from a copy.")
+        raise ModelChangedError(
+            f"{len(changed)} parameter(s) were modified in place while {what} was reading the model, e.g. "
+            f"{changed[:5]}; the snapshot would mix two training states and was not published. Fix: {hint}")
+
+
+def _captured_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """What training may change before a background export has read it: every trainable
+    parameter, gathered whole if partitioned (collective), and every persistent buffer (running
+    statistics change in forward; DDP re-broadcasts buffers)."""
+    yield from iter_whole_parameters(model, lambda p: p.requires_grad)
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for bname, b in module._buffers.items():
+            if b is None or bname in module._non_persistent_buffers_set or id(b) in seen:
+                continue
+            seen.add(id(b))
+            yield clean_name(f"{mod_name}.{bname}" if mod_name else bname), b
+
+
+class SnapshotBuffers:
+    """Host buffers for the captured tensors, allocated once (``prepare``) and reused by every
+    capture, so that no capture pays for allocating or faulting in fresh memory."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def _buffer(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        shape = tuple(t.shape)
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != t.dtype:
+            pin = t.device.type == "cuda"
+            buf = torch.empty(shape, dtype=t.dtype, pin_memory=pin)
+            buf.zero_()  # touch every page now, not during the first capture
+            self._buffers[name] = buf
+        return buf
+
+    def prepare(self, model: nn.Module) -> int:
+        """Allocate every buffer a capture of ``model`` will need (collective when the model is
+        partitioned, as it gathers); returns the bytes allocated."""
+        for name, t in _captured_tensors(model):
+            self._buffer(name, t)
+        return self.nbytes
+
+    def capture(self, model: nn.Module, stats: bool = False) -> Capture:
+        """Copy what training changes into the buffers and record every other tensor's version.
+        With ``stats``, also the fp64 norm and sum of each trainable parameter, computed where
+        it lives (the GPU) while it is whole. Collective when the model is partitioned (the
+        trainable tensors are gathered)."""
+        by_id: dict[int, torch.Tensor] = {}
+        by_name: dict[str, torch.Tensor] = {}
+        trainable: list[str] = []
+        found: dict[str, tuple[float, float]] = {}
+        devices = set()
+        for name, t in _captured_tensors(model):
+            if isinstance(t, nn.Parameter) and t.requires_grad:
+                trainable.append(name)
+                if stats:
+                    check_full(name, t)
+                    found[name] = tensor_stats(t)
+            buf = self._buffer(name, t)
+            src = t.detach()
+            buf.copy_(src, non_blocking=src.device.type == "cuda")
+            if src.device.type == "cuda":
+                if is_partitioned(t):  # the gathered storage is freed when the gather ends
+                    torch.cuda.synchronize(src.device)
+                devices.add(src.device)
+            by_id[id(t)] = by_name[name] = buf
+        for d in devices:  # one wait per device, after all the copies were queued
+            torch.cuda.synchronize(d)
+        versions = {}
+        for name, p in model.named_parameters():
+            if id(p) not in by_id and not is_partitioned(p):
+                versions[clean_name(name)] = (p, p._version)
+        return Capture(by_id, by_name, versions, sum(b.numel() * b.element_size() for b in by_name.values()),
+                       trainable, found)
+
+
+def fingerprint_capture(capture: Capture, workers: int | None = None) -> dict[str, Fingerprint]:
+    """Fingerprints of the captured trainable parameters, hashed on a pool of threads (xxhash
+    releases the GIL), largest first, from the host copies. Equal, digest for digest, to
+    fingerprinting the live parameters at the moment of the capture."""
+    names = sorted(capture.trainable, key=lambda n: -capture.by_name[n].numel() * capture.by_name[n].element_size())
+
+    def one(name: str) -> Fingerprint:
+        buf = capture.by_name[name]
+        norm, total = capture.stats.get(name) or tensor_stats(buf)
+        return Fingerprint(name=name, dtype=dtype_name(buf.dtype), shape=tuple(int(s) for s in buf.shape),
+                           digest=digest_tensor(name, buf), norm=norm, sum=total)
+
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(len(names), workers or min(8, os.cpu_count() or 1))) as pool:
+        return dict(zip(names, pool.map(one, names)))
