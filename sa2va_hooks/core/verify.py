@@ -90,10 +90,16 @@ def _check_tensors(root: Path, manifest: ExportManifest) -> list[str]:
             got[name] = fp
     unread = {n for n, t in manifest.tensors.items() if not (root / t["file"]).is_file() or
               any(p.startswith(f"unreadable shard {t['file']}") for p in problems)}
-    problems += [str(m) for m in compare_fingerprints(expected, got) if not (m.kind == "missing" and m.name in unread)]
+    problems += [_with_file(str(m), manifest.tensors.get(m.name)) for m in compare_fingerprints(expected, got)
+                 if not (m.kind == "missing" and m.name in unread)]
     if not problems and root_digest(got) != manifest.root_digest:
         problems.append(f"mismatch root digest: expected {manifest.root_digest}, got {root_digest(got)}")
     return problems
+
+
+def _with_file(problem: str, entry) -> str:
+    """Name the file too: a file hard-linked into several snapshots fails in each of them."""
+    return f"{problem} (in {entry['file']})" if isinstance(entry, dict) and "file" in entry else problem
 
 
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "tok_embeddings.weight")
