@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 from mmengine.hooks import CheckpointHook
@@ -9,7 +10,9 @@ from mmengine.model import is_model_wrapper
 from torch import nn
 
 from ..core.fingerprint import Fingerprint
+from ..core.dist import RankGroup
 from ..core.sharding import is_fsdp_module
+from ..core.snapshot import Capture, SnapshotBuffers
 from ..export import frozen_root, trained_fingerprints
 
 BASELINE_KEY = "sa2va_hooks/baseline"  # trainable fingerprints before training (resumed with the run)
@@ -121,3 +124,41 @@ def build_callable_cfg(cfg: dict):
         raise TypeError(f"cannot build {cfg!r}: its 'type' must be a class or function (e.g. "
                         f"AutoTokenizer.from_pretrained), got {factory!r}")
     return factory(**kwargs)
+
+
+class BackgroundExports:
+    """This process's background-export state, shared by both hooks (``process_state``): the
+    reused capture buffers, the capture FingerprintHook took at this checkpoint (HFExportHook
+    exports that same capture, so the trainable tensors are copied once), the export in flight
+    (one at most) and the gloo group the export threads talk over."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.when_busy = "wait"
+        self.buffers = SnapshotBuffers()
+        self.capture: Capture | None = None
+        self.capture_iter: int | None = None
+        self.job = None  # ExportJob in flight or finished
+        self.group: RankGroup | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def wait(self, runner, why: str) -> float:
+        """Wait for the export in flight; returns the seconds waited (logged when noticeable)."""
+        if not self.busy:
+            return 0.0
+        t0 = time.perf_counter()
+        self.job.wait()
+        waited = time.perf_counter() - t0
+        runner.logger.info(f"[sa2va_hooks] waited {waited:.2f}s for the background export to {self.job.out_dir} to "
+                           f"finish ({why})")
+        return waited
+
+
+def background_exports(runner) -> BackgroundExports:
+    state = process_state(runner)
+    if "background" not in state:
+        state["background"] = BackgroundExports()
+    return state["background"]

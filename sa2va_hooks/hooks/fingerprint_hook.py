@@ -26,9 +26,10 @@ from mmengine.registry import HOOKS
 from ..compat import allow_mmengine_checkpoint_globals
 from ..core.fingerprint import FingerprintSet
 from ..core.sharding import needs_gather
+from ..core.snapshot import fingerprint_capture
 from ..export import trained_fingerprints
-from .common import (CHECKPOINT_RECORD_KEY, CURRENT_TRAINED_KEY, META_KEY, checkpoint_due, checkpoint_point,
-                     ensure_baseline, process_state, unwrapped_model)
+from .common import (CHECKPOINT_RECORD_KEY, CURRENT_TRAINED_KEY, META_KEY, background_exports, checkpoint_due,
+                     checkpoint_point, ensure_baseline, process_state, unwrapped_model)
 
 SIDECAR_SUFFIX = ".fingerprints.json"
 
@@ -91,9 +92,28 @@ class FingerprintHook(Hook):
     def _make_record(self, trained: FingerprintSet, it: int | None, epoch: int | None) -> dict:
         return {"trained": trained.to_json(), "frozen_root": self._frozen_root, "iter": it, "epoch": epoch}
 
+    def _fingerprints(self, runner, it: int) -> FingerprintSet:
+        """The trainable parameters' fingerprints now. With background exports on and whole
+        parameters, they are copied into the reused capture buffers (which the export of this
+        checkpoint then uses as they are) and hashed on a pool of threads, in this process alone;
+        the training thread waits only for that, because the record must be inside the checkpoint
+        that is saved next. Otherwise: the collective walk (ZeRO-3 and FSDP gather)."""
+        model = unwrapped_model(runner)
+        bg = background_exports(runner)
+        if not bg.enabled or needs_gather(model):
+            return trained_fingerprints(model)  # collective
+        if bg.busy and bg.when_busy == "skip":  # the buffers are in use, and this export will be skipped
+            return trained_fingerprints(model, group=_one_process())
+        bg.wait(runner, f"its buffers are needed for the capture at iteration {it}")
+        bg.capture, bg.capture_iter = None, None
+        capture = bg.buffers.capture(model, stats=True)
+        trained = FingerprintSet.of(fingerprint_capture(capture))
+        bg.capture, bg.capture_iter = capture, it
+        return trained
+
     def _record(self, runner, it: int, epoch: int) -> None:
         try:
-            trained = trained_fingerprints(unwrapped_model(runner))  # collective
+            trained = self._fingerprints(runner, it)
         except Exception as e:  # noqa: BLE001 - every rank got the same error (collective); training goes on
             runner.logger.error(f"[sa2va_hooks] fingerprints of the checkpoint at iteration {it} FAILED; the "
                                 f"checkpoint is saved without them. Cause: {type(e).__name__}: {e}")

@@ -24,10 +24,12 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from ..compat import allow_mmengine_checkpoint_globals
+from ..core.dist import RankGroup, agree
 from ..core.manifest import MANIFEST_FILE
-from ..export import export_hf
-from .common import (CURRENT_TRAINED_KEY, build_callable_cfg, checkpoint_due, checkpoint_point, config_sha256,
-                     ensure_baseline, has_checkpoint_schedule, process_state, unwrapped_model)
+from ..core.sharding import needs_gather
+from ..export import export_hf, prepare_background_export
+from .common import (CURRENT_TRAINED_KEY, background_exports, build_callable_cfg, checkpoint_due, checkpoint_point,
+                     config_sha256, ensure_baseline, has_checkpoint_schedule, process_state, unwrapped_model)
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 
@@ -46,18 +48,32 @@ class HFExportHook(Hook):
         keep_last: keep only the newest N snapshots written here (None keeps all).
         tokenizer: a tokenizer, a path, or an mmengine config dict to build one; the model's
             ``tokenizer`` attribute is used when absent.
+        background: export on a background thread (the default). Training pauses only while
+            the trainable tensors are copied into reused host buffers; the frozen rest is read,
+            merged, written, read back and verified while training goes on, and the snapshot
+            holds exactly the weights of its checkpoint iteration. ``False`` exports
+            synchronously, training waiting until the snapshot is published. Under ZeRO-3 and
+            FSDP (partitioned parameters) the export is always synchronous: only a collective
+            gather, in the training thread, can read those parameters.
+        when_busy: what a checkpoint does while the previous background export is still
+            running: ``"wait"`` for it (then export this one), or ``"skip"`` this export. Logged
+            either way.
     """
 
     priority = "LOWEST"  # after CheckpointHook, so the checkpoint path is known
 
     def __init__(self, out_dir: str | None = None, interval: int | None = None, converter: Any = "auto",
                  dtype: Any = None, max_shard_size: int | str = "5GB", keep_last: int | None = None,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, background: bool = True, when_busy: str = "wait") -> None:
         allow_mmengine_checkpoint_globals()  # so that mmengine can resume from our checkpoints
         if interval is not None and interval < 1:
             raise ValueError(f"HFExportHook interval must be a positive number of iterations, got {interval}")
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"HFExportHook keep_last must be at least 1 (or None to keep all), got {keep_last}")
+        if when_busy not in ("wait", "skip"):
+            raise ValueError(f"HFExportHook when_busy must be 'wait' or 'skip', got {when_busy!r}")
+        self.background = background
+        self.when_busy = when_busy
         self.out_dir = out_dir
         self.interval = interval
         self.converter = converter
@@ -71,6 +87,7 @@ class HFExportHook(Hook):
     # -- timing: the checkpoint schedule (or our interval), on every rank -----------------------
     def before_train(self, runner) -> None:
         self._baseline, _, _ = ensure_baseline(runner)  # collective under ZeRO-3
+        self._prepare_background(runner)
         if self.interval is None and not has_checkpoint_schedule(runner):
             runner.logger.warning("[sa2va_hooks] HFExportHook exports at checkpoints, but this run has no "
                                   "CheckpointHook with a positive interval: it will export nothing. Set "
@@ -91,6 +108,41 @@ class HFExportHook(Hook):
             it, epoch = checkpoint_point(runner, "epoch")
             self._export_at(runner, {"iter": it, "epoch": epoch})
 
+    def after_train(self, runner) -> None:
+        self._finish_background(runner)
+
+    def after_run(self, runner) -> None:
+        self._finish_background(runner)
+
+    # -- background exports ------------------------------------------------------------------
+    def _prepare_background(self, runner) -> None:
+        """Prepay what the first background export would otherwise pay: the capture buffers
+        (allocated and touched once, pinned on a GPU) and the gloo group the export threads talk
+        over (collective: every rank is here)."""
+        bg = background_exports(runner)
+        model = unwrapped_model(runner)
+        bg.enabled = self.background and not needs_gather(model)
+        bg.when_busy = self.when_busy
+        if self.background and needs_gather(model):
+            runner.logger.info("[sa2va_hooks] parameters are partitioned (DeepSpeed ZeRO-3 or FSDP): HF exports run "
+                               "synchronously, as only a collective gather in the training thread can read them")
+        if not bg.enabled:
+            return
+        if bg.group is None:
+            bg.group = RankGroup.background()
+        t0 = time.perf_counter()
+        allocated = bg.buffers.prepare(model)
+        runner.logger.info(f"[sa2va_hooks] background export: {allocated} bytes of capture buffers for the trainable "
+                           f"tensors allocated in {time.perf_counter() - t0:.2f}s; when an export is still running "
+                           f"at the next checkpoint: {self.when_busy}")
+
+    def _finish_background(self, runner) -> None:
+        """After the last iteration: wait for the export in flight, so the run ends with its
+        snapshot published (or its failure logged), and no thread outlives the run."""
+        bg = background_exports(runner)
+        bg.wait(runner, "training ended")
+        bg.capture, bg.capture_iter = None, None
+
     # -- the export ---------------------------------------------------------------------------
     def _export_at(self, runner, point: dict) -> None:
         """Every rank comes here at the same point and takes part (export_hf is collective)."""
@@ -100,14 +152,19 @@ class HFExportHook(Hook):
         root = Path(self.out_dir) if self.out_dir else Path(runner.work_dir) / "hf"
         out = root / f"iter_{point['iter']}"
         try:
-            self._export(runner, out, point)
+            if background_exports(runner).enabled:
+                self._start_background(runner, out, point)
+            else:
+                self._export(runner, out, point)
         except Exception as e:  # noqa: BLE001 - an export must never stop training
-            runner.logger.error(f"[sa2va_hooks] HF export of iteration {point['iter']} to {out} FAILED; training "
-                                f"continues and earlier snapshots are untouched. Cause: {type(e).__name__}: {e}")
-            runner.logger.debug(traceback.format_exc())
+            self._failed(runner, point, out, e)
 
-    def _export(self, runner, out: Path, point: dict) -> None:
-        t0 = time.perf_counter()
+    def _failed(self, runner, point: dict, out: Path, e: BaseException) -> None:
+        runner.logger.error(f"[sa2va_hooks] HF export of iteration {point['iter']} to {out} FAILED; training "
+                            f"continues and earlier snapshots are untouched. Cause: {type(e).__name__}: {e}")
+        runner.logger.debug("".join(traceback.format_exception(e)))
+
+    def _arguments(self, runner, point: dict) -> dict:
         ckpt = runner.message_hub.get_info("last_ckpt") if self.interval is None else None
         provenance = {"iteration": point["iter"], "epoch": point["epoch"], "work_dir": str(runner.work_dir),
                       "config_sha256": config_sha256(runner), "checkpoint": str(ckpt) if ckpt else None,
@@ -118,14 +175,61 @@ class HFExportHook(Hook):
                          "tokenizer": self.tokenizer}
         shared = process_state(runner).get(CURRENT_TRAINED_KEY) or {}
         trained = shared.get("trained") if shared.get("iter") == point["iter"] else None
-        manifest = export_hf(unwrapped_model(runner), out, converter=converter, dtype=self.dtype,
-                             max_shard_size=self.max_shard_size, provenance=provenance, baseline=self._baseline,
-                             overwrite=True, trained=trained)
+        return dict(converter=converter, dtype=self.dtype, max_shard_size=self.max_shard_size, provenance=provenance,
+                    baseline=self._baseline, overwrite=True, trained=trained)
+
+    def _export(self, runner, out: Path, point: dict) -> None:
+        t0 = time.perf_counter()
+        manifest = export_hf(unwrapped_model(runner), out, link_from=self._link_source(out),
+                             **self._arguments(runner, point))
+        self._report(runner, out, point, manifest, f"in {time.perf_counter() - t0:.2f}s (training waited)")
+
+    def _start_background(self, runner, out: Path, point: dict) -> None:
+        """Capture now (or take FingerprintHook's capture of this very checkpoint), agree on every
+        rank that the capture and the plan succeeded, then let a thread do the rest."""
+        bg = background_exports(runner)
+        group = RankGroup.current()
+        if self.when_busy == "skip" and any(group.all_gather(bg.busy)):
+            runner.logger.warning(f"[sa2va_hooks] HF export of iteration {point['iter']} SKIPPED: the export to "
+                                  f"{bg.job.out_dir if bg.job else 'an earlier snapshot'} is still running "
+                                  "(HFExportHook(when_busy='skip')).")
+            return
+        bg.wait(runner, f"one export at a time; iteration {point['iter']} is due")
+        t0 = time.perf_counter()
+        job, error = None, None
+        try:
+            model = unwrapped_model(runner)
+            capture = bg.capture if bg.capture_iter == point["iter"] else None
+            job = prepare_background_export(model, out, capture=capture, buffers=bg.buffers, group=bg.group,
+                                            link_from=self._link_source(out),
+                                            on_done=lambda j: self._done(runner, point, j),
+                                            **self._arguments(runner, point))
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it before any thread starts
+            error = e
+        finally:
+            bg.capture, bg.capture_iter = None, None
+        agree(group, error, f"preparing the export of iteration {point['iter']}")
+        paused = time.perf_counter() - t0
+        job.task.provenance["training_paused_s"] = round(paused, 4)
+        bg.job = job.start()
+        runner.logger.info(f"[sa2va_hooks] export of iter {point['iter']} to {out} started in the background; "
+                           f"training paused {paused:.3f}s for it")
+
+    def _done(self, runner, point: dict, job) -> None:
+        """On the export's thread, when it ends: the log line, then retention (rank 0)."""
+        if job.error is not None:
+            self._failed(runner, point, job.out_dir, job.error)
+            return
+        self._report(runner, job.out_dir, point, job.manifest, f"in the background in {job.seconds:.2f}s")
+
+    def _report(self, runner, out: Path, point: dict, manifest, how: str) -> None:
         effect = manifest.training_effect
         size = sum(f["size"] for f in manifest.files.values())
+        storage = manifest.storage
         runner.logger.info(
-            f"[sa2va_hooks] exported iter {point['iter']} to {out} in {time.perf_counter() - t0:.2f}s: "
-            f"{len(manifest.tensors)} tensors, {size} bytes, root {manifest.root_digest}, read back and verified; "
+            f"[sa2va_hooks] exported iter {point['iter']} to {out} {how}: {len(manifest.tensors)} tensors, "
+            f"{size} bytes ({storage.get('bytes_written', size)} written, {storage.get('bytes_linked', 0)} hard-linked "
+            f"from the previous snapshot), root {manifest.root_digest}, read back and verified; "
             f"{effect['trained_differ_from_base']}/{effect['trained_tensors']} trained tensors differ from the base, "
             f"max relative LoRA delta {effect['lora_rel_delta_max']}")
         for note in manifest.notes:
@@ -138,6 +242,16 @@ class HFExportHook(Hook):
                 "deltas below the export dtype's resolution).")
         if is_main_process():
             self._prune(out.parent, keep=out)
+
+    @staticmethod
+    def _link_source(out: Path) -> Path | None:
+        """The newest complete snapshot beside ``out`` (this run's previous export, also after a
+        resume): its frozen shards are hard-linked when they are byte for byte the same."""
+        if not out.parent.is_dir():
+            return None
+        snaps = sorted((int(m.group(1)), p) for p in out.parent.iterdir()
+                       if (m := _ITER_DIR.match(p.name)) and p != out and (p / MANIFEST_FILE).is_file())
+        return snaps[-1][1] if snaps else None
 
     def _remove_stale_staging(self, runner) -> None:
         """A process killed mid-export leaves ``iter_N.incomplete-*``; those are ours by name and

@@ -1,0 +1,143 @@
+"""HFExportHook's background export in real mmengine Runner trainings of the tiny Sa2VA model:
+same snapshots as the synchronous hook, training untouched, one export at a time, no torn
+snapshot after a kill."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from sa2va_hooks.core.manifest import ExportManifest
+from sa2va_hooks.core.verify import verify_snapshot
+from sa2va_hooks.demo.runs import train_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _log_text(work: Path) -> str:
+    return "\n".join(p.read_text() for p in work.glob("*/*.log"))
+
+
+def _hooks(**export):
+    return [dict(type="FingerprintHook"), dict(type="HFExportHook", dtype="bf16", **export)]
+
+
+def _export_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("sa2va_hooks-export")]
+
+
+def test_background_and_synchronous_hooks_write_the_same_snapshots(trained_run, tiny_base, tmp_path):
+    runner_bg, work_bg = trained_run  # the demo config: background export (the default)
+    runner_sync = train_tiny(tmp_path, tiny_base, seed=0, data_seed=0, hooks=_hooks(background=False))
+    for it in (3, 6):
+        bg, sync = ExportManifest.load(work_bg / "hf" / f"iter_{it}"), ExportManifest.load(tmp_path / "hf" / f"iter_{it}")
+        assert bg.provenance["background"] is True and sync.provenance["background"] is False
+        assert bg.root_digest == sync.root_digest
+        assert {n: t["digest"] for n, t in bg.tensors.items()} == {n: t["digest"] for n, t in sync.tensors.items()}
+        assert bg.trained == sync.trained
+        assert verify_snapshot(work_bg / "hf" / f"iter_{it}") == []
+    assert "started in the background; training paused" in _log_text(work_bg)
+    assert not _export_threads()  # after_run waited; no thread outlives the run
+
+
+def test_training_is_bit_identical_with_the_background_hook_and_without_hooks(trained_run, tiny_base, tmp_path):
+    runner_bg, _ = trained_run
+    runner_none = train_tiny(tmp_path, tiny_base, seed=0, data_seed=0, hooks=[])
+    with_hooks = dict(runner_bg.model.named_parameters())
+    without = dict(runner_none.model.named_parameters())
+    assert with_hooks.keys() == without.keys()
+    changed = [n for n, p in without.items() if p.requires_grad and not torch.equal(p, with_hooks[n])]
+    assert not changed, changed[:5]
+    assert any(not torch.equal(p, q) for (n, p), q in zip(without.items(), _fresh_trainables(tiny_base, without)))
+    assert all(torch.equal(p, with_hooks[n]) for n, p in without.items())
+
+
+def _fresh_trainables(tiny_base, like: dict):
+    """The untrained values, to show the training changed something the comparison can see."""
+    from sa2va_hooks.demo.tiny_sa2va import TinySa2VA
+    torch.manual_seed(0)
+    fresh = dict(TinySa2VA(base_dir=str(tiny_base)).named_parameters())
+    return [fresh[n] for n in like]
+
+
+def test_when_busy_skip_skips_and_says_so_wait_exports_every_checkpoint(tiny_base, tmp_path):
+    import sa2va_hooks.export as ex
+    real = ex.ExportTask._run
+
+    def slow_run(self):  # a slow disk: each export outlasts several training iterations
+        time.sleep(1.0)
+        return real(self)
+
+    ex.ExportTask._run = slow_run
+    try:
+        train_tiny(tmp_path / "skip", tiny_base, hooks=_hooks(when_busy="skip"), max_iters=6, save_interval=1)
+        train_tiny(tmp_path / "wait", tiny_base, hooks=_hooks(when_busy="wait"), max_iters=4, save_interval=1)
+    finally:
+        ex.ExportTask._run = real
+    skipped = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "skip" / "hf").iterdir())
+    log = _log_text(tmp_path / "skip")
+    assert 1 in skipped and len(skipped) < 6
+    for it in set(range(1, 7)) - set(skipped):
+        assert f"HF export of iteration {it} SKIPPED: the export to" in log
+    assert all(verify_snapshot(tmp_path / "skip" / "hf" / f"iter_{it}") == [] for it in skipped)
+    waited = sorted(p.name for p in (tmp_path / "wait" / "hf").iterdir())
+    assert waited == [f"iter_{i}" for i in range(1, 5)]
+    assert "waited" in _log_text(tmp_path / "wait") and "to finish (training ended)" in _log_text(tmp_path / "wait")
+    assert not _export_threads()
+
+
+def test_background_failure_is_logged_and_training_goes_on(tiny_base, tmp_path):
+    import sa2va_hooks.export as ex
+    real = ex.ExportTask._run
+
+    def failing_run(self):
+        if self.out_dir.name == "iter_6":
+            raise OSError(28, "No space left on device", str(self.out_dir))
+        return real(self)
+
+    ex.ExportTask._run = failing_run
+    try:
+        runner = train_tiny(tmp_path, tiny_base, hooks=_hooks(keep_last=5))
+    finally:
+        ex.ExportTask._run = real
+    assert runner.iter == 6 and (tmp_path / "iter_6.pth").is_file()
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iter_3"]
+    log = _log_text(tmp_path)
+    assert "HF export of iteration 6" in log and "FAILED" in log and "No space left on device" in log
+
+
+_KILLED_RUN = """
+import sys
+from sa2va_hooks.demo.runs import train_tiny
+train_tiny(sys.argv[1], sys.argv[2], max_iters=60, save_interval=1,
+           hooks=[dict(type="FingerprintHook"), dict(type="HFExportHook", dtype="fp32", max_shard_size="20KB")])
+"""
+
+
+def test_a_kill_during_background_exports_leaves_no_torn_snapshot(tiny_base, tmp_path):
+    """SIGKILL at several moments while exports run in the background (one per iteration): every
+    final name verifies; the next start removes the leftovers and says so."""
+    for n, delay in enumerate((0.5, 1.3, 2.1)):
+        work = tmp_path / f"run{n}"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(work), str(tiny_base)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and not any((work / "hf").glob("iter_*")):
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        final = [p for p in (work / "hf").iterdir() if "." not in p.name]
+        assert final, "no export was published before the kill"
+        for snap in final:
+            assert verify_snapshot(snap) == [], snap
+        train_tiny(work, tiny_base, hooks=[dict(type="HFExportHook")], max_iters=1, save_interval=1)
+        leftovers = [p.name for p in (work / "hf").iterdir() if ".incomplete-" in p.name]
+        assert leftovers == []
