@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import shutil
 import threading
 import time
@@ -21,13 +22,13 @@ from torch import nn
 from .converters.base import SnapshotContext, resolve_converter
 from .core.fingerprint import (Fingerprint, FingerprintSet, compare_fingerprints, fingerprint_tensor,
                                root_digest)
-from .core.host import HostStager
+from .core.host import HostStager, reserve
 from .core.manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
 from .core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, NonFiniteError, non_finite_names, plan_merged_tensors
 from .core.verify import hash_safetensors_file
 from .core.dist import RankFailedError, RankFailure, RankGroup, agree, describe
 from .core.sharding import (ShardedTensorError, UnsupportedShardingError, check_full, gathered, is_partitioned,
-                            iter_whole_parameters, needs_gather, refuse_unsupported_sharding)
+                            iter_whole_parameters, logical_shape, needs_gather, refuse_unsupported_sharding)
 from .core.snapshot import Capture, ModelChangedError, SnapshotBuffers, live, substituted
 from .core.writer import (ShardWriter, TensorSlot, assign_shards, check_free_space, file_entries, link_or_copy,
                           plan_shard_groups, publish, safetensors_header, staging_dir_for, write_index, write_json)
@@ -66,16 +67,31 @@ def fingerprint_whole(model: nn.Module, keep, group: RankGroup | None = None) ->
             continue
         try:
             check_full(name, p)
-            host = stager.to_host(live(p).detach())
+            t = live(p).detach()
+            host = stager.to_host(t)
             if is_partitioned(p) and host.data_ptr() == p.data_ptr():
                 # hashing goes through numpy, which pins the storage (not resizable); the engine must
                 # free a gathered CPU parameter's storage when the gather ends, so hash a copy
                 host = host.clone()
-            mine[name] = fingerprint_tensor(name, live(p), host=host).to_json()
+            mine[name] = fingerprint_tensor(name, t, host=host).to_json()
         except Exception as e:  # noqa: BLE001 - reported collectively below, so no rank is left waiting
             error = e
+    stager.close()
     agree(group, error, "fingerprinting the model")
     return {n: Fingerprint.from_json(fp) for part in group.all_gather(mine) for n, fp in part.items()}
+
+
+def reserve_staging(model: nn.Module, dtype: Any = None) -> int:
+    """Allocate, before training, the pinned buffer that exports stage each tensor through (as
+    large as the model's largest tensor in the export dtype), so that the first export costs what
+    the next ones do. Returns its size in bytes (0 where nothing is staged: no CUDA)."""
+    dt = parse_dtype(dtype)
+    largest = 0
+    for p in model.parameters():
+        size = dt.itemsize if dt is not None and p.is_floating_point() else p.element_size()
+        largest = max(largest, math.prod(logical_shape(p)) * size)
+    reserve(largest)
+    return largest if torch.cuda.is_available() else 0
 
 
 def trained_fingerprints(model: nn.Module, group: RankGroup | None = None) -> FingerprintSet:
@@ -486,6 +502,7 @@ class _RankWork:
             if own and error is None:
                 mine.append(fname)
         self.bar.close()
+        self.stager.close()
         if error is None and readback:
             try:
                 _readback(staging, mine, {n: t for n, t in self.tensors.items() if t["file"] in mine})

@@ -29,7 +29,7 @@ from torch import nn
 from peft import PeftModel
 
 from .sharding import is_fsdp_module
-from .snapshot import live
+from .snapshot import live, read
 from .sharding import logical_shape as sharded_shape
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
@@ -91,20 +91,27 @@ class SourceTensor:
         return self._produce(self.out_dtype(dtype))
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _cast(t: torch.Tensor, dtype: torch.dtype, private: bool = False) -> torch.Tensor:
     """A private, contiguous copy in ``dtype`` on the tensor's own device (the GPU does the
-    arithmetic; the exporter moves the result to the host once)."""
+    arithmetic; the exporter moves the result to the host once). ``private``: ``t`` is already a
+    copy nobody else holds, so it is not copied again (one tensor less of GPU memory)."""
     # .to() of the same dtype returns the same storage; clone so the writer never holds a view
     # of a live parameter that training may update mid-write.
     out = t.detach().to(dtype=dtype)
-    if out.data_ptr() == t.data_ptr():
+    if out.data_ptr() == t.data_ptr() and not private:
         out = out.clone()
     return out.contiguous()
 
 
+def _same_after_cast(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
+    """``out`` equals ``ref`` cast to ``dtype`` (no copy when ``ref`` already has that dtype)."""
+    return torch.equal(out, ref.detach().to(dtype=dtype))
+
+
 def _plain(name: str, t: torch.Tensor, role: str, source: str) -> SourceTensor:
     def produce(dtype: torch.dtype) -> MergedTensor:
-        return MergedTensor(_cast(live(t), dtype))
+        src, private = read(t)
+        return MergedTensor(_cast(src, dtype, private))
 
     gather = (t,) if isinstance(t, nn.Parameter) else ()
     static = not getattr(t, "requires_grad", False)
@@ -286,7 +293,7 @@ def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: _M
             ROLE_LORA if role == ROLE_FROZEN else role
         # a directly trained parameter's base is its value before training, which only a
         # baseline (recorded by the hooks) knows; the live value is not it
-        differs = None if final_role == ROLE_TRAINABLE else not torch.equal(out, _cast(ref, dtype))
+        differs = None if final_role == ROLE_TRAINABLE else not _same_after_cast(out, ref, dtype)
         return MergedTensor(out, final_role, rel if final_role == ROLE_LORA else None, differs)
 
     return SourceTensor(_join(name, pname), shape, dtype0, role, sources, produce, tuple(group.layer.parameters()))
@@ -303,8 +310,9 @@ def _dequantized(name: str, module: nn.Module, source: str) -> SourceTensor:
 
 def _saved_copy(name: str, t: torch.Tensor, original: torch.Tensor | None, source: str) -> SourceTensor:
     def produce(dtype: torch.dtype) -> MergedTensor:
-        out = _cast(live(t), dtype)
-        differs = None if original is None else not torch.equal(out, _cast(live(original), dtype))
+        src, private = read(t)
+        out = _cast(src, dtype, private)
+        differs = None if original is None else not _same_after_cast(out, live(original), dtype)
         return MergedTensor(out, None, None, differs)
 
     gather = (t,) if original is None else (t, original)

@@ -46,6 +46,18 @@ def live(t: torch.Tensor) -> torch.Tensor:
     return copy if copy.device == t.device else copy.to(t.device)
 
 
+def read(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``live(t)``, and whether the result is a private copy that nothing else holds (a captured
+    tensor just moved to ``t``'s device), which a caller may then use without cloning it."""
+    sub = _SUBSTITUTE.get()
+    copy = None if sub is None else sub.get(id(t))
+    if copy is None:
+        return t, False
+    if copy.device == t.device:
+        return copy, False  # the capture buffer itself: reused by the next capture
+    return copy.to(t.device), True
+
+
 @contextlib.contextmanager
 def substituted(capture: "Capture | None") -> Iterator[None]:
     token = _SUBSTITUTE.set(None if capture is None else capture.by_id)

@@ -27,7 +27,7 @@ from ..compat import allow_mmengine_checkpoint_globals
 from ..core.dist import RankGroup, agree
 from ..core.manifest import MANIFEST_FILE
 from ..core.sharding import needs_gather
-from ..export import export_hf, prepare_background_export
+from ..export import export_hf, prepare_background_export, reserve_staging
 from .common import (CURRENT_TRAINED_KEY, background_exports, build_callable_cfg, checkpoint_due, checkpoint_point,
                      config_sha256, ensure_baseline, has_checkpoint_schedule, process_state, unwrapped_model)
 
@@ -116,11 +116,12 @@ class HFExportHook(Hook):
 
     # -- background exports ------------------------------------------------------------------
     def _prepare_background(self, runner) -> None:
-        """Prepay what the first background export would otherwise pay: the capture buffers
-        (allocated and touched once, pinned on a GPU) and the gloo group the export threads talk
-        over (collective: every rank is here)."""
+        """Prepay what the first export would otherwise pay: the pinned staging buffer (as large
+        as the largest tensor), the capture buffers (allocated and touched once, pinned on a GPU)
+        and the gloo group the export threads talk over (collective: every rank is here)."""
         bg = background_exports(runner)
         model = unwrapped_model(runner)
+        reserve_staging(model, self.dtype)
         bg.enabled = self.background and not needs_gather(model)
         bg.when_busy = self.when_busy
         if self.background and needs_gather(model):
