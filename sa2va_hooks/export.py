@@ -13,6 +13,7 @@ import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -20,8 +21,8 @@ import torch
 from torch import nn
 
 from .converters.base import SnapshotContext, resolve_converter
-from .core.fingerprint import (Fingerprint, FingerprintSet, compare_fingerprints, fingerprint_tensor,
-                               root_digest)
+from .core.fingerprint import (Fingerprint, FingerprintSet, compare_fingerprints, digest_tensor, dtype_name,
+                               fingerprint_tensor, root_digest, tensor_stats)
 from .core.host import HostStager, reserve
 from .core.manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
 from .core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, NonFiniteError, non_finite_names, plan_merged_tensors
@@ -480,6 +481,8 @@ class _RankWork:
         self.bar = _progress(plan.total_size, progress and group.is_main)
         self.written = self.linked = 0
         self.linked_from: dict[str, str] = {}
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa2va_hooks-hash")
+        self._pending: tuple | None = None
 
     def storage(self) -> dict:
         return {"bytes_written": self.written, "bytes_linked": self.linked, "linked_from": dict(self.linked_from)}
@@ -497,11 +500,14 @@ class _RankWork:
                         continue
                 except Exception as e:  # noqa: BLE001
                     error = e
+                    self._drain()
                     continue
             error = self._write(staging, fname, slots, own, error)
             if own and error is None:
                 mine.append(fname)
         self.bar.close()
+        self._drain()
+        self._hasher.shutdown()
         self.stager.close()
         if error is None and readback:
             try:
@@ -517,6 +523,7 @@ class _RankWork:
         """Hash the shard's tensors; link the previous snapshot's file when they are equal."""
         for slot in slots:
             self._produce(slot, self.by_name[slot.name], fname)
+            self._settle()
         digests = {s.name: self.tensors[s.name]["digest"] for s in slots}
         if not self.previous.same_shard(fname, slots, digests):
             return False
@@ -551,8 +558,10 @@ class _RankWork:
                 if writer is not None and error is None:
                     try:
                         writer.append(slot, self._produce(slot, st, fname, record))
+                        self._settle()
                     except Exception as e:  # noqa: BLE001
                         error = e
+                        self._drain()
         if writer is not None:
             if error is None:
                 try:
@@ -564,19 +573,38 @@ class _RankWork:
         return error
 
     def _produce(self, slot: TensorSlot, st, fname: str, record: bool = True) -> torch.Tensor:
+        """Merge, check and stage one tensor. Its digest is computed on a helper thread while the
+        caller writes the staged bytes (both only read them); :meth:`_settle` records it, and
+        must be called before the next tensor is staged over this one."""
         merged = st.materialize(self.dt)
         check_full(slot.name, merged.tensor, slot.shape)
         _check_finite(slot.name, merged.tensor, st, self.dt)
         host = self.stager.to_host(merged.tensor)
         if not record:
             return host
-        fp = fingerprint_tensor(slot.name, merged.tensor, host=host)
+        norm, total = tensor_stats(merged.tensor)
+        self._pending = (slot, st, fname, merged, norm, total, self._hasher.submit(digest_tensor, slot.name, host))
+        return host
+
+    def _settle(self) -> None:
+        """Record the tensor staged last (waits for its digest)."""
+        if self._pending is None:
+            return
+        (slot, st, fname, merged, norm, total, digest), self._pending = self._pending, None
+        t = merged.tensor
+        fp = Fingerprint(name=slot.name, dtype=dtype_name(t.dtype), shape=tuple(int(s) for s in t.shape),
+                         digest=digest.result(), norm=norm, sum=total)
         role = merged.role or st.role
         self.tensors[slot.name] = {**{k: v for k, v in fp.to_json().items() if k != "name"},
                                    "file": fname, "role": role, "sources": list(st.sources)}
         _record(self.effect, slot.name, role, merged, st.sources, self.trained, self.baseline)
         self.bar.update(slot.nbytes)
-        return host
+
+    def _drain(self) -> None:
+        """Wait for a digest still running (after a failure), before its staging buffer is reused."""
+        if self._pending is not None:
+            self._pending[-1].exception()
+            self._pending = None
 
 
 def _check_finite(name: str, out: torch.Tensor, st, dt) -> None:

@@ -21,11 +21,9 @@ _POOL_MAX = 2  # a background export and a synchronous fingerprint pass may need
 
 def _take(nbytes: int) -> torch.Tensor:
     with _POOL_LOCK:
-        fits = [b for b in _POOL if b.numel() >= nbytes]
-        if fits:
-            buf = min(fits, key=lambda b: b.numel())
-            _POOL.remove(buf)
-            return buf
+        fits = [i for i, b in enumerate(_POOL) if b.numel() >= nbytes]
+        if fits:  # the smallest that fits (by index: list.remove would compare tensors by value)
+            return _POOL.pop(min(fits, key=lambda i: _POOL[i].numel()))
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
