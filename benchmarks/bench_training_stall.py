@@ -277,6 +277,8 @@ def peft_merge_save(model) -> dict:
 
 
 def measure(size: str) -> dict:
+    if CUDA:
+        torch.cuda.empty_cache()
     model = build(size)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -360,13 +362,60 @@ def plot(jsonl: Path, png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def probe(size: str) -> dict:
+    """Outside the loop, on an idle GPU: the capture + fingerprints that FingerprintHook does at a
+    checkpoint (three times; the buffers reserved first, as the hook does), then one background
+    and one synchronous export of that capture, each with its peak extra GPU and host memory."""
+    from sa2va_hooks import SnapshotBuffers, export_hf, start_export
+    from sa2va_hooks.core.fingerprint import FingerprintSet
+    from sa2va_hooks.core.snapshot import fingerprint_capture
+    from sa2va_hooks.export import reserve_staging
+    model = build(size)
+    reserve_staging(model, "bf16")
+    buffers = SnapshotBuffers()
+    buffers.prepare(model)
+    times = []
+    for _ in range(3):
+        sync()
+        t = time.perf_counter()
+        capture = buffers.capture(model, stats=True)
+        trained = FingerprintSet.of(fingerprint_capture(capture))
+        times.append(round(time.perf_counter() - t, 4))
+    row = {"size": size, "capture_and_fingerprints_s": times, "trainable_gib": round(capture.nbytes / 2**30, 3)}
+    for how in ("background", "sync"):
+        out = WORK / f"probe_{how}"
+        shutil.rmtree(out, ignore_errors=True)
+        sync()
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        g0 = torch.cuda.memory_allocated() if CUDA else 0
+        with PeakRSS() as rss:
+            t = time.perf_counter()
+            if how == "background":
+                start_export(model, out, dtype="bf16", capture=capture, trained=trained).result()
+            else:
+                export_hf(model, out, dtype="bf16", trained=trained)
+            s = time.perf_counter() - t
+        row[how] = {"s": round(s, 2), "extra_rss_gib": rss.extra_gib,
+                    "extra_gpu_gib": round((torch.cuda.max_memory_allocated() - g0) / 2**30, 3) if CUDA else None}
+        shutil.rmtree(out, ignore_errors=True)
+    largest = max(p.numel() * 2 for p in model.parameters())  # bf16 export
+    row["largest_tensor_gib"] = round(largest / 2**30, 3)
+    del model, buffers, capture
+    if CUDA:
+        torch.cuda.empty_cache()
+    return log("probe", **row)
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--plot":
         return plot(Path(sys.argv[2]), Path(sys.argv[3]))
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if CUDA else "cpu",
            "cpus": os.cpu_count()}
     log("env", **env)
-    rows = [measure(size) for size in os.environ.get("SIZES", "tiny").split(",")]
+    for size in filter(None, os.environ.get("PROBE", "").split(",")):
+        probe(size)
+    rows = [measure(size) for size in filter(None, os.environ.get("SIZES", "tiny").split(","))]
     print(table(rows), flush=True)
     shutil.rmtree(WORK, ignore_errors=True)
 

@@ -69,24 +69,35 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-_STATS_CHUNK = 1 << 26  # elements; bounds the fp64 working copy to 512 MiB however large the tensor
+_STATS_CHUNK = 1 << 24  # elements; bounds the fp64 working copy to 128 MiB however large the tensor
 
 
-def tensor_stats(t: torch.Tensor) -> tuple[float, float]:
-    """fp64 L2 norm and sum, computed where the tensor lives (the GPU is far faster at this),
-    in chunks so that a 150k-row embedding does not need a full fp64 copy."""
+def tensor_stats_pending(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 sum of squares and sum of ``t`` as 0-d tensors where ``t`` lives, not yet read: on a
+    GPU the kernels are queued and nothing waits, so many tensors cost one synchronisation
+    (:func:`stats_values`). Computed in chunks, so a 150k-row embedding needs no full fp64 copy."""
     flat = t.detach().reshape(-1)
-    if flat.dtype == torch.bool:
-        n = float(flat.sum())
-        return n ** 0.5, n
     squares = torch.zeros((), dtype=torch.float64, device=flat.device)
     total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    if flat.dtype == torch.bool:
+        n = flat.sum(dtype=torch.float64)
+        return squares + n, total + n
     for start in range(0, flat.numel(), _STATS_CHUNK):
         c = flat[start:start + _STATS_CHUNK]
         c = (c.abs() if c.is_complex() else c).to(torch.float64)
         squares += torch.dot(c, c)
         total += c.sum()
+    return squares, total
+
+
+def stats_values(pending: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+    squares, total = pending
     return float(squares.sqrt()), float(total)
+
+
+def tensor_stats(t: torch.Tensor) -> tuple[float, float]:
+    """fp64 L2 norm and sum, computed where the tensor lives (the GPU is far faster at this)."""
+    return stats_values(tensor_stats_pending(t))
 
 
 def digest_tensor(name: str, host: torch.Tensor) -> str:

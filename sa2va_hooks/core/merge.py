@@ -282,9 +282,7 @@ def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: _M
         if merged32.is_floating_point() and not torch.isfinite(merged32).all():
             raise NonFiniteError(f"merged '{_join(name, pname)}' has NaN or Inf: the adapter weights are not "
                                      "finite. Check the training loss for divergence before exporting.")
-        base32 = ref.detach().float()
-        delta = float(torch.linalg.vector_norm((merged32.float() - base32).double()))
-        base_norm = float(torch.linalg.vector_norm(base32.double()))
+        delta, base_norm = _delta_norms(merged32, ref)
         out = _cast(merged32, dtype)
         rel = delta / base_norm if base_norm else (float("inf") if delta else 0.0)
         # a frozen base parameter other than the weight (a bias) is "merged" only if the tuner
@@ -297,6 +295,22 @@ def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: _M
         return MergedTensor(out, final_role, rel if final_role == ROLE_LORA else None, differs)
 
     return SourceTensor(_join(name, pname), shape, dtype0, role, sources, produce, tuple(group.layer.parameters()))
+
+
+_NORM_CHUNK = 1 << 24  # elements: the fp64 working copies stay at 128 MiB for any layer size
+
+
+def _delta_norms(merged: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
+    """||merged - base|| and ||base|| in fp64, chunk by chunk (no full-size fp64 copies)."""
+    m, b = merged.detach().reshape(-1), base.detach().reshape(-1)
+    delta = torch.zeros((), dtype=torch.float64, device=m.device)
+    norm = torch.zeros((), dtype=torch.float64, device=m.device)
+    for start in range(0, m.numel(), _NORM_CHUNK):
+        bc = b[start:start + _NORM_CHUNK].to(torch.float64)
+        dc = m[start:start + _NORM_CHUNK].to(torch.float64) - bc
+        delta += torch.dot(dc, dc)
+        norm += torch.dot(bc, bc)
+    return float(delta.sqrt()), float(norm.sqrt())
 
 
 def _dequantized(name: str, module: nn.Module, source: str) -> SourceTensor:

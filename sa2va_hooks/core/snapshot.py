@@ -24,8 +24,8 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from .fingerprint import Fingerprint, digest_tensor, dtype_name, tensor_stats
-from .sharding import check_full, clean_name, iter_whole_parameters, is_partitioned
+from .fingerprint import Fingerprint, digest_tensor, dtype_name, tensor_stats, tensor_stats_pending
+from .sharding import check_full, clean_name, is_partitioned, iter_whole_parameters, needs_gather
 
 _SUBSTITUTE: contextvars.ContextVar[Mapping[int, torch.Tensor] | None] = contextvars.ContextVar(
     "sa2va_hooks_substitute", default=None)
@@ -60,6 +60,8 @@ def read(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 @contextlib.contextmanager
 def substituted(capture: "Capture | None") -> Iterator[None]:
+    if capture is not None:
+        capture.wait()  # every copy into the buffers is complete before anything reads them
     token = _SUBSTITUTE.set(None if capture is None else capture.by_id)
     try:
         yield
@@ -78,6 +80,14 @@ class Capture:
     nbytes: int
     trainable: list[str] = dataclasses.field(default_factory=list)  # captured parameters (not buffers)
     stats: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # name -> (norm, sum)
+    ready: dict[str, "torch.cuda.Event"] = dataclasses.field(default_factory=dict)  # GPU copy done
+
+    def wait(self, name: str | None = None) -> None:
+        """Wait until the copy of ``name`` (or of everything) into its host buffer is complete."""
+        for n in ([name] if name is not None else list(self.ready)):
+            event = self.ready.get(n)
+            if event is not None:
+                event.synchronize()
 
     @classmethod
     def nothing(cls, model: nn.Module) -> "Capture":
@@ -140,6 +150,17 @@ class SnapshotBuffers:
             self._buffers[name] = buf
         return buf
 
+    def _copy(self, name: str, t: torch.Tensor, by_id: dict, by_name: dict, ready: dict) -> None:
+        buf = self._buffer(name, t)
+        src = t.detach()
+        if src.device.type == "cuda":
+            buf.copy_(src, non_blocking=True)
+            ready[name] = torch.cuda.Event()
+            ready[name].record()
+        else:
+            buf.copy_(src)
+        by_id[id(t)] = by_name[name] = buf
+
     def prepare(self, model: nn.Module) -> int:
         """Allocate every buffer a capture of ``model`` will need (collective when the model is
         partitioned, as it gathers); returns the bytes allocated."""
@@ -151,34 +172,65 @@ class SnapshotBuffers:
         """Copy what training changes into the buffers and record every other tensor's version.
         With ``stats``, also the fp64 norm and sum of each trainable parameter, computed where
         it lives (the GPU) while it is whole. Collective when the model is partitioned (the
-        trainable tensors are gathered)."""
+        trainable tensors are gathered).
+
+        On a GPU the copies are queued on the training stream, so the next optimizer step can
+        only run after they have read the parameters; each copy gets an event, and a reader of
+        the buffer waits for its own event only (:meth:`Capture.wait`), so hashing starts while
+        later copies are still in flight."""
         by_id: dict[int, torch.Tensor] = {}
         by_name: dict[str, torch.Tensor] = {}
-        trainable: list[str] = []
-        found: dict[str, tuple[float, float]] = {}
-        devices = set()
-        for name, t in _captured_tensors(model):
-            if isinstance(t, nn.Parameter) and t.requires_grad:
-                trainable.append(name)
-                if stats:
-                    check_full(name, t)
-                    found[name] = tensor_stats(t)
-            buf = self._buffer(name, t)
-            src = t.detach()
-            buf.copy_(src, non_blocking=src.device.type == "cuda")
-            if src.device.type == "cuda":
-                if is_partitioned(t):  # the gathered storage is freed when the gather ends
-                    torch.cuda.synchronize(src.device)
-                devices.add(src.device)
-            by_id[id(t)] = by_name[name] = buf
-        for d in devices:  # one wait per device, after all the copies were queued
-            torch.cuda.synchronize(d)
+        ready: dict[str, torch.cuda.Event] = {}
+        if needs_gather(model):  # one pass: each tensor is whole only inside its gather
+            found, trainable = {}, []
+            for name, t in _captured_tensors(model):
+                if isinstance(t, nn.Parameter) and t.requires_grad:
+                    trainable.append(name)
+                    if stats:
+                        check_full(name, t)
+                        found[name] = tensor_stats(t)
+                self._copy(name, t, by_id, by_name, ready)
+                if name in ready:
+                    ready[name].synchronize()  # the gathered storage is freed when the gather ends
+        else:
+            items = list(_captured_tensors(model))
+            trained = [(n, t) for n, t in items if isinstance(t, nn.Parameter) and t.requires_grad]
+            trainable = [n for n, _ in trained]
+            # statistics first, fetched without waiting, then the copies: reading the statistics
+            # does not wait for the copies, and the copies do not wait for the host
+            stats_at = _queue_stats([t for _, t in trained] if stats else [])
+            for name, t in items:
+                self._copy(name, t, by_id, by_name, ready)
+            found = dict(zip(trainable, stats_at())) if stats else {}
         versions = {}
         for name, p in model.named_parameters():
             if id(p) not in by_id and not is_partitioned(p):
                 versions[clean_name(name)] = (p, p._version)
         return Capture(by_id, by_name, versions, sum(b.numel() * b.element_size() for b in by_name.values()),
-                       trainable, found)
+                       trainable, found, ready)
+
+
+def _queue_stats(tensors: list[torch.Tensor]):
+    """Queue the fp64 statistics of ``tensors`` and their transfer to the host; returns a function
+    that waits for that transfer alone and gives the (norm, sum) pairs."""
+    if not tensors:
+        return lambda: []
+    pending = [tensor_stats_pending(t) for t in tensors]
+    flat = torch.stack([x for squares, total in pending for x in (squares.sqrt(), total)])  # as stats_values
+    if flat.device.type != "cuda":
+        values = flat.tolist()
+        return lambda: [(values[2 * i], values[2 * i + 1]) for i in range(len(tensors))]
+    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def values():
+        done.synchronize()
+        v = host.tolist()
+        return [(v[2 * i], v[2 * i + 1]) for i in range(len(tensors))]
+
+    return values
 
 
 def fingerprint_capture(capture: Capture, workers: int | None = None) -> dict[str, Fingerprint]:
@@ -188,6 +240,7 @@ def fingerprint_capture(capture: Capture, workers: int | None = None) -> dict[st
     names = sorted(capture.trainable, key=lambda n: -capture.by_name[n].numel() * capture.by_name[n].element_size())
 
     def one(name: str) -> Fingerprint:
+        capture.wait(name)
         buf = capture.by_name[name]
         norm, total = capture.stats.get(name) or tensor_stats(buf)
         return Fingerprint(name=name, dtype=dtype_name(buf.dtype), shape=tuple(int(s) for s in buf.shape),
