@@ -199,7 +199,8 @@ class SnapshotBuffers:
             # statistics first, fetched without waiting, then the copies: reading the statistics
             # does not wait for the copies, and the copies do not wait for the host
             stats_at = _queue_stats([t for _, t in trained] if stats else [])
-            for name, t in items:
+            # largest first: the hashing of the large tensors, which takes longest, starts first
+            for name, t in sorted(items, key=lambda it: -it[1].numel() * it[1].element_size()):
                 self._copy(name, t, by_id, by_name, ready)
             found = dict(zip(trainable, stats_at())) if stats else {}
         versions = {}
