@@ -382,20 +382,6 @@ def probe(size: str) -> dict:
         trained = FingerprintSet.of(fingerprint_capture(capture))
         times.append(round(time.perf_counter() - t, 4))
     row = {"size": size, "capture_and_fingerprints_s": times, "trainable_gib": round(capture.nbytes / 2**30, 3)}
-    peaks: dict[str, float] = {}
-    if CUDA:  # where the export's GPU memory goes: the peak while each tensor is produced
-        import sa2va_hooks.export as ex
-        real = ex._RankWork._produce
-
-        def traced(self, slot, st, fname, record=True):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            try:
-                return real(self, slot, st, fname, record)
-            finally:
-                peaks[f"{slot.name} ({st.role})"] = (torch.cuda.max_memory_allocated() - before) / 2**30
-        ex._RankWork._produce = traced
     for how in ("background", "sync"):
         out = WORK / f"probe_{how}"
         shutil.rmtree(out, ignore_errors=True)
@@ -413,7 +399,25 @@ def probe(size: str) -> dict:
         row[how] = {"s": round(s, 2), "extra_rss_gib": rss.extra_gib,
                     "extra_gpu_gib": round((torch.cuda.max_memory_allocated() - g0) / 2**30, 3) if CUDA else None}
         shutil.rmtree(out, ignore_errors=True)
+    peaks: dict[str, float] = {}
+    if CUDA:  # where the export's GPU memory goes: the peak while each tensor is produced
+        import sa2va_hooks.export as ex
+        real = ex._RankWork._produce
+
+        def traced(self, slot, st, fname, record=True):  # peak above the allocation before the export
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                return real(self, slot, st, fname, record)
+            finally:
+                peaks[f"{slot.name} ({st.role})"] = (torch.cuda.max_memory_allocated() - start[0]) / 2**30
+        start = [0]
+        ex._RankWork._produce = traced
     if CUDA:
+        torch.cuda.synchronize()
+        start[0] = torch.cuda.memory_allocated()
+        export_hf(model, WORK / "probe_traced", dtype="bf16", trained=trained)
+        shutil.rmtree(WORK / "probe_traced", ignore_errors=True)
         ex._RankWork._produce = real
         row["gpu_peak_by_tensor_gib"] = {k: round(v, 3) for k, v in sorted(peaks.items(), key=lambda kv: -kv[1])[:6]}
     largest = max(p.numel() * 2 for p in model.parameters())  # bf16 export
