@@ -70,19 +70,19 @@ def _inject_failure() -> None:
 
     import sa2va_hooks.export as ex
     from sa2va_hooks.hooks import hf_export_hook
-    real_writer, real_export = ex.ShardWriter, hf_export_hook.HFExportHook._export
+    real_writer, real_export = ex.ShardWriter, hf_export_hook.HFExportHook._export_at
     state = {"iter": None}
 
-    def export(self, runner, out, point):
+    def export(self, runner, point):  # both the synchronous and the background export come here
         state["iter"] = point["iter"]
-        return real_export(self, runner, out, point)
+        return real_export(self, runner, point)
 
     def writer(path, slots):
         if it is None or state["iter"] == int(it):
             raise OSError(errno.ENOSPC, f"No space left on device (injected on rank {rank})", str(path))
         return real_writer(path, slots)
 
-    hf_export_hook.HFExportHook._export = export
+    hf_export_hook.HFExportHook._export_at = export
     ex.ShardWriter = writer
 
 

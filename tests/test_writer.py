@@ -53,3 +53,19 @@ def test_shard_plan_keeps_order_and_gives_an_oversized_tensor_its_own_shard():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
     with pytest.raises(ValueError, match="is not a size"):
         parse_size("five gigs")
+
+
+def test_staging_pool_hands_out_buffers_by_identity_smallest_that_fits(monkeypatch):
+    """Buffers of different sizes in the pool: a request takes the smallest that fits, by identity
+    (comparing tensors by value fails between sizes), and the pool stays bounded."""
+    import sa2va_hooks.core.host as host
+    monkeypatch.setattr(host, "_POOL", [])
+    small, large = torch.zeros(100, dtype=torch.uint8), torch.zeros(1000, dtype=torch.uint8)
+    host._give_back(small)
+    host._give_back(large)
+    assert host._take(50) is small
+    assert host._take(500) is large
+    assert host._POOL == []
+    for n in (10, 20, 30):
+        host._give_back(torch.zeros(n, dtype=torch.uint8))
+    assert sorted(b.numel() for b in host._POOL) == [20, 30]  # bounded: the largest are kept
