@@ -6,6 +6,7 @@ re-export of the same weights give the same root digest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import math
@@ -184,6 +185,17 @@ def start_export(model: nn.Module, out_dir: str | Path, *, capture: Capture | No
     return job.start()
 
 
+def prepare_gathered_export(model: nn.Module, out_dir: str | Path, *,
+                            on_done: Callable[["ExportJob"], None] | None = None, **kwargs: Any) -> "ExportJob":
+    """For partitioned parameters (ZeRO-3, FSDP): a job whose thread writes what the training
+    thread then gathers and stages with ``job.task.gather_in_front(group, budget)`` (start the
+    job first). The stall is the gathers and the copies to the host; the writes, read-back and
+    publishing are in the background."""
+    task = ExportTask(model, out_dir, **kwargs)
+    task.expects_front()
+    return ExportJob(task, on_done)
+
+
 def prepare_background_export(model: nn.Module, out_dir: str | Path, *, capture: Capture | None = None,
                               buffers: SnapshotBuffers | None = None,
                               on_done: Callable[["ExportJob"], None] | None = None, **kwargs: Any) -> "ExportJob":
@@ -225,13 +237,61 @@ class ExportTask:
         self.provenance, self.baseline, self.trained = dict(provenance or {}), baseline, trained
         self.overwrite, self.readback, self.progress = overwrite, readback, progress
         self.link_from = Path(link_from) if link_from else None
+        self._front_ready: threading.Event | None = None
+        self._front: tuple | BaseException | None = None
 
     def run(self) -> ExportManifest:
         with substituted(self.capture if self.capture.background else None):
             return self._run()
 
+    # -- partitioned parameters: gathered in the training thread, written by this task's thread --
+    def gather_in_front(self, front: RankGroup, budget: int) -> None:
+        """Training thread, for ZeRO-3 / FSDP parameters, while :meth:`run` works on another thread:
+        every rank enters the gathers (over ``front``, the training's own group) and hands private
+        host copies of the tensors it writes to the writer thread, at most ``budget`` bytes ahead
+        of it. Returns when every gather is done; the writing, read-back and publishing go on
+        in the background."""
+        self._front_ready = self._front_ready or threading.Event()
+        t0 = time.perf_counter()
+        try:
+            trained = self.trained if self.trained is not None else trained_fingerprints(self.model, front)
+            staging = _open_staging(self.out_dir, self.plan, front)
+        except BaseException as e:
+            self._front = e
+            self._front_ready.set()
+            raise
+        work = _RankWork(self.model, dict(self.kept), self.plan, self.dt, trained, self.baseline, self.group,
+                         self.progress)
+        queue = _ByteQueue(budget)
+        self._front = (trained, staging, work, queue)
+        self._front_ready.set()
+
+        def paused() -> None:  # recorded before the writer can finish (it waits for the close)
+            self.provenance["training_paused_s"] = round(time.perf_counter() - t0, 4)
+
+        work.produce_into(queue, before_close=paused)
+
+    def expects_front(self) -> None:
+        """This task's tensors will come from :meth:`gather_in_front`; :meth:`run` waits for them."""
+        self._front_ready = threading.Event()
+        self.capture = Capture({}, {}, {}, 0)  # everything is read in the front, while no step runs
+        self.provenance["background"] = True
+
     def _run(self) -> ExportManifest:
         group, out_dir = self.group, self.out_dir
+        if self._front_ready is not None:
+            self._front_ready.wait()
+            if isinstance(self._front, BaseException):
+                raise FrontFailedError(f"the gathers of {out_dir} failed in the training thread: "
+                                       f"{describe(self._front)}") from self._front
+            trained, staging, work, queue = self._front
+            try:
+                error = work.consume(staging, queue, self.readback)
+            except BaseException:
+                if group.is_main:
+                    shutil.rmtree(staging, ignore_errors=True)
+                raise
+            return self._conclude(trained, staging, work, error)
         trained = self.trained if self.trained is not None else trained_fingerprints(self.model, group)
         previous = _Previous.load(self.link_from)
         staging = _open_staging(out_dir, self.plan, group)
@@ -239,13 +299,22 @@ class ExportTask:
             work = _RankWork(self.model, dict(self.kept), self.plan, self.dt, trained, self.baseline, group,
                              self.progress, previous)
             error = work.run(staging, self.readback)
+        except BaseException:
+            if group.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return self._conclude(trained, staging, work, error)
+
+    def _conclude(self, trained, staging: Path, work: "_RankWork", error: BaseException | None) -> ExportManifest:
+        """Every rank: agree on success, then rank 0 finishes and publishes."""
+        group, out_dir = self.group, self.out_dir
+        try:
             if error is None:
                 error = _changed_error(self.capture)
             agree(group, error, f"export of {out_dir}")
             parts = group.all_gather((work.tensors, work.effect, work.storage()))
-            provenance = {**self.provenance, "ranks": group.world,
-                          "shard_writers": {f: work.owners[f] for f, _ in self.plan.files},
-                          "background": self.capture.background}
+            provenance = {"background": self.capture.background, **self.provenance, "ranks": group.world,
+                          "shard_writers": {f: work.owners[f] for f, _ in self.plan.files}}
             manifest_json, failure = None, None
             if group.is_main:
                 try:
@@ -309,6 +378,50 @@ class ExportTask:
         self.capture.check_unchanged("the export")
         publish(staging, self.out_dir, overwrite=self.overwrite)
         return manifest
+
+
+class FrontFailedError(RuntimeError):
+    """The training-thread half of an export failed; the training thread reported it already."""
+
+
+class _ByteQueue:
+    """Tensors handed from the training thread to the writer thread, holding at most ``budget``
+    bytes at a time (a single tensor larger than that still passes, alone)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self.items: list = []
+        self.closed, self.error = False, None
+        self.cond = threading.Condition()
+
+    def put(self, item, nbytes: int) -> None:
+        with self.cond:
+            while self.used and self.used + nbytes > self.budget:
+                self.cond.wait()
+            self.items.append(item)
+            self.used += nbytes
+            self.cond.notify_all()
+
+    def release(self, nbytes: int) -> None:
+        """The consumer is done with an item's bytes."""
+        with self.cond:
+            self.used -= nbytes
+            self.cond.notify_all()
+
+    def close(self, error: BaseException | None = None) -> None:
+        with self.cond:
+            self.closed, self.error = True, error
+            self.cond.notify_all()
+
+    def __iter__(self):
+        while True:
+            with self.cond:
+                while not self.items and not self.closed:
+                    self.cond.wait()
+                if not self.items:
+                    return
+                item = self.items.pop(0)
+            yield item
 
 
 class ExportJob:
@@ -591,14 +704,89 @@ class _RankWork:
         if self._pending is None:
             return
         (slot, st, fname, merged, norm, total, digest), self._pending = self._pending, None
+        self._record_tensor(slot, st, fname, merged, norm, total, digest.result())
+
+    def _record_tensor(self, slot: TensorSlot, st, fname: str, merged, norm: float, total: float,
+                       digest: str) -> None:
         t = merged.tensor
         fp = Fingerprint(name=slot.name, dtype=dtype_name(t.dtype), shape=tuple(int(s) for s in t.shape),
-                         digest=digest.result(), norm=norm, sum=total)
+                         digest=digest, norm=norm, sum=total)
         role = merged.role or st.role
         self.tensors[slot.name] = {**{k: v for k, v in fp.to_json().items() if k != "name"},
                                    "file": fname, "role": role, "sources": list(st.sources)}
         _record(self.effect, slot.name, role, merged, st.sources, self.trained, self.baseline)
         self.bar.update(slot.nbytes)
+
+    # -- gathered in the training thread, written in the background (ZeRO-3, FSDP) -------------
+    def produce_into(self, queue: "_ByteQueue", before_close: Callable[[], None] = lambda: None) -> None:
+        """Training thread: enter every gather in plan order (collective) and queue a private host
+        copy of each tensor this rank writes. Blocks while the queue holds its byte budget (the
+        writer is behind). After a failure it keeps entering the gathers, queueing nothing."""
+        error: BaseException | None = None
+        try:
+            for fname, slots in self.plan.files:
+                own = self.owners[fname] == self.group.rank
+                for slot in slots:
+                    st = self.by_name[slot.name]
+                    with gathered(st.gather):
+                        if own and error is None:
+                            try:
+                                queue.put((fname, slot, st, *self._stage_copy(slot, st)), slot.nbytes)
+                            except Exception as e:  # noqa: BLE001 - reported by the writer, collectively
+                                error = e
+        finally:
+            self.stager.close()
+            before_close()
+            queue.close(error)
+
+    def _stage_copy(self, slot: TensorSlot, st):
+        """A private host copy of one merged tensor (the staging buffer is reused by the next
+        tensor; a CPU result of the merge is already private), and its fp64 statistics, computed
+        where it was made. The GPU tensor is dropped here, so the queue holds host memory only."""
+        merged = st.materialize(self.dt)
+        check_full(slot.name, merged.tensor, slot.shape)
+        _check_finite(slot.name, merged.tensor, st, self.dt)
+        host = self.stager.to_host(merged.tensor)
+        if merged.tensor.device.type != "cpu":
+            host = host.clone()
+        norm, total = tensor_stats(merged.tensor)
+        return dataclasses.replace(merged, tensor=host), norm, total, host
+
+    def consume(self, staging: Path, queue: "_ByteQueue", readback: bool) -> BaseException | None:
+        """Background thread: write the queued tensors into this rank's shards, in plan order,
+        hashing each while it is written; then read the files back."""
+        error: BaseException | None = None
+        writer, mine = None, []
+        last = {fname: slots[-1] for fname, slots in self.plan.files}
+        files = dict(self.plan.files)
+        for fname, slot, st, meta, norm, total, host in queue:
+            try:
+                if error is None:
+                    if writer is None:
+                        writer = ShardWriter(staging / fname, files[fname])
+                        mine.append(fname)
+                    digest = self._hasher.submit(digest_tensor, slot.name, host)
+                    writer.append(slot, host)
+                    self._record_tensor(slot, st, fname, meta, norm, total, digest.result())
+                    if slot is last[fname]:
+                        self.written += writer.close()
+                        writer = None
+            except Exception as e:  # noqa: BLE001
+                error = e
+                if writer is not None:
+                    writer.abort()
+                    writer = None
+            finally:
+                queue.release(slot.nbytes)
+        self.bar.close()
+        self._hasher.shutdown()
+        error = error or queue.error
+        if error is None and readback:
+            try:
+                _readback(staging, mine, {n: t for n, t in self.tensors.items() if t["file"] in mine})
+            except Exception as e:  # noqa: BLE001
+                error = e
+        return error
 
     def _drain(self) -> None:
         """Wait for a digest still running (after a failure), before its staging buffer is reused."""

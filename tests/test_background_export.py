@@ -142,3 +142,39 @@ def test_a_damaged_previous_shard_is_written_afresh_not_linked(tmp_path, caplog)
     assert verify_snapshot(tmp_path / "b") == []
     assert os.stat(tmp_path / "b" / frozen_file).st_ino != os.stat(path).st_ino
     assert ExportManifest.load(tmp_path / "b").root_digest == first.root_digest
+
+
+def test_gathered_in_front_written_behind_equals_synchronous_export(tmp_path):
+    """The ZeRO-3 / FSDP path in one process: this thread stages every tensor (where the gathers
+    would be) into a queue of a few KB, the job's thread writes them; same snapshot as export_hf."""
+    from sa2va_hooks.core.dist import RankGroup
+    from sa2va_hooks.export import prepare_gathered_export
+    pm = _peft()
+    sync = export_hf(pm, tmp_path / "sync", dtype="bf16", max_shard_size="20KB")
+    job = prepare_gathered_export(pm, tmp_path / "bg", dtype="bf16", max_shard_size="20KB").start()
+    job.task.gather_in_front(RankGroup(0, 1), budget=8 << 10)  # smaller than most tensors: the writer paces it
+    with torch.no_grad():  # training resumes once the gathers are done: the snapshot must not see it
+        for p in pm.parameters():
+            p.add_(1.0)
+    bg = job.result()
+    assert bg.root_digest == sync.root_digest and bg.trained == sync.trained
+    assert bg.provenance["background"] is True and bg.provenance["training_paused_s"] > 0
+    assert verify_snapshot(tmp_path / "bg") == []
+
+
+def test_gathered_export_failure_in_the_writer_publishes_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import sa2va_hooks.export as ex
+    from sa2va_hooks.core.dist import RankGroup
+    pm = _peft()
+
+    def full_disk(path, slots):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ex, "ShardWriter", full_disk)
+    job = ex.prepare_gathered_export(pm, tmp_path / "bg", max_shard_size="20KB").start()
+    job.task.gather_in_front(RankGroup(0, 1), budget=8 << 10)
+    with pytest.raises(OSError, match="No space left"):
+        job.result()
+    assert sorted(os.listdir(tmp_path)) == []

@@ -27,7 +27,8 @@ from ..compat import allow_mmengine_checkpoint_globals
 from ..core.dist import RankGroup, agree
 from ..core.manifest import MANIFEST_FILE
 from ..core.sharding import needs_gather
-from ..export import export_hf, prepare_background_export, reserve_staging
+from ..core.writer import parse_size
+from ..export import FrontFailedError, export_hf, prepare_background_export, prepare_gathered_export, reserve_staging
 from .common import (CURRENT_TRAINED_KEY, background_exports, build_callable_cfg, checkpoint_due, checkpoint_point,
                      config_sha256, ensure_baseline, has_checkpoint_schedule, process_state, unwrapped_model)
 
@@ -122,15 +123,17 @@ class HFExportHook(Hook):
         bg = background_exports(runner)
         model = unwrapped_model(runner)
         reserve_staging(model, self.dtype)
-        bg.enabled = self.background and not needs_gather(model)
+        bg.enabled = self.background
         bg.when_busy = self.when_busy
-        if self.background and needs_gather(model):
-            runner.logger.info("[sa2va_hooks] parameters are partitioned (DeepSpeed ZeRO-3 or FSDP): HF exports run "
-                               "synchronously, as only a collective gather in the training thread can read them")
         if not bg.enabled:
             return
         if bg.group is None:
             bg.group = RankGroup.background()
+        if needs_gather(model):
+            runner.logger.info("[sa2va_hooks] parameters are partitioned (DeepSpeed ZeRO-3 or FSDP): at each export "
+                               "the training thread gathers them (collective) and copies them to the host; the "
+                               "writing, read-back and publishing run in the background")
+            return
         t0 = time.perf_counter()
         allocated = bg.buffers.prepare(model)
         runner.logger.info(f"[sa2va_hooks] background export: {allocated} bytes of capture buffers for the trainable "
@@ -196,6 +199,8 @@ class HFExportHook(Hook):
                                   "(HFExportHook(when_busy='skip')).")
             return
         bg.wait(runner, f"one export at a time; iteration {point['iter']} is due")
+        if needs_gather(unwrapped_model(runner)):
+            return self._start_gathered(runner, out, point)
         t0 = time.perf_counter()
         job, error = None, None
         try:
@@ -216,8 +221,31 @@ class HFExportHook(Hook):
         runner.logger.info(f"[sa2va_hooks] export of iter {point['iter']} to {out} started in the background; "
                            f"training paused {paused:.3f}s for it")
 
+    def _start_gathered(self, runner, out: Path, point: dict) -> None:
+        """ZeRO-3 / FSDP: the thread that writes starts first; then this (training) thread enters
+        every gather with the other ranks and hands host copies to it, at most 1.5 x
+        max_shard_size ahead of the writer. Training resumes once the gathers are done."""
+        bg = background_exports(runner)
+        group = RankGroup.current()
+        t0 = time.perf_counter()
+        job, error = None, None
+        try:
+            job = prepare_gathered_export(unwrapped_model(runner), out, group=bg.group,
+                                          on_done=lambda j: self._done(runner, point, j),
+                                          **self._arguments(runner, point))
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it before any thread starts
+            error = e
+        agree(group, error, f"preparing the export of iteration {point['iter']}")
+        bg.job = job.start()
+        job.task.gather_in_front(group, int(1.5 * parse_size(self.max_shard_size)))  # collective
+        paused = time.perf_counter() - t0
+        runner.logger.info(f"[sa2va_hooks] export of iter {point['iter']} to {out}: gathered in {paused:.3f}s "
+                           "(training paused); writing in the background")
+
     def _done(self, runner, point: dict, job) -> None:
         """On the export's thread, when it ends: the log line, then retention (rank 0)."""
+        if isinstance(job.error, FrontFailedError):
+            return  # the training thread logged it
         if job.error is not None:
             self._failed(runner, point, job.out_dir, job.error)
             return
