@@ -178,3 +178,28 @@ def test_gathered_export_failure_in_the_writer_publishes_nothing(tmp_path, monke
     with pytest.raises(OSError, match="No space left"):
         job.result()
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_frozen_tensor_changed_while_the_background_thread_writes_is_refused(tmp_path, monkeypatch):
+    """The change lands in the middle of the background export (after every shard was written,
+    before publishing), from another thread than the one exporting."""
+    import threading
+
+    import sa2va_hooks.export as ex
+    pm = _peft(targets=["q_proj", "v_proj"])
+    frozen = pm.base_model.model.model.layers[0].mlp.up_proj.weight
+    real = ex.write_index
+    seen = []
+
+    def write_then_train(*args, **kwargs):
+        real(*args, **kwargs)
+        seen.append(threading.current_thread().name)
+        with torch.no_grad():
+            frozen.add_(1e-3)
+
+    monkeypatch.setattr(ex, "write_index", write_then_train)
+    job = start_export(pm, tmp_path / "bg")
+    with pytest.raises(ModelChangedError, match=r"layers\.0\.mlp\.up_proj\.weight"):
+        job.result()
+    assert seen and seen[0].startswith("sa2va_hooks-export") and seen[0] != threading.current_thread().name
+    assert sorted(os.listdir(tmp_path)) == []
