@@ -239,6 +239,13 @@ class ExportTask:
         self.link_from = Path(link_from) if link_from else None
         self._front_ready: threading.Event | None = None
         self._front: tuple | BaseException | None = None
+        self._abandoned = False
+
+    def abandon_front(self) -> None:
+        """This task's thread has ended: the training thread must not wait for it to take more."""
+        self._abandoned = True
+        if isinstance(self._front, tuple):
+            self._front[3].abandon()
 
     def run(self) -> ExportManifest:
         with substituted(self.capture if self.capture.background else None):
@@ -263,6 +270,8 @@ class ExportTask:
         work = _RankWork(self.model, dict(self.kept), self.plan, self.dt, trained, self.baseline, self.group,
                          self.progress)
         queue = _ByteQueue(budget)
+        if self._abandoned:
+            queue.abandon()
         self._front = (trained, staging, work, queue)
         self._front_ready.set()
 
@@ -270,6 +279,8 @@ class ExportTask:
             self.provenance["training_paused_s"] = round(time.perf_counter() - t0, 4)
 
         work.produce_into(queue, before_close=paused)
+        if queue.before_close and self.group.is_main:  # nobody else will remove it
+            shutil.rmtree(staging, ignore_errors=True)
 
     def expects_front(self) -> None:
         """This task's tensors will come from :meth:`gather_in_front`; :meth:`run` waits for them."""
@@ -392,12 +403,23 @@ class _ByteQueue:
         self.budget, self.used = budget, 0
         self.items: list = []
         self.closed, self.error = False, None
+        self.abandoned = self.before_close = False
         self.cond = threading.Condition()
+
+    def abandon(self) -> None:
+        """The writer will take nothing more: puts return at once, dropping their items."""
+        with self.cond:
+            self.abandoned = True
+            self.before_close = not self.closed  # the writer died before the producer finished
+            self.items.clear()
+            self.cond.notify_all()
 
     def put(self, item, nbytes: int) -> None:
         with self.cond:
-            while self.used and self.used + nbytes > self.budget:
+            while self.used and self.used + nbytes > self.budget and not self.abandoned:
                 self.cond.wait()
+            if self.abandoned:  # the writer is gone: never block the training thread on it
+                return
             self.items.append(item)
             self.used += nbytes
             self.cond.notify_all()
@@ -470,6 +492,8 @@ class ExportJob:
                 self.manifest = self.task.run()
         except BaseException as e:  # noqa: BLE001 - kept for result() and the callback; a thread has no caller
             self.error = e
+        finally:
+            self.task.abandon_front()
         self.seconds = time.perf_counter() - t0
         if self.on_done is not None:
             try:

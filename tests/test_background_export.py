@@ -203,3 +203,22 @@ def test_frozen_tensor_changed_while_the_background_thread_writes_is_refused(tmp
         job.result()
     assert seen and seen[0].startswith("sa2va_hooks-export") and seen[0] != threading.current_thread().name
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_writer_thread_that_died_never_blocks_the_gathers(tmp_path, monkeypatch):
+    """If the export's thread ends before taking the staged tensors, the training thread's
+    gathers still run to the end (every rank must enter them) and return."""
+    import sa2va_hooks.export as ex
+    from sa2va_hooks.core.dist import RankGroup
+    pm = _peft()
+
+    def broken_stream(model):
+        raise RuntimeError("no CUDA stream for you")
+
+    monkeypatch.setattr(ex, "_own_stream", broken_stream)
+    job = ex.prepare_gathered_export(pm, tmp_path / "bg", max_shard_size="20KB").start()
+    job.wait()
+    job.task.gather_in_front(RankGroup(0, 1), budget=1 << 10)  # would block forever on a full queue
+    with pytest.raises(RuntimeError, match="no CUDA stream"):
+        job.result()
+    assert sorted(os.listdir(tmp_path)) == []  # its staging directory removed too
