@@ -7,7 +7,7 @@ import copy
 from torch import nn
 
 from .base import CONVERTERS, Converter, SnapshotContext
-from ..core.sharding import logical_shape
+from ..core.sharding import logical_shape, own_parameter
 
 
 def _peft_model_class() -> type | tuple:
@@ -35,8 +35,10 @@ def embedding_rows(model: nn.Module) -> int | None:
         emb = unwrap_hf(model).get_input_embeddings()
     except NotImplementedError:
         return None
-    # the logical shape: under ZeRO-3 the live weight is an empty placeholder
-    return None if emb is None else int(logical_shape(emb.weight)[0])
+    # the logical shape: under ZeRO-3 the live weight is an empty placeholder, and reading it as
+    # an attribute would gather it (a collective) on this rank alone
+    weight = None if emb is None else own_parameter(emb, "weight")
+    return None if weight is None else int(logical_shape(weight)[0])
 
 
 def causal_lm_config(hf_model: nn.Module, ctx: SnapshotContext, prefix: str = ""):
