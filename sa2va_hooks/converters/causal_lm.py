@@ -7,7 +7,7 @@ import copy
 from torch import nn
 
 from .base import CONVERTERS, Converter, SnapshotContext
-from ..core.sharding import logical_shape, own_parameter
+from ..core.sharding import logical_shape
 
 
 def _peft_model_class() -> type | tuple:
@@ -35,9 +35,12 @@ def embedding_rows(model: nn.Module) -> int | None:
         emb = unwrap_hf(model).get_input_embeddings()
     except NotImplementedError:
         return None
+    if emb is None:
+        return None
     # the logical shape: under ZeRO-3 the live weight is an empty placeholder, and reading it as
-    # an attribute would gather it (a collective) on this rank alone
-    weight = None if emb is None else own_parameter(emb, "weight")
+    # an attribute would gather it (a collective) on this rank alone; named_parameters does not.
+    # A PEFT modules_to_save wrapper holds the weight in its copies, all of one shape.
+    weight = next((p for n, p in emb.named_parameters() if n.rsplit(".", 1)[-1] == "weight"), None)
     return None if weight is None else int(logical_shape(weight)[0])
 
 

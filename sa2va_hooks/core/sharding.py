@@ -66,14 +66,6 @@ def logical_shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
-def own_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
-    """``module.<name>`` read without side effects. Under ZeRO-3 attribute access goes through
-    DeepSpeed's ``ZeROOrderedDict``, which gathers a partitioned parameter on the spot: a
-    collective, fatal when only one rank (or a background thread) reads it. ``dict.get`` bypasses
-    that; use :func:`logical_shape` on the result."""
-    return dict.get(module._parameters, name)
-
-
 def needs_gather(model: nn.Module) -> bool:
     """Whether reading this model's parameters needs a collective gather (ZeRO-3, FSDP). The
     answer is the same on every rank, because every rank wraps the same model the same way."""
