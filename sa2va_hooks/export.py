@@ -646,6 +646,11 @@ class _RankWork:
         self._drain()
         self._hasher.shutdown()
         self.stager.close()
+        return self._read_back(staging, mine, error, readback)
+
+    def _read_back(self, staging: Path, mine: list[str], error: BaseException | None,
+                   readback: bool) -> BaseException | None:
+        """After this rank's writes: read its files back (unless something failed already)."""
         if error is None and readback:
             try:
                 _readback(staging, mine, {n: t for n, t in self.tensors.items() if t["file"] in mine})
@@ -804,13 +809,7 @@ class _RankWork:
                 queue.release(slot.nbytes)
         self.bar.close()
         self._hasher.shutdown()
-        error = error or queue.error
-        if error is None and readback:
-            try:
-                _readback(staging, mine, {n: t for n, t in self.tensors.items() if t["file"] in mine})
-            except Exception as e:  # noqa: BLE001
-                error = e
-        return error
+        return self._read_back(staging, mine, error or queue.error, readback)
 
     def _drain(self) -> None:
         """Wait for a digest still running (after a failure), before its staging buffer is reused."""
