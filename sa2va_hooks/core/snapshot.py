@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .fingerprint import Fingerprint, digest_tensor, dtype_name, tensor_stats, tensor_stats_pending
-from .sharding import check_full, clean_name, is_partitioned, iter_whole_parameters, needs_gather
+from .sharding import UnsupportedShardingError, clean_name, iter_whole_parameters, needs_gather
 
 _SUBSTITUTE: contextvars.ContextVar[Mapping[int, torch.Tensor] | None] = contextvars.ContextVar(
     "sa2va_hooks_substitute", default=None)
@@ -181,31 +181,24 @@ class SnapshotBuffers:
         by_id: dict[int, torch.Tensor] = {}
         by_name: dict[str, torch.Tensor] = {}
         ready: dict[str, torch.cuda.Event] = {}
-        if needs_gather(model):  # one pass: each tensor is whole only inside its gather
-            found, trainable = {}, []
-            for name, t in _captured_tensors(model):
-                if isinstance(t, nn.Parameter) and t.requires_grad:
-                    trainable.append(name)
-                    if stats:
-                        check_full(name, t)
-                        found[name] = tensor_stats(t)
-                self._copy(name, t, by_id, by_name, ready)
-                if name in ready:
-                    ready[name].synchronize()  # the gathered storage is freed when the gather ends
-        else:
-            items = list(_captured_tensors(model))
-            trained = [(n, t) for n, t in items if isinstance(t, nn.Parameter) and t.requires_grad]
-            trainable = [n for n, _ in trained]
-            # statistics first, fetched without waiting, then the copies: reading the statistics
-            # does not wait for the copies, and the copies do not wait for the host
-            stats_at = _queue_stats([t for _, t in trained] if stats else [])
-            # largest first: the hashing of the large tensors, which takes longest, starts first
-            for name, t in sorted(items, key=lambda it: -it[1].numel() * it[1].element_size()):
-                self._copy(name, t, by_id, by_name, ready)
-            found = dict(zip(trainable, stats_at())) if stats else {}
+        if needs_gather(model):
+            raise UnsupportedShardingError(
+                "a capture copies whole parameters, but this model's are partitioned (DeepSpeed ZeRO-3 or FSDP); "
+                "export it with export_hf, or let HFExportHook gather it in the training thread "
+                "(prepare_gathered_export).")
+        items = list(_captured_tensors(model))
+        trained = [(n, t) for n, t in items if isinstance(t, nn.Parameter) and t.requires_grad]
+        trainable = [n for n, _ in trained]
+        # statistics first, fetched without waiting, then the copies: reading the statistics
+        # does not wait for the copies, and the copies do not wait for the host
+        stats_at = _queue_stats([t for _, t in trained] if stats else [])
+        # largest first: the hashing of the large tensors, which takes longest, starts first
+        for name, t in sorted(items, key=lambda it: -it[1].numel() * it[1].element_size()):
+            self._copy(name, t, by_id, by_name, ready)
+        found = dict(zip(trainable, stats_at())) if stats else {}
         versions = {}
         for name, p in model.named_parameters():
-            if id(p) not in by_id and not is_partitioned(p):
+            if id(p) not in by_id:
                 versions[clean_name(name)] = (p, p._version)
         return Capture(by_id, by_name, versions, sum(b.numel() * b.element_size() for b in by_name.values()),
                        trainable, found, ready)
