@@ -13,7 +13,13 @@ Layout (the architecture):
 Importing this package registers the hooks in mmengine's ``HOOKS`` and the converters in
 ``CONVERTERS``; it does not import xtuner.
 """
-from .compat import apply_torch_cpu_bf16_shim
+__version__ = "0.1.0"
+
+from .environment import check_bitsandbytes  # noqa: E402
+
+check_bitsandbytes()  # before PEFT is ever asked to build a model: say why it would fail, and the fix
+
+from .compat import apply_torch_cpu_bf16_shim  # noqa: E402
 from .converters import CONVERTERS, Converter
 from .core.fingerprint import Fingerprint, FingerprintSet
 from .core.manifest import ExportManifest
@@ -23,7 +29,6 @@ from .core.verify import verify_snapshot
 from .export import ExportJob, export_hf, start_export
 from .hooks import FingerprintHook, HFExportHook
 
-__version__ = "0.1.0"
 __all__ = ["CONVERTERS", "Converter", "ExportJob", "ExportManifest", "Fingerprint", "FingerprintSet", "FingerprintHook",
            "HFExportHook", "ModelChangedError", "NonFiniteError", "SnapshotBuffers", "apply_torch_cpu_bf16_shim",
            "export_hf", "start_export", "verify_snapshot"]

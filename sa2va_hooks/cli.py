@@ -1,4 +1,4 @@
-"""Command line: ``python -m sa2va_hooks {verify,diff,fingerprint}``.
+"""Command line: ``python -m sa2va_hooks {verify,diff,fingerprint,doctor}`` and ``--version``.
 
 Exit codes: 0 all well (verified / identical / consistent), 1 a mismatch or difference was
 found, 2 the command could not run (bad input, unreadable file).
@@ -12,10 +12,12 @@ import traceback
 from pathlib import Path
 from typing import Sequence
 
+from . import __version__
 from .core.compare import TensorDir, compare_tensors, diff_dirs, plot_rel_delta
 from .core.fingerprint import FingerprintSet, compare_fingerprints, digest_tensor, fingerprint_state, root_digest
 from .core.manifest import ExportManifest
 from .core.verify import verify_snapshot
+from .environment import doctor
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -158,7 +160,10 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sa2va_hooks", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="print the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"sa2va_hooks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    doc = sub.add_parser("doctor", help="the versions this environment has, and a tiny real check of each feature")
+    doc.set_defaults(func=lambda args: doctor())
     v = sub.add_parser("verify", help="check a snapshot against its export_manifest.json (and a checkpoint)")
     v.add_argument("dir")
     v.add_argument("--checkpoint", help="also check the export's trained tensors against this checkpoint's record")

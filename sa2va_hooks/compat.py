@@ -1,4 +1,13 @@
-"""Small, documented compatibility shims for the pinned training stack.
+"""Small, documented compatibility shims: every version-specific path lives here.
+
+The tested matrix (README, "Install into an existing environment") runs from a Sa2VA-era stack
+(torch 2.4, transformers 4.42, peft 0.11.1) to the newest one. What differs between them:
+- numpy 1 keeps ``multiarray`` under ``numpy.core``: :func:`numpy_multiarray`.
+- PEFT < 0.12's ``ModulesToSaveWrapper`` has one ``active_adapter``: :func:`active_saved_copies`.
+- torch < 2.5 has no ``get_unsafe_globals_in_checkpoint`` and does not allow ``codecs.encode``:
+  :func:`unsafe_globals_in_checkpoint`, :func:`mmengine_checkpoint_safe_globals`.
+- PEFT < 0.15 has no ``AuxiliaryTrainingWrapper`` (the base class of ``ModulesToSaveWrapper`` and
+  the trainable-token wrappers added later): :data:`AuxiliaryTrainingWrapper` stands in for it.
 
 xtuner 0.2.0's ``SupervisedFinetune._prepare_for_flash_attn`` calls
 ``torch.cpu.is_bf16_supported()``, which torch 2.14 does not have, so xtuner cannot even build
@@ -13,6 +22,12 @@ from __future__ import annotations
 
 import torch
 
+try:
+    from peft.utils.other import AuxiliaryTrainingWrapper
+except ImportError:  # peft < 0.15: ModulesToSaveWrapper was the only auxiliary wrapper
+    class AuxiliaryTrainingWrapper:  # type: ignore[no-redef]
+        """Stand-in: no module is an instance, so nothing is refused that PEFT < 0.15 can build."""
+
 
 def _cpu_bf16_unsupported() -> bool:
     """Stand-in for the missing torch.cpu.is_bf16_supported: report no bf16 so that xtuner
@@ -26,6 +41,26 @@ def apply_torch_cpu_bf16_shim() -> bool:
         return False
     torch.cpu.is_bf16_supported = _cpu_bf16_unsupported  # type: ignore[attr-defined]
     return True
+
+
+def numpy_multiarray():
+    """numpy's ``multiarray`` module: ``numpy._core.multiarray`` from numpy 2, ``numpy.core.multiarray``
+    before (numpy 1.26 has a ``numpy._core`` stub without it)."""
+    import numpy as np
+    if int(np.__version__.split(".")[0]) >= 2:
+        from numpy._core import multiarray
+    else:
+        from numpy.core import multiarray
+    return multiarray
+
+
+def active_saved_copies(wrapper) -> list[str]:
+    """The active adapter names of a PEFT ``ModulesToSaveWrapper``: ``active_adapters`` from peft 0.12,
+    a single ``active_adapter`` string before."""
+    names = getattr(wrapper, "active_adapters", None)
+    if names is None:
+        names = wrapper.active_adapter
+    return [names] if isinstance(names, str) else list(names)
 
 
 def mmengine_checkpoint_safe_globals() -> list:
@@ -46,9 +81,12 @@ def mmengine_checkpoint_safe_globals() -> list:
 
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
-    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
-    types = [HistoryBuffer, np.ndarray, np.dtype, multiarray.multiarray._reconstruct,
-             multiarray.multiarray.scalar, builtins.getattr]
+    multiarray = numpy_multiarray()
+    import codecs
+    types = [HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, builtins.getattr]
+    # numpy scalars pickle their bytes through codecs.encode (a pure text-to-bytes function);
+    # torch >= 2.5 allows it by default, torch 2.4 does not
+    types.append(codecs.encode)
     # numpy 2 pickles dtypes through their concrete classes (np.dtypes.Float64DType, ...)
     types += [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
     return types + deepspeed_checkpoint_safe_globals()
@@ -75,3 +113,55 @@ def allow_mmengine_checkpoint_globals() -> None:
     """Let ``torch.load(weights_only=True)`` (torch's default) read mmengine checkpoints, so that
     resume works; see :func:`mmengine_checkpoint_safe_globals` for why each type is safe."""
     torch.serialization.add_safe_globals(mmengine_checkpoint_safe_globals())
+
+
+def _py3_global(module: str, name: str) -> str:
+    """Protocol-2 pickles name globals the Python 2 way (``__builtin__.exec``); pickle maps them back."""
+    import _compat_pickle
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
+
+
+def unsafe_globals_in_checkpoint(path: str) -> list[str]:
+    """The globals a torch checkpoint file references beyond what ``torch.load(weights_only=True)``
+    allows, listed without running anything from it. torch >= 2.5 has this as
+    ``torch.serialization.get_unsafe_globals_in_checkpoint``; for torch 2.4 the pickle's opcodes
+    are read here the same way (GLOBAL, and STACK_GLOBAL with its two strings from the stack or memo).
+    Raises ``ValueError`` for a file that is not a torch zip checkpoint."""
+    own = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if own is not None:
+        return own(path)
+    import pickletools
+    import zipfile
+
+    from torch import _weights_only_unpickler as wu
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            data = z.read(pkl)
+    except (zipfile.BadZipFile, StopIteration) as e:
+        raise ValueError(f"{path} is not a torch zip checkpoint ({e})") from e
+    allowed = set(wu._get_allowed_globals()) | set(wu._get_user_allowed_globals())
+    found, pushed, memo = [], [], {}  # pushed: the values of the last push ops (None: not a string)
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+            pushed.append(arg)
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1] if pushed else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(arg))
+        elif op.name == "GLOBAL":
+            found.append(_py3_global(*arg.split(" ", 1)))
+            pushed.append(None)
+        elif op.name == "STACK_GLOBAL":
+            if len(pushed) >= 2 and isinstance(pushed[-2], str) and isinstance(pushed[-1], str):
+                found.append(_py3_global(pushed[-2], pushed[-1]))
+            else:
+                found.append("<a global this reader cannot name>")
+            pushed.append(None)
+        else:
+            pushed.append(None)
+        del pushed[:-2]
+    return sorted({g for g in found if g not in allowed})

@@ -1,20 +1,45 @@
 #!/usr/bin/env bash
-# Create .venv (once) with the pinned stack, sa2va_hooks itself (editable) and the test extras.
-# Safe to re-run: it only installs what is missing.
+# Create (or refresh) the virtualenv of one tested stack and install sa2va_hooks into it the way a
+# user would. Usage: scripts/setup_env.sh [default|newest|sa2va]   (default: default)
+#
+# - The stack is requirements/<stack>.txt, a complete lock (every package, exact version), installed
+#   with --no-deps so that it is exactly that stack (xtuner's own pins conflict with two of them;
+#   docs/environment.md says why each is what it is).
+# - Then `pip install .` with dependency resolution, as a user installs into an existing environment.
+#   If that would change any package of the stack, the declared ranges (setup.py) do not admit it
+#   and this script fails, naming the packages.
+# The venv is .venv for the default stack and .venv-<stack> for the others; it is rebuilt only when
+# the lock file changes. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+STACK=${1:-default}
+LOCK=requirements/$STACK.txt
+[ -f "$LOCK" ] || { echo "setup_env: no lock file $LOCK (stacks: $(ls requirements | sed 's/\.txt//' | tr '\n' ' '))" >&2; exit 2; }
+VENV=.venv
+[ "$STACK" = default ] || VENV=.venv-$STACK
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+PIP=(-q --disable-pip-version-check)
+STAMP=$(sha256sum "$LOCK" | cut -c1-16)
+if [ "$(cat "$VENV/.stack-lock" 2>/dev/null)" != "$STAMP" ]; then
+  echo "setup_env: building $VENV from $LOCK (a few minutes on a fresh machine)"
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install "${PIP[@]}" --no-deps -r "$LOCK" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import torch, transformers, peft, mmengine" \
+    || { echo "setup_env: the $STACK stack does not import; see the errors above" >&2; exit 1; }
+  echo "$STAMP" > "$VENV/.stack-lock"
 fi
-VPY="$PWD/.venv/bin/python"
-if ! (cd / && "$VPY" -c "import sa2va_hooks, xtuner, bitsandbytes, pytest, deepspeed") >/dev/null 2>&1 \
-   || ! "$VPY" -c "import importlib.metadata as m; assert m.version('bitsandbytes') == '0.49.2'" >/dev/null 2>&1; then
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
-  # xtuner 0.2.0 pins bitsandbytes==0.45.0, which fails to import with torch 2.14.1
-  # ("No module named 'triton.ops'"); PEFT imports bitsandbytes whenever it is installed,
-  # so get_peft_model breaks. 0.49.2 imports and works with PEFT 0.21.2. pip prints a
-  # warning about xtuner's pin here; that is expected (docs/environment.md).
-  .venv/bin/pip install -q --disable-pip-version-check bitsandbytes==0.49.2 2>&1 | grep -v "xtuner 0.2.0 requires bitsandbytes" || true
+# sa2va_hooks itself, with dependency resolution: the ranges must admit this stack as it is
+before=$("$VENV/bin/pip" freeze --disable-pip-version-check | grep -v -i "^sa2va.hooks" | sort)
+"$VENV/bin/pip" install "${PIP[@]}" . 2>&1 | grep -v -E "^WARNING: Location|dependency resolver does not|^xtuner .* requires" || true
+after=$("$VENV/bin/pip" freeze --disable-pip-version-check | grep -v -i "^sa2va.hooks" | sort)
+if [ "$before" != "$after" ]; then
+  echo "setup_env: 'pip install .' changed the $STACK stack; setup.py's ranges do not admit it:" >&2
+  diff <(echo "$before") <(echo "$after") >&2 || true
+  exit 1
 fi
+# A real bitsandbytes 0.45.0 wheel (xtuner 0.2.0's pin) for the test of the clear message it must produce
+mkdir -p .cache/wheels
+ls .cache/wheels/bitsandbytes-0.45.0-*.whl >/dev/null 2>&1 \
+  || "$VENV/bin/pip" download "${PIP[@]}" --no-deps bitsandbytes==0.45.0 -d .cache/wheels 2>&1 | grep -v "^WARNING: Location" || true

@@ -18,6 +18,52 @@ def tiny_qwen2(vocab: int = 96, tie: bool = False, seed: int = 0):
     return Qwen2ForCausalLM(cfg)
 
 
+# The newest stack's PEFT (requirements/current.txt). On it every PEFT feature must build; an older PEFT
+# (the Sa2VA-era stack, 0.11.1) may lack some, and those cases skip with PEFT's own error as the reason.
+NEWEST_TESTED_PEFT = "0.21"
+
+
+def build_or_skip_on_old_peft(build, what: str):
+    """``build()``, or a skip naming PEFT's version when an older PEFT cannot construct ``what``."""
+    import peft
+    from packaging.version import Version
+    try:
+        return build()
+    except (TypeError, ValueError, AttributeError, ImportError, NotImplementedError) as e:
+        if Version(peft.__version__) >= Version(NEWEST_TESTED_PEFT):
+            raise
+        pytest.skip(f"peft {peft.__version__} cannot build {what}: {type(e).__name__}: {e}")
+
+
+def xtuner_or_skip(llm_class: str = "Qwen2ForCausalLM") -> None:
+    """Skip, naming the reason, where this stack cannot run xtuner's model classes over ``llm_class``:
+    xtuner is absent (0.2.0 pins transformers==4.48.0 and does not import with transformers 5), or
+    xtuner's own ``dispatch_modules`` asserts a newer transformers for that LLM class (xtuner 0.2.0
+    wants 4.48 for Qwen2; Sa2VA's xtuner 0.1.23, which accepts 4.42, is not on PyPI)."""
+    import importlib.util
+    if importlib.util.find_spec("xtuner") is None:
+        pytest.skip("xtuner is not installed in this stack (xtuner 0.2.0 pins transformers==4.48.0 and does not "
+                    "import with transformers 5)")
+    import transformers
+    from mmengine.utils import digit_version
+    from xtuner.model.modules.dispatch import LOWEST_TRANSFORMERS_VERSION
+    need = LOWEST_TRANSFORMERS_VERSION.get(llm_class)
+    if need is not None and digit_version(transformers.__version__) < need:
+        import xtuner
+        pytest.skip(f"xtuner {xtuner.__version__} refuses {llm_class} below transformers "
+                    f"{'.'.join(map(str, need[:2]))} (its dispatch_modules check); this stack has "
+                    f"{transformers.__version__}")
+
+
+def transformers_class_or_skip(name: str):
+    """``transformers.<name>``, or a skip naming the installed version that lacks it."""
+    import transformers
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    return cls
+
+
 def train_like(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
     """Give every trainable parameter (LoRA B included, which PEFT zero-inits) non-zero updates."""
     g = torch.Generator().manual_seed(seed)

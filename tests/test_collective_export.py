@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 import subprocess
+import time
 import traceback
 from pathlib import Path
 
@@ -50,6 +51,10 @@ def _worker(rank: int, world: int, init: str, out: str, scenario: str, result_di
     except Exception as e:  # noqa: BLE001 - reported to the test through the result file
         outcome.update(ok=False, error=f"{type(e).__name__}: {e}", tb=traceback.format_exc())
     Path(result_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
+    # torch 2.4's ProcessGroupGloo destructor joins its worker threads while holding the GIL, and a
+    # worker still freeing the last collective's tensors needs the GIL: a deadlock at shutdown (seen
+    # with the Sa2VA-era stack). Give the workers a moment, with the GIL released, before destroying.
+    time.sleep(0.5)
     dist.destroy_process_group()
 
 

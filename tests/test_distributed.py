@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM
 
 pytest.importorskip("deepspeed", reason="the distributed tests need DeepSpeed (pip install -e .[deepspeed])")
 
+from conftest import xtuner_or_skip  # noqa: E402
 from sa2va_hooks.core.fingerprint import fingerprint_tensor  # noqa: E402
 from sa2va_hooks.core.verify import verify_snapshot  # noqa: E402
 from sa2va_hooks.offline import extract_state_dict, load_checkpoint, recorded_fingerprints  # noqa: E402
@@ -51,6 +52,8 @@ _ports = itertools.count(29600 + os.getpid() % 200)
 
 def _launch(cwd: Path, mode: str, *, hooks: bool = True, env_extra: dict | None = None,
             work: Path | None = None, extra: tuple = ()) -> tuple[Path, str]:
+    if mode in XTUNER_MODES:
+        xtuner_or_skip("Qwen2ForCausalLM")
     work = work or cwd / f"{mode}{'' if hooks else '_nohooks'}{'_fail' if env_extra else ''}"
     args = [*extra, *LAUNCH[mode]]
     opts = ["custom_hooks.1.max_shard_size=20000"] if hooks else ["custom_hooks=[]"]
@@ -81,15 +84,25 @@ def cwd(tmp_path_factory):
     return d
 
 
+class _Runs(dict):
+    """mode -> (work dir, log) with the hooks, and (work dir) without; each mode is launched once, when
+    a test first asks for it, so that a stack without xtuner still runs the FSDP launch (which is
+    not xtuner's) and skips only the xtuner modes."""
+
+    def __init__(self, cwd: Path) -> None:
+        super().__init__()
+        self.cwd = cwd
+
+    def __missing__(self, mode: str):
+        with_hooks = _launch(self.cwd, mode)
+        without, _ = _launch(self.cwd, mode, hooks=False)
+        self[mode] = (*with_hooks, without)
+        return self[mode]
+
+
 @pytest.fixture(scope="module")
 def runs(cwd):
-    """mode -> (work dir, log) with the hooks, and (work dir) without; launched once each."""
-    out = {}
-    for mode in LAUNCH:
-        with_hooks = _launch(cwd, mode)
-        without, _ = _launch(cwd, mode, hooks=False)
-        out[mode] = (*with_hooks, without)
-    return out
+    return _Runs(cwd)
 
 
 def _state(ckpt_path: Path) -> tuple[dict, dict]:

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from conftest import assert_unchanged, snapshot_params, train_like
+from conftest import assert_unchanged, snapshot_params, train_like, transformers_class_or_skip, xtuner_or_skip
 from sa2va_hooks import export_hf
 from sa2va_hooks.compat import apply_torch_cpu_bf16_shim
 from sa2va_hooks.converters.base import ConversionError
@@ -19,6 +19,7 @@ G = torch.Generator().manual_seed(11)
 
 
 def _xtuner_llava(tmp_path, with_image_token=True):
+    xtuner_or_skip("Qwen2ForCausalLM")
     apply_torch_cpu_bf16_shim()
     from transformers import AutoModelForCausalLM, CLIPVisionModel
     from xtuner.model import LLaVAModel
@@ -83,6 +84,7 @@ def test_llava_without_image_token_is_refused_not_invented(tmp_path):
 
 
 def test_internvl_export_of_xtuner_internvl_v1_5(tmp_path):
+    xtuner_or_skip("InternVL_V1_5")
     apply_torch_cpu_bf16_shim()
     from transformers import AutoModel
     from xtuner.model import InternVL_V1_5
@@ -125,6 +127,7 @@ def test_internvl_export_of_xtuner_internvl_v1_5(tmp_path):
 
 def test_sa2va_qwen_export_loads_with_remote_code(tmp_path):
     from pathlib import Path
+    transformers_class_or_skip("Qwen2VLForConditionalGeneration")
     from transformers import AutoModel, Qwen2VLImageProcessor
     import sa2va_hooks.demo.hf_code_qwen as code
     from sa2va_hooks.demo.families import TinySa2VAQwen
@@ -164,6 +167,10 @@ def test_sa2va_qwen_export_loads_with_remote_code(tmp_path):
                                              ("xtuner_tiny_internvl", "AutoModel"),
                                              ("tiny_sa2va_qwen_demo", "AutoModel")])
 def test_family_demo_config_trains_with_the_hooks_and_exports_loadable_snapshots(config, hf_class, tmp_path):
+    if config == "tiny_sa2va_qwen_demo":
+        transformers_class_or_skip("Qwen2VLForConditionalGeneration")
+    else:
+        xtuner_or_skip("Qwen2ForCausalLM")
     import os
     import subprocess
     import sys

@@ -9,7 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from conftest import assert_unchanged, peft_reference, snapshot_params, tiny_qwen2, train_like
+from conftest import (assert_unchanged, build_or_skip_on_old_peft, peft_reference, snapshot_params, tiny_qwen2,
+                      train_like)
 from sa2va_hooks import export_hf
 from sa2va_hooks.core.merge import UnsupportedModuleError
 
@@ -65,8 +66,10 @@ def test_export_of_merged_adapter_is_not_double_counted(tmp_path):
 
 def test_trainable_tokens_are_merged_or_refused_never_dropped(tmp_path):
     """PEFT's trainable_token_indices: either exported exactly as PEFT merges it, or refused."""
-    pm = get_peft_model(tiny_qwen2(), LoraConfig(r=4, target_modules=["q_proj"],
-                                                 trainable_token_indices={"embed_tokens": [3, 5]}))
+    pm = build_or_skip_on_old_peft(
+        lambda: get_peft_model(tiny_qwen2(), LoraConfig(r=4, target_modules=["q_proj"],
+                                                        trainable_token_indices={"embed_tokens": [3, 5]})),
+        "trainable_token_indices")
     train_like(pm)
     try:
         export_hf(pm, tmp_path / "out")

@@ -21,7 +21,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
                           GPT2Config, GPT2LMHeadModel, ResNetConfig, ResNetForImageClassification, WhisperConfig,
                           WhisperForConditionalGeneration)
 
-from conftest import assert_unchanged, snapshot_params, tiny_qwen2, train_like
+from conftest import assert_unchanged, build_or_skip_on_old_peft, snapshot_params, tiny_qwen2, train_like
 from sa2va_hooks import export_hf
 
 G = torch.Generator().manual_seed(7)
@@ -59,12 +59,17 @@ def whisper():
 
 def resized_qwen():
     model, cls, inputs = qwen()
-    model.resize_token_embeddings(100, mean_resizing=False)  # 4 tokens added for the fine-tune
+    # 4 tokens added for the fine-tune; transformers < 4.46 has no mean_resizing (and never mean-resizes)
+    import inspect
+    kw = {"mean_resizing": False} if "mean_resizing" in inspect.signature(model.resize_token_embeddings).parameters else {}
+    model.resize_token_embeddings(100, **kw)
     return model, cls, lambda: {"input_ids": torch.randint(0, 100, (2, 9), generator=G)}
 
 
 def lora(**kw):
-    return LoraConfig(lora_dropout=0.0, **kw)
+    """The config is built when the case runs, so that an older PEFT that lacks an option skips
+    that case (with PEFT's own words) instead of failing the whole module's collection."""
+    return lambda: LoraConfig(lora_dropout=0.0, **kw)
 
 
 # case: (model factory, PEFT config or None for full fine-tuning, model dtype, export dtype)
@@ -102,11 +107,11 @@ CASES = {
                                      torch.float32, torch.bfloat16),
     "full_finetune_no_lora": (qwen, None, torch.float32, torch.bfloat16),
     "partially_frozen": (qwen, "freeze_layer0", torch.float32, torch.bfloat16),
-    "adalora": (qwen, AdaLoraConfig(init_r=6, target_r=4, target_modules=["q_proj", "v_proj"], total_step=10),
+    "adalora": (qwen, lambda: AdaLoraConfig(init_r=6, target_r=4, target_modules=["q_proj", "v_proj"], total_step=10),
                 torch.float32, torch.bfloat16),
-    "loha": (qwen, LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), torch.float32, torch.bfloat16),
-    "lokr": (qwen, LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), torch.float32, torch.bfloat16),
-    "ia3": (qwen, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "loha": (qwen, lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), torch.float32, torch.bfloat16),
+    "lokr": (qwen, lambda: LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), torch.float32, torch.bfloat16),
+    "ia3": (qwen, lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
             torch.float32, torch.bfloat16),
 }
 # Where the PeftModel itself cannot run forward, compare with PEFT's own merged fp32 model.
@@ -126,7 +131,7 @@ def _build(case: str):
         for n, p in live.named_parameters():
             p.requires_grad_(not n.startswith("model.layers.0."))
     else:
-        live = get_peft_model(model, config)
+        live = build_or_skip_on_old_peft(lambda: get_peft_model(model, config()), case)
     live = live.to(model_dtype)
     train_like(live, scale=0.05)
     return live.eval(), hf_cls, inputs, export_dtype
@@ -194,8 +199,8 @@ def test_untying_is_reported(tmp_path):
 
 
 def test_only_active_adapter_is_merged_and_inactive_ones_are_reported(tmp_path):
-    pm = get_peft_model(tiny_qwen2(), lora(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
-    pm.add_adapter("other", lora(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    pm = get_peft_model(tiny_qwen2(), lora(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])())
+    pm.add_adapter("other", lora(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])())
     pm.set_adapter("default")
     train_like(pm)
     with torch.no_grad():  # the inactive adapter has values too, so merging it by mistake would show
@@ -211,14 +216,14 @@ def test_only_active_adapter_is_merged_and_inactive_ones_are_reported(tmp_path):
 
 def test_disabled_adapter_is_refused(tmp_path):
     from sa2va_hooks.core.merge import UnsupportedModuleError
-    pm = get_peft_model(tiny_qwen2(), lora(r=4, target_modules=["q_proj"]))
+    pm = get_peft_model(tiny_qwen2(), lora(r=4, target_modules=["q_proj"])())
     with pm.disable_adapter():
         with pytest.raises(UnsupportedModuleError, match="adapters disabled"):
             export_hf(pm, tmp_path / "out")
 
 
 def test_vblora_is_merged_by_peft_own_math(tmp_path):
-    from peft import VBLoRAConfig
+    VBLoRAConfig = build_or_skip_on_old_peft(lambda: __import__("peft").VBLoRAConfig, "VBLoRA")
     pm = get_peft_model(tiny_qwen2(), VBLoRAConfig(r=2, target_modules=["q_proj"], vector_length=8, num_vectors=8))
     train_like(pm)
     m = export_hf(pm, tmp_path / "out")
@@ -232,7 +237,7 @@ def test_a_merge_peft_refuses_is_an_error_naming_module_and_type(tmp_path, monke
     """When PEFT's own merge raises for a layer (e.g. an Arrow router), the export is refused."""
     from peft.tuners.lora.layer import Linear
     from sa2va_hooks.core.merge import UnsupportedModuleError
-    pm = get_peft_model(tiny_qwen2(), lora(r=4, target_modules=["q_proj"]))
+    pm = get_peft_model(tiny_qwen2(), lora(r=4, target_modules=["q_proj"])())
 
     def refuse(self, *a, **k):
         raise RuntimeError("Cannot merge an active Arrow router adapter. Remove it first.")

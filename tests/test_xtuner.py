@@ -18,11 +18,14 @@ from sa2va_hooks.compat import allow_mmengine_checkpoint_globals, apply_torch_cp
 from sa2va_hooks.core.fingerprint import FingerprintSet, fingerprint_tensor
 from sa2va_hooks.core.verify import verify_snapshot
 
+from conftest import xtuner_or_skip
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def xtuner_run(tmp_path_factory):
+    xtuner_or_skip("Qwen2ForCausalLM")
     cwd = tmp_path_factory.mktemp("xtuner")
     env = {**os.environ, "SA2VA_TINY_LLM": "work_dirs/tiny_llm", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"),

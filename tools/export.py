@@ -49,9 +49,13 @@ def main(argv=None) -> int:
     # with --json, stdout carries the JSON alone: whatever the model code (or a logger created
     # while importing it) prints goes to stderr
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
-    with quiet:
-        from sa2va_hooks.offline import (CheckpointMismatchError, FingerprintMismatchError,
-                                         PretrainedMostlyUnusedError, export_checkpoint)
+    try:
+        with quiet:
+            from sa2va_hooks.offline import (CheckpointMismatchError, FingerprintMismatchError,
+                                             PretrainedMostlyUnusedError, export_checkpoint)
+    except ImportError as e:  # e.g. a bitsandbytes that PEFT cannot use: the message says why and what to do
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     try:
         with quiet:
             res = export_checkpoint(args.config, args.checkpoint, args.out, converter=args.converter, dtype=args.dtype,

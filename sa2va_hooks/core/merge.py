@@ -27,12 +27,13 @@ import torch
 from torch import nn
 
 from peft import PeftModel
-
-from .sharding import is_fsdp_module
-from .snapshot import live, read
-from .sharding import logical_shape as sharded_shape
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from peft.utils.other import ModulesToSaveWrapper
+
+from ..compat import AuxiliaryTrainingWrapper, active_saved_copies
+from .sharding import is_fsdp_module
+from .sharding import logical_shape as sharded_shape
+from .snapshot import live, read
 
 ROLE_FROZEN = "frozen"
 ROLE_TRAINABLE = "trainable"  # a parameter trained directly (projector, head, mask decoder)
@@ -455,7 +456,7 @@ class _Walker:
             raise UnsupportedModuleError(
                 f"modules_to_save wrapper '{name}' has its adapters disabled, so the model uses the original module. "
                 "Re-enable the adapter before exporting.")
-        active = list(wrapper.active_adapters)
+        active = active_saved_copies(wrapper)
         adapter = active[0] if active else None
         if adapter not in wrapper.modules_to_save:
             raise UnsupportedModuleError(

@@ -1,6 +1,7 @@
 """Run the tiny Sa2VA demo config with the real mmengine Runner (demo and tests share this)."""
 from __future__ import annotations
 
+import logging
 import uuid
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,25 @@ def tiny_config(work_dir: str | Path, base_dir: str | Path, *, seed: int = 0, da
     return cfg
 
 
+class BannerToFileRunner(Runner):
+    """mmengine's Runner, but its environment banner (hundreds of lines of build flags, then the
+    whole config) goes to the run's log file only, not to the console: the demo's first lines on
+    screen are then its own."""
+
+    def _log_env(self, env_cfg: dict) -> None:
+        console = [h for h in self.logger.handlers
+                   if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+        levels = [h.level for h in console]
+        for h in console:
+            h.setLevel(logging.WARNING)
+        try:
+            super()._log_env(env_cfg)
+        finally:
+            for h, level in zip(console, levels):
+                h.setLevel(level)
+
+
 def train_tiny(work_dir: str | Path, base_dir: str | Path, **kwargs: Any) -> Runner:
-    runner = Runner.from_cfg(tiny_config(work_dir, base_dir, **kwargs))
+    runner = BannerToFileRunner.from_cfg(tiny_config(work_dir, base_dir, **kwargs))
     runner.train()
     return runner

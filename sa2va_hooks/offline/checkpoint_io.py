@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..compat import allow_mmengine_checkpoint_globals
+from ..compat import allow_mmengine_checkpoint_globals, unsafe_globals_in_checkpoint
 from ..core.fingerprint import Fingerprint, FingerprintSet
 from ..hooks.common import BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY
 
@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
 
 def _unsafe_globals(path: Path) -> str:
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        names = unsafe_globals_in_checkpoint(str(path))
     except (RuntimeError, ValueError, pickle.UnpicklingError, OSError) as e:
         return f"could not list them: {e}"
     return ", ".join(names) or "none listed"
@@ -79,7 +79,7 @@ def _check_pickles(tag_dir: Path, allow_pickle: bool, log: Callable[[str], None]
         return
     for f in sorted(tag_dir.glob("*.pt")):
         try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+            names = unsafe_globals_in_checkpoint(str(f))
         except (RuntimeError, ValueError, pickle.UnpicklingError, OSError) as e:
             raise UnsafeCheckpointError(f"cannot inspect {f} before loading it ({e}); it is not a readable torch "
                                         "checkpoint file. Nothing in it was run.") from e
