@@ -6,6 +6,7 @@ The tested matrix (README, "Install into an existing environment") runs from a S
 - PEFT < 0.12's ``ModulesToSaveWrapper`` has one ``active_adapter``: :func:`active_saved_copies`.
 - torch < 2.5 has no ``get_unsafe_globals_in_checkpoint`` and does not allow ``codecs.encode``:
   :func:`unsafe_globals_in_checkpoint`, :func:`mmengine_checkpoint_safe_globals`.
+- transformers 5 writes a config's dtype as ``dtype``, earlier ones as ``torch_dtype``: :func:`config_dtype_keys`.
 - PEFT < 0.15 has no ``AuxiliaryTrainingWrapper`` (the base class of ``ModulesToSaveWrapper`` and
   the trainable-token wrappers added later): :data:`AuxiliaryTrainingWrapper` stands in for it.
 
@@ -61,6 +62,14 @@ def active_saved_copies(wrapper) -> list[str]:
     if names is None:
         names = wrapper.active_adapter
     return [names] if isinstance(names, str) else list(names)
+
+
+def config_dtype_keys(cfg: dict) -> list[str]:
+    """The config.json keys that declare the dtype: the installed transformers' own (``dtype`` from 5,
+    ``torch_dtype`` before) plus any the dict already carries."""
+    import transformers
+    own = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return [k for k in ("dtype", "torch_dtype") if k == own or k in cfg]
 
 
 def mmengine_checkpoint_safe_globals() -> list:

@@ -107,8 +107,9 @@ def version_rows() -> list[tuple[str, str, str, bool]]:
 def feature_checks() -> list[tuple[str, bool, str]]:
     """(feature, works, how it was checked or why not), each by a real, tiny run or import."""
     checks = [("LoRA merge + export + verify + from_pretrained", _check_export),
-              ("mmengine hooks", _check_hooks), ("xtuner model classes", _check_xtuner),
-              ("DeepSpeed launch modes (ZeRO-2/3)", _check_deepspeed), ("QLoRA bases (bitsandbytes)", _check_bnb)]
+              ("mmengine hooks register", _check_hooks), ("xtuner model classes import", _check_xtuner),
+              ("DeepSpeed for ZeRO-2/3 imports under mmengine", _check_deepspeed),
+              ("bitsandbytes for QLoRA bases imports", _check_bnb)]
     out = []
     for name, check in checks:
         try:

@@ -33,6 +33,7 @@ fi
 # sa2va_hooks itself, with dependency resolution: the ranges must admit this stack as it is
 before=$("$VENV/bin/pip" freeze --disable-pip-version-check | grep -v -i "^sa2va.hooks" | sort)
 "$VENV/bin/pip" install "${PIP[@]}" . 2>&1 | grep -v -E "^WARNING: Location|dependency resolver does not|^xtuner .* requires" || true
+rm -rf build sa2va_hooks.egg-info  # the build's leftovers in the checkout would shadow the installed metadata
 after=$("$VENV/bin/pip" freeze --disable-pip-version-check | grep -v -i "^sa2va.hooks" | sort)
 if [ "$before" != "$after" ]; then
   echo "setup_env: 'pip install .' changed the $STACK stack; setup.py's ranges do not admit it:" >&2

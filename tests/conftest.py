@@ -64,6 +64,11 @@ def transformers_class_or_skip(name: str):
     return cls
 
 
+def config_dtype(cfg: dict) -> str | None:
+    """The dtype a written config.json declares: ``dtype`` from transformers 5, ``torch_dtype`` before."""
+    return cfg.get("dtype", cfg.get("torch_dtype"))
+
+
 def train_like(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> None:
     """Give every trainable parameter (LoRA B included, which PEFT zero-inits) non-zero updates."""
     g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_unchanged, snapshot_params, tiny_qwen2, train_like
+from conftest import assert_unchanged, config_dtype, snapshot_params, tiny_qwen2, train_like
 from sa2va_hooks import export_hf
 from sa2va_hooks.core.merge import dequantized_weight
 
@@ -100,7 +100,7 @@ def test_qlora_export_dequantizes_and_merges_like_peft_in_fp32(bits, tmp_path):
     reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", torch_dtype=torch.float32,
                                                           output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert config_dtype(json.loads((tmp_path / "out" / "config.json").read_text())) == "bfloat16"
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, have = pm.eval()(input_ids=ids).logits, reloaded.eval()(input_ids=ids).logits

@@ -21,7 +21,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
                           GPT2Config, GPT2LMHeadModel, ResNetConfig, ResNetForImageClassification, WhisperConfig,
                           WhisperForConditionalGeneration)
 
-from conftest import assert_unchanged, build_or_skip_on_old_peft, snapshot_params, tiny_qwen2, train_like
+from conftest import (assert_unchanged, build_or_skip_on_old_peft, config_dtype, snapshot_params, tiny_qwen2,
+                      train_like)
 from sa2va_hooks import export_hf
 
 G = torch.Generator().manual_seed(7)
@@ -175,7 +176,7 @@ def test_variant_export_matches_peft_and_reloads(case, tmp_path):
     assert rel < REL_TOL[dtype], rel
 
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg["torch_dtype"] == str(dtype).removeprefix("torch.")
+    assert config_dtype(cfg) == str(dtype).removeprefix("torch.")
     if reloaded.can_generate():  # the live model's generation settings travel with the weights
         from transformers import GenerationConfig
         assert GenerationConfig.from_pretrained(tmp_path / "out").top_k == 7

@@ -43,6 +43,20 @@ class SnapshotContext:
     notes: list[str]
 
 
+def set_dtype(cfg: dict, ctx: SnapshotContext, *subs: str) -> None:
+    """Declare the export dtype in a config dict and in its named sub-configs, under the key(s) the
+    installed transformers reads (``dtype`` from 5, ``torch_dtype`` before) and any the dict already
+    has, so that no stale dtype is left beside the new one."""
+    if ctx.dtype is None:
+        return
+    from ..compat import config_dtype_keys
+    name = str(ctx.dtype).removeprefix("torch.")
+    for d in [cfg, *(cfg.get(sub) for sub in subs)]:
+        if isinstance(d, dict):
+            for key in config_dtype_keys(d):
+                d[key] = name
+
+
 def _first_rule(key: str, rules: Sequence[tuple[str, str | None]]) -> tuple[bool, str | None]:
     for pattern, repl in rules:
         if re.search(pattern, key):

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import CONVERTERS, ConversionError, Converter, SnapshotContext
+from .base import CONVERTERS, ConversionError, Converter, SnapshotContext, set_dtype
 from .causal_lm import embedding_rows
 
 PARTS = ("vision_model", "language_model", "mlp1")
@@ -39,16 +39,6 @@ def set_llm_vocab(cfg: dict, rows: int | None, ctx: SnapshotContext, key: str = 
     if sub.get("vocab_size") != rows:
         ctx.notes.append(f"{key}.vocab_size set from {sub.get('vocab_size')} to {rows}, the embedding rows")
     sub["vocab_size"] = rows
-
-
-def set_dtype(cfg: dict, ctx: SnapshotContext, *subs: str) -> None:
-    if ctx.dtype is None:
-        return
-    name = str(ctx.dtype).removeprefix("torch.")
-    cfg["torch_dtype"] = name
-    for sub in subs:
-        if isinstance(cfg.get(sub), dict):
-            cfg[sub]["torch_dtype"] = name
 
 
 def copy_remote_code(code_dir: str | Path | None, out_dir: Path, ctx: SnapshotContext) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import CONVERTERS, ConversionError, Converter, SnapshotContext
+from .base import CONVERTERS, ConversionError, Converter, SnapshotContext, set_dtype
 from .causal_lm import embedding_rows, unwrap_hf
 from .internvl import base_config_dict
 
@@ -78,10 +78,7 @@ class Sa2VAConverter(Converter):
         cfg["template"] = template
         cfg["auto_map"] = dict(self.auto_map)
         cfg["architectures"] = list(self.architectures)
-        if ctx.dtype is not None:
-            dtype_name = str(ctx.dtype).removeprefix("torch.")
-            cfg["torch_dtype"] = dtype_name
-            cfg["llm_config"]["torch_dtype"] = dtype_name
+        set_dtype(cfg, ctx, "llm_config")
         inner = unwrap_hf(model.mllm.model.language_model)
         if getattr(inner.config, "tie_word_embeddings", False) and "language_model.lm_head.weight" in ctx.names:
             cfg["llm_config"]["tie_word_embeddings"] = False
@@ -142,10 +139,7 @@ class Sa2VAQwenConverter(Sa2VAConverter):
         cfg["template"] = template.get("name", template) if isinstance(template, dict) else template
         cfg["auto_map"] = dict(self.auto_map)
         cfg["architectures"] = list(self.architectures)
-        if ctx.dtype is not None:
-            cfg["torch_dtype"] = str(ctx.dtype).removeprefix("torch.")
-            if isinstance(cfg.get("text_config"), dict):
-                cfg["text_config"]["torch_dtype"] = cfg["torch_dtype"]
+        set_dtype(cfg, ctx, "text_config")
         return cfg
 
     def save_extras(self, model: nn.Module, out_dir: Path, ctx: SnapshotContext) -> None:

@@ -33,8 +33,10 @@ class TinySa2VAQwenChatModel(PreTrainedModel):
         super().__init__(config)
         self.model = Qwen2VLForConditionalGeneration(config)
         self.grounding_encoder = TinyGrounding(config.sam_dim)
-        self.text_hidden_fcs = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(),
-                                             nn.Linear(config.hidden_size, config.sam_dim), nn.Dropout(0.0))
+        # transformers >= 5 keeps the LLM's sizes in config.text_config; before, at the top level
+        hidden = getattr(getattr(config, "text_config", None), "hidden_size", None) or config.hidden_size
+        self.text_hidden_fcs = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(),
+                                             nn.Linear(hidden, config.sam_dim), nn.Dropout(0.0))
         self.post_init()
 
     def _init_weights(self, module):
