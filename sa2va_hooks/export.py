@@ -27,7 +27,7 @@ from .core.fingerprint import (Fingerprint, FingerprintSet, compare_fingerprints
 from .core.host import HostStager, reserve
 from .core.manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
 from .core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, NonFiniteError, non_finite_names, plan_merged_tensors
-from .core.verify import hash_safetensors_file
+from .core.verify import hash_safetensors_file, header_sha256
 from .core.dist import RankFailedError, RankFailure, RankGroup, agree, describe
 from .core.sharding import (ShardedTensorError, UnsupportedShardingError, check_full, gathered, is_partitioned,
                             iter_whole_parameters, logical_shape, needs_gather, refuse_unsupported_sharding)
@@ -371,7 +371,8 @@ class ExportTask:
         else:
             cfg.save_pretrained(str(staging))
         conv.save_extras(model, staging, ctx)
-        files = {rel: {"size": size} | ({} if rel.endswith(".safetensors") else {"sha256": sha256_file(staging / rel)})
+        files = {rel: {"size": size} | ({"header_sha256": header_sha256(staging / rel)} if rel.endswith(".safetensors")
+                                         else {"sha256": sha256_file(staging / rel)})
                  for rel, size in file_entries(staging, exclude=[MANIFEST_FILE]).items()}
         storage["bytes_written"] += sum(v["size"] for k, v in files.items() if not k.endswith(".safetensors"))
         dropped = {st.name: f"dropped by converter '{conv.name}'" for st in walk.tensors if names[st.name] is None}

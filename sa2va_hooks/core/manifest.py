@@ -73,6 +73,85 @@ class TrainingEffect:
         return d
 
 
+class ManifestError(ValueError):
+    """A manifest that cannot be read or does not follow the format: bad input, not a mismatch."""
+
+
+_HEX = set("0123456789abcdef")
+
+
+def _is_hex(v: object, n: int | None = None) -> bool:
+    return isinstance(v, str) and bool(v) and set(v) <= _HEX and (n is None or len(v) == n)
+
+
+def _is_rel_file(v: object) -> bool:
+    return isinstance(v, str) and bool(v) and not v.startswith("/") and ".." not in Path(v).parts
+
+
+def _shape_ok(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+
+
+def _size_ok(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# top-level field -> (type, required); then per-entry checks of tensors and files
+_TOP = {"format": (str, True), "converter": (str, True), "dtype": (str, True), "tensors": (dict, True),
+        "root_digest": (str, True), "files": (dict, True), "trained": (dict, True), "training_effect": (dict, True),
+        "provenance": (dict, False), "tied": (dict, False), "dropped": (dict, False), "renamed": (dict, False),
+        "notes": (list, False), "readback_verified": (bool, False), "storage": (dict, False)}
+_TENSOR = {"file": _is_rel_file, "digest": _is_hex, "dtype": lambda v: isinstance(v, str) and bool(v),
+           "shape": _shape_ok}
+_FILE = {"size": _size_ok}
+_FILE_OPTIONAL = {"sha256": lambda v: _is_hex(v, 64), "header_sha256": lambda v: _is_hex(v, 64)}
+
+
+def manifest_problems(d: object) -> list[str]:
+    """Every way ``d`` departs from the manifest format, as ``field: problem`` (empty when valid)."""
+    if not isinstance(d, dict):
+        return [f"(top level): expected a JSON object, got {type(d).__name__}"]
+    out = []
+    for key, (typ, required) in _TOP.items():
+        if key not in d:
+            if required:
+                out.append(f"{key}: missing")
+        elif not isinstance(d[key], typ):
+            out.append(f"{key}: expected {typ.__name__}, got {type(d[key]).__name__}")
+    if "format" in d and d["format"] != MANIFEST_FORMAT:
+        out.append(f"format: {d['format']!r} is not {MANIFEST_FORMAT!r} (written by another version?)")
+    if isinstance(d.get("root_digest"), str) and not _is_hex(d["root_digest"]):
+        out.append(f"root_digest: {d['root_digest']!r} is not a hex digest")
+    out += _entry_problems(d.get("tensors"), "tensors", _TENSOR, {})
+    out += _entry_problems(d.get("files"), "files", _FILE, _FILE_OPTIONAL)
+    if isinstance(d.get("tensors"), dict) and isinstance(d.get("files"), dict):
+        out += [f"tensors.{n}.file: {e['file']!r} is not among the manifest's files" for n, e in d["tensors"].items()
+                if isinstance(e, dict) and _is_rel_file(e.get("file")) and e["file"] not in d["files"]]
+    for key in ("tied", "dropped", "renamed"):
+        if isinstance(d.get(key), dict):
+            out += [f"{key}.{k}: expected a string, got {type(v).__name__}" for k, v in d[key].items()
+                    if not isinstance(v, str)]
+    return out
+
+
+def _entry_problems(entries: object, where: str, required: dict, optional: dict) -> list[str]:
+    if not isinstance(entries, dict):
+        return []
+    out = []
+    for name, e in entries.items():
+        if not isinstance(e, dict):
+            out.append(f"{where}.{name}: expected an object, got {type(e).__name__}")
+            continue
+        for field, ok in required.items():
+            if field not in e:
+                out.append(f"{where}.{name}.{field}: missing")
+            elif not ok(e[field]):
+                out.append(f"{where}.{name}.{field}: malformed value {e[field]!r}")
+        out += [f"{where}.{name}.{field}: malformed value {e[field]!r}" for field, ok in optional.items()
+                if field in e and not ok(e[field])]
+    return out
+
+
 @dataclasses.dataclass
 class ExportManifest:
     converter: str
@@ -96,18 +175,29 @@ class ExportManifest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "ExportManifest":
-        if d.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"unknown manifest format {d.get('format')!r}; expected {MANIFEST_FORMAT!r}. "
-                             "Was it written by a newer sa2va_hooks?")
+    def from_json(cls, d: Mapping[str, Any], source: str = "manifest") -> "ExportManifest":
+        """Validated against the format first: a missing or malformed field is a :class:`ManifestError`
+        naming ``source`` and the field, never a KeyError later."""
+        problems = manifest_problems(d)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ManifestError(f"{source} is not a valid sa2va_hooks manifest: {shown}. It was damaged or not "
+                                "written by this version of sa2va_hooks; re-export the snapshot.")
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in fields})
 
     @classmethod
     def load(cls, snapshot_dir: str | Path) -> "ExportManifest":
         path = Path(snapshot_dir) / MANIFEST_FILE
+        if not Path(snapshot_dir).is_dir():
+            raise FileNotFoundError(f"{snapshot_dir} is not a directory: give the snapshot directory "
+                                    f"(the one holding {MANIFEST_FILE}).")
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist: {snapshot_dir} is not a sa2va_hooks export, or it is "
                                     "incomplete. Re-export it, or use `diff` (which also reads plain HF directories).")
-        with open(path) as f:
-            return cls.from_json(json.load(f))
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{path} is not valid JSON ({e}): the manifest is truncated or damaged; "
+                                "re-export the snapshot.") from e
+        return cls.from_json(d, source=str(path))

@@ -5,8 +5,10 @@ is wrong ("missing X", "extra Y", "mismatch Z: expected A, got B").
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
@@ -14,8 +16,46 @@ from typing import Mapping
 from safetensors import SafetensorError, safe_open
 
 from .fingerprint import Fingerprint, compare_fingerprints, digest_tensor, root_digest
-from .manifest import MANIFEST_FILE, ExportManifest, sha256_file
-from .writer import INDEX_FILE, SINGLE_FILE
+from .manifest import MANIFEST_FILE, ExportManifest, ManifestError, sha256_file
+from .writer import _ST_DTYPES, INDEX_FILE, SINGLE_FILE
+
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+# what sa2va_hooks writes into every shard's __metadata__ (and transformers needs to load it)
+SHARD_METADATA = {"format": "pt"}
+_ST_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+class SnapshotInputError(ValueError):
+    """What was given to verify is not a snapshot it can check (no directory, no manifest, a damaged
+    manifest): bad input, exit 2, as opposed to a snapshot that differs from its manifest (exit 1)."""
+
+
+def read_safetensors_header(path: Path) -> tuple[bytes, dict]:
+    """(the header's raw bytes with their 8-byte length prefix, the parsed JSON) of a safetensors file,
+    read without loading any tensor. Raises ValueError for anything that is not such a header."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{size} bytes: shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return prefix + raw, header
+
+
+def header_sha256(path: Path) -> str:
+    """sha256 of a shard's header bytes: recorded at export, so that any byte of the header (metadata,
+    dtypes, shapes, offsets, padding) is covered; the data bytes are covered by the tensor digests."""
+    return hashlib.sha256(read_safetensors_header(path)[0]).hexdigest()
 
 
 def hash_safetensors_file(path: Path, workers: int | None = None) -> dict[str, str]:
@@ -78,6 +118,63 @@ def _check_index(root: Path, manifest: ExportManifest) -> list[str]:
     expected_total = sum(_nbytes(t) for t in manifest.tensors.values())
     if total != expected_total:
         problems.append(f"mismatch index total_size: expected {expected_total}, got {total}")
+    return problems
+
+
+def _check_headers(root: Path, manifest: ExportManifest) -> list[str]:
+    """Each shard's header against the manifest: the exact bytes (when recorded), the metadata, and
+    per tensor the dtype, the shape and offsets that tile the data with no gap, overlap or tail."""
+    problems = []
+    for fname in sorted({t["file"] for t in manifest.tensors.values()}):
+        path = root / fname
+        if not path.is_file():
+            continue  # reported as a missing file
+        try:
+            raw, header = read_safetensors_header(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"corrupt header of {fname}: {e}")
+            continue
+        want = manifest.files.get(fname, {}).get("header_sha256")
+        got = hashlib.sha256(raw).hexdigest()
+        if want is not None and got != want:
+            problems.append(f"mismatch header of {fname}: sha256 expected {want}, got {got}")
+        meta = header.pop("__metadata__", None)
+        if meta != SHARD_METADATA:
+            problems.append(f"mismatch __metadata__ of {fname}: expected {SHARD_METADATA}, got {meta}")
+        problems += _tensor_headers(fname, header, manifest, path.stat().st_size - len(raw))
+    return problems
+
+
+def _tensor_headers(fname: str, header: dict, manifest: ExportManifest, data_size: int) -> list[str]:
+    problems, spans = [], []
+    for name, e in header.items():
+        if not (isinstance(e, dict) and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+                and all(isinstance(x, int) for x in e["data_offsets"]) and isinstance(e.get("shape"), list)):
+            problems.append(f"corrupt header entry {name} in {fname}: {e!r}")
+            continue
+        m = manifest.tensors.get(name)
+        if m is not None and m["file"] == fname:
+            import torch
+            want = _ST_DTYPES.get(getattr(torch, m["dtype"], None), f"unknown dtype {m['dtype']!r}")
+            if e.get("dtype") != want:
+                problems.append(f"mismatch dtype of {name} in {fname}: manifest says {want}, header says {e.get('dtype')}")
+            if e["shape"] != m["shape"]:
+                problems.append(f"mismatch shape of {name} in {fname}: manifest says {m['shape']}, header says {e['shape']}")
+        start, end = e["data_offsets"]
+        count = 1
+        for d in e["shape"]:
+            count *= d if isinstance(d, int) else 0
+        if end - start != count * _ST_BYTES.get(e.get("dtype"), -1):
+            problems.append(f"corrupt header entry {name} in {fname}: offsets {e['data_offsets']} do not hold "
+                            f"{e.get('dtype')} {e['shape']}")
+        spans.append((start, end, name))
+    at = 0
+    for start, end, name in sorted(spans):
+        if start != at:
+            problems.append(f"corrupt header of {fname}: {name} starts at {start}, expected {at} (a gap or overlap)")
+        at = max(at, end)
+    if spans and at != data_size:
+        problems.append(f"corrupt header of {fname}: the tensors end at byte {at} of {data_size} data bytes")
     return problems
 
 
@@ -159,11 +256,16 @@ def _check_shapes(root: Path, manifest: ExportManifest) -> list[str]:
 
 
 def verify_snapshot(snapshot_dir: str | Path) -> list[str]:
-    """All problems found in a snapshot; an empty list means it is exactly what was exported."""
+    """All problems found in a snapshot; an empty list means it is exactly what was exported.
+
+    Raises :class:`SnapshotInputError` when there is nothing it can check: ``snapshot_dir`` is not a
+    directory, has no manifest (a plain HF folder, an empty folder), or its manifest is damaged."""
     root = Path(snapshot_dir)
     try:
         manifest = ExportManifest.load(root)
-    except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
-        return [str(e)]
+    except (FileNotFoundError, ManifestError) as e:
+        raise SnapshotInputError(str(e)) from None
+    if not manifest.tensors:
+        return [f"{MANIFEST_FILE} lists no tensors: an empty export is never a trained model"]
     return (_check_files(root, manifest) + _check_index(root, manifest) + _check_shapes(root, manifest) +
-            _check_tensors(root, manifest))
+            _check_headers(root, manifest) + _check_tensors(root, manifest))
