@@ -300,26 +300,108 @@ def check_free_space(directory: Path, need_bytes: int) -> None:
                       f"and {free / 2**30:.2f} GiB are free. Free some space or lower keep_last.")
 
 
+LEFTOVER = re.compile(r"^(?P<name>.+)\.(?P<kind>incomplete|old|trash)-[0-9a-f]{12}$")
+
+
+def remove_snapshot(path: Path) -> None:
+    """Delete a published snapshot without ever leaving a half-deleted one under its name: it is
+    renamed to a private trash name first (one atomic step), then deleted."""
+    trash = path.parent / f"{path.name}.trash-{uuid.uuid4().hex[:12]}"
+    os.rename(path, trash)
+    fsync_path(path.parent)
+    shutil.rmtree(trash)
+
+
+def clean_leftovers(parent: Path, owns=lambda name: True, log=print) -> list[str]:
+    """Our own leftovers beside the snapshots in ``parent``, after a crash: ``NAME.incomplete-*`` (an
+    export that never finished) and ``NAME.trash-*`` (a deletion that never finished) are removed;
+    ``NAME.old-*`` (a replace interrupted between its two renames) is put back under ``NAME`` when
+    nothing is there, else removed. Only names of that exact form whose ``NAME`` ``owns`` accepts are
+    touched; each action is logged and returned."""
+    if not parent.is_dir():
+        return []
+    found = sorted((m.group("kind") != "old", p.name, m.group("name"), p) for p in parent.iterdir()
+                   if (m := LEFTOVER.match(p.name)) and owns(m.group("name")))
+    done = []
+    for _, _, name, p in found:  # the .old-* first, so that a restore happens before anything is removed
+        final = parent / name
+        if p.name.startswith(f"{name}.old-") and not final.exists():
+            os.rename(p, final)
+            fsync_path(parent)
+            done.append(f"restored {final} from {p.name}: a replace was interrupted between its two renames")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p}: left behind by an interrupted export, replace or deletion")
+        log(done[-1])
+    return done
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory bottom-up, ``root`` last: whatever wrote
+    them (our writer, ``save_pretrained``, a tokenizer, a copied ``.py``), their bytes and names are
+    on disk before the rename that publishes them."""
+    dirs = []
+    for dirpath, _, filenames in os.walk(root):
+        dirs.append(Path(dirpath))
+        for name in filenames:
+            fsync_path(Path(dirpath) / name)
+    for d in reversed(dirs):
+        fsync_path(d)
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``). False
+    where the kernel, the C library or the filesystem cannot (the caller then falls back)."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, f"renameat2(RENAME_EXCHANGE) {a} <-> {b}: {os.strerror(err)}")
+
+
 def publish(staging: Path, out_dir: Path, *, overwrite: bool) -> None:
-    """Rename a complete staging directory into place; an old snapshot is replaced only after
-    the new one is complete, and is moved aside (not deleted) until the rename succeeded."""
-    fsync_path(staging)
-    old = None
+    """Put a complete staging directory in place. Everything in it is fsynced first. A previous
+    snapshot under ``out_dir`` is swapped out in one atomic step (``renameat2(RENAME_EXCHANGE)``), so
+    ``out_dir`` always names a complete snapshot, old or new; the old one then sits under the staging
+    name and is deleted. Where the swap is not available (not Linux, or a filesystem without it), the
+    old one is renamed aside first (``NAME.old-*``, restored if the second rename fails); a crash
+    between the two renames leaves it there, and the hook and tools/export.py restore it on their next
+    start (:func:`clean_leftovers`)."""
+    fsync_tree(staging)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"snapshot directory {out_dir} already exists; pass overwrite=True (--overwrite) "
+                              "to replace it, or choose another output directory.")
     if out_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f"snapshot directory {out_dir} already exists; pass overwrite=True (--overwrite) "
-                                  "to replace it, or choose another output directory.")
+        if not out_dir.is_dir() or out_dir.is_symlink():
+            raise FileExistsError(f"{out_dir} exists and is not a snapshot directory; refusing to replace it. "
+                                  "Remove it or choose another output directory.")
+        if exchange(staging, out_dir):
+            fsync_path(out_dir.parent)
+            shutil.rmtree(staging)  # now the old snapshot
+            return
         old = out_dir.parent / f"{out_dir.name}.old-{uuid.uuid4().hex[:12]}"
         os.rename(out_dir, old)
-    try:
-        os.rename(staging, out_dir)
-    except OSError:
-        if old is not None:
+        try:
+            os.rename(staging, out_dir)
+        except OSError:
             os.rename(old, out_dir)
-        raise
-    fsync_path(out_dir.parent)
-    if old is not None:
+            raise
+        fsync_path(out_dir.parent)
         shutil.rmtree(old)
+        return
+    os.rename(staging, out_dir)
+    fsync_path(out_dir.parent)
 
 
 def file_entries(directory: Path, exclude: Iterable[str] = ()) -> dict[str, int]:

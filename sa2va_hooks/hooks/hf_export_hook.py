@@ -27,7 +27,7 @@ from ..compat import allow_mmengine_checkpoint_globals
 from ..core.dist import RankGroup, agree
 from ..core.manifest import MANIFEST_FILE
 from ..core.sharding import needs_gather
-from ..core.writer import parse_size
+from ..core.writer import clean_leftovers, parse_size, remove_snapshot
 from ..export import FrontFailedError, export_hf, prepare_background_export, prepare_gathered_export, reserve_staging
 from .common import (CURRENT_TRAINED_KEY, background_exports, build_callable_cfg, checkpoint_due, checkpoint_point,
                      config_sha256, ensure_baseline, has_checkpoint_schedule, process_state, unwrapped_model)
@@ -283,14 +283,14 @@ class HFExportHook(Hook):
         return snaps[-1][1] if snaps else None
 
     def _remove_stale_staging(self, runner) -> None:
-        """A process killed mid-export leaves ``iter_N.incomplete-*``; those are ours by name and
-        never a finished snapshot, so they are removed (and said) when training starts again."""
+        """A process killed mid-export, mid-replace or mid-prune leaves ``iter_N.incomplete-*``,
+        ``iter_N.old-*`` or ``iter_N.trash-*``; those are ours by name. When training starts again an
+        interrupted replace is undone and the rest removed, each said in the log."""
         root = Path(self.out_dir) if self.out_dir else Path(runner.work_dir) / "hf"
-        if not root.is_dir() or not is_main_process():
+        if not is_main_process():
             return
-        for stale in sorted(root.glob("iter_*.incomplete-*")):
-            shutil.rmtree(stale, ignore_errors=True)
-            runner.logger.warning(f"[sa2va_hooks] removed {stale}: an export interrupted by an earlier crash")
+        clean_leftovers(root, owns=lambda name: bool(_ITER_DIR.match(name)),
+                        log=lambda msg: runner.logger.warning(f"[sa2va_hooks] {msg}"))
 
     def _prune(self, root: Path, keep: Path) -> None:
         if self.keep_last is None:
@@ -299,4 +299,4 @@ class HFExportHook(Hook):
                        if (m := _ITER_DIR.match(p.name)) and (p / MANIFEST_FILE).is_file())
         for _, p in snaps[:-self.keep_last]:
             if p != keep:
-                shutil.rmtree(p)
+                remove_snapshot(p)

@@ -21,6 +21,7 @@ from torch import nn
 from ..compat import allow_mmengine_checkpoint_globals, apply_torch_cpu_bf16_shim
 from ..core.fingerprint import compare_fingerprints
 from ..core.manifest import ExportManifest
+from ..core.writer import clean_leftovers
 from ..export import export_hf, frozen_root, trained_fingerprints
 from .checkpoint_io import extract_state_dict, load_checkpoint, recorded_fingerprints
 from .load_plan import apply_load_plan, full_state, plan_load
@@ -160,6 +161,18 @@ def _resolve_settings(cfg: Any, converter: Any, dtype: Any, max_shard_size: Any)
     return converter, dtype, max_shard_size
 
 
+def _check_out_first(out: Path, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Before any work: undo or remove our own leftovers for this exact name (an interrupted replace
+    is restored), then refuse an ``--out`` that exists without ``--overwrite``, or that is not a
+    directory, so nothing is computed for an export that cannot be published."""
+    clean_leftovers(out.parent, owns=lambda name: name == out.name, log=log)
+    if out.exists() and (not out.is_dir() or out.is_symlink()):
+        raise FileExistsError(f"--out {out} exists and is not a snapshot directory; remove it or choose another path.")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it (the old snapshot stays "
+                              "in place until the new one is complete), or choose another path.")
+
+
 def export_checkpoint(config: str | Path, checkpoint: str | Path, out_dir: str | Path, *, converter: Any = "auto",
                       dtype: Any = None, max_shard_size: int | str | None = None, cfg_options: dict | None = None,
                       overwrite: bool = False, verify: bool = True, allow_pickle: bool = False,
@@ -167,6 +180,7 @@ def export_checkpoint(config: str | Path, checkpoint: str | Path, out_dir: str |
                       log: Callable[[str], None] = print) -> OfflineExportResult:
     allow_mmengine_checkpoint_globals()
     lines: list[str] = []
+    _check_out_first(Path(out_dir), overwrite, log)
     ckpt = load_checkpoint(checkpoint, allow_pickle=allow_pickle, log=log)
     state = extract_state_dict(ckpt, checkpoint)
     recorded = recorded_fingerprints(ckpt, checkpoint)
