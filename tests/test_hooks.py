@@ -106,7 +106,7 @@ def test_stale_staging_from_a_crash_is_removed_and_said(tiny_base, tmp_path):
     train_tiny(tmp_path, tiny_base, hooks=[dict(type="HFExportHook")], max_iters=3, save_interval=3)
     assert not stale.exists()
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iter_3"]
-    assert "an export interrupted by an earlier crash" in _log_text(tmp_path)
+    assert f"removed {stale}: left behind by an interrupted export" in _log_text(tmp_path)
 
 
 def test_disk_full_during_a_later_export_keeps_the_earlier_snapshot(tiny_base, tmp_path, monkeypatch):
