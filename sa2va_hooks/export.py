@@ -558,7 +558,7 @@ def _open_staging(out_dir: Path, plan, group: RankGroup) -> Path:
     if group.is_main:
         try:
             out_dir.parent.mkdir(parents=True, exist_ok=True)
-            check_free_space(out_dir.parent, int(plan.total_size * 1.02) + (16 << 20))
+            check_free_space(out_dir.parent, plan.total_size)
             staging = staging_dir_for(out_dir)
             staging.mkdir()
             (staging / _TOKEN).write_text(token)

@@ -189,7 +189,17 @@ class _BackgroundFsync:
 
 
 def _write_bytes(f, data) -> None:
-    f.write(data)
+    try:
+        f.write(data)
+    except OSError as e:
+        raise with_path(e, f.name) from None
+
+
+def with_path(e: OSError, path) -> OSError:
+    """The same error, naming the file it happened on (a bare ENOSPC from write() names none)."""
+    if e.filename is not None or e.errno is None:
+        return e
+    return type(e)(e.errno, e.strerror or str(e), str(path))
 
 
 class ShardWriter:
@@ -234,6 +244,8 @@ class ShardWriter:
             self._flusher.close()
             os.fsync(self._f.fileno())
             return self._f.tell()
+        except OSError as e:
+            raise with_path(e, self.path) from None
         finally:
             self._f.close()
 
@@ -292,12 +304,25 @@ def staging_dir_for(out_dir: Path) -> Path:
     return out_dir.parent / f"{out_dir.name}.incomplete-{uuid.uuid4().hex[:12]}"
 
 
-def check_free_space(directory: Path, need_bytes: int) -> None:
+def free_space_margin(nbytes: int) -> int:
+    """What an export needs beyond its tensor bytes (headers, config, tokenizer, manifest, filesystem
+    blocks): 2 % of the size plus 256 KiB, so a tiny export is not refused on a small disk and a large
+    one keeps a proportional reserve."""
+    return int(nbytes * 0.02) + (256 << 10)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
+def check_free_space(directory: Path, need_bytes: int, advice: str = "Free some space, choose another output directory, or (in training) lower HFExportHook's keep_last.") -> None:
     """Refuse before writing a byte, rather than fail halfway with a half-written snapshot."""
+    need = need_bytes + free_space_margin(need_bytes)
     free = shutil.disk_usage(directory).free
-    if free < need_bytes:
-        raise OSError(f"not enough free space in {directory}: the export needs about {need_bytes / 2**30:.2f} GiB "
-                      f"and {free / 2**30:.2f} GiB are free. Free some space or lower keep_last.")
+    if free < need:
+        raise OSError(errno.ENOSPC, f"not enough free space in {directory}: the export needs {_mib(need)} "
+                                    f"({_mib(need_bytes)} of tensors and a {_mib(need - need_bytes)} margin) and "
+                                    f"{_mib(free)} are free. {advice}", str(directory))
 
 
 LEFTOVER = re.compile(r"^(?P<name>.+)\.(?P<kind>incomplete|old|trash)-[0-9a-f]{12}$")

@@ -35,6 +35,7 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the .pth file CheckpointHook wrote "
                                 "(or a DeepSpeed checkpoint directory).")
+    _check_checkpoint_file(path)
     if allow_pickle:
         log(f"WARNING: --allow-pickle: {path} is loaded with full pickle; code inside it can run. "
             "This is recorded in the export manifest.")
@@ -46,6 +47,23 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
         raise UnsafeCheckpointError(
             f"checkpoint {path} needs types outside the safe list to load ({_unsafe_globals(path)}); nothing in it "
             "was run. If you trust the file, pass --allow-pickle (the bypass is recorded in the manifest).") from e
+
+
+class NotACheckpointError(ValueError):
+    """The file is not a torch checkpoint at all (empty, random bytes, another format)."""
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    """A torch checkpoint is a zip archive (torch >= 1.6) or a legacy pickle (protocol 2+: 0x80). Say
+    what the file is instead of calling random bytes 'unsafe' or an empty file an EOFError."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise NotACheckpointError(f"checkpoint {path} is empty (0 bytes): the save was interrupted or the copy "
+                                  "failed. Use another checkpoint (CheckpointHook keeps the earlier ones).")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise NotACheckpointError(f"checkpoint {path} is not a torch checkpoint (it starts with bytes "
+                                  f"{head.hex(' ')}, neither a zip archive nor a pickle): is it the right file?")
 
 
 def _unsafe_globals(path: Path) -> str:
