@@ -27,7 +27,17 @@ from .core.merge import NonFiniteError
 from .core.snapshot import ModelChangedError, SnapshotBuffers
 from .core.verify import verify_snapshot
 from .export import ExportJob, export_hf, start_export
-from .hooks import FingerprintHook, HFExportHook
+
+try:
+    from .hooks import FingerprintHook, HFExportHook
+except ModuleNotFoundError as _e:  # the core, the converters, export_hf and the CLI work without mmengine
+    if (_e.name or "").split(".")[0] != "mmengine":
+        raise
+
+    def __getattr__(name: str):
+        if name in ("FingerprintHook", "HFExportHook"):
+            raise ImportError(f"sa2va_hooks.{name} needs mmengine, which is not installed: pip install 'mmengine>=0.10.6'")
+        raise AttributeError(f"module 'sa2va_hooks' has no attribute {name!r}")
 
 __all__ = ["CONVERTERS", "Converter", "ExportJob", "ExportManifest", "Fingerprint", "FingerprintSet", "FingerprintHook",
            "HFExportHook", "ModelChangedError", "NonFiniteError", "SnapshotBuffers", "apply_torch_cpu_bf16_shim",

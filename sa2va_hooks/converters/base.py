@@ -19,8 +19,33 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
-from mmengine.registry import Registry
 from torch import nn
+
+
+class _NameRegistry:
+    """What this package needs of mmengine's ``Registry`` (register by name, look up, list), for use
+    without mmengine: exporting from a plain script, the CLI, the core."""
+
+    def __init__(self, name: str, scope: str | None = None) -> None:
+        self.name, self.scope, self.module_dict = name, scope, {}
+
+    def register_module(self, name: str | None = None, module: type | None = None, force: bool = False):
+        def register(cls: type) -> type:
+            key = name or cls.__name__
+            if key in self.module_dict and not force:
+                raise KeyError(f"{key} is already registered in {self.name}")
+            self.module_dict[key] = cls
+            return cls
+        return register(module) if module is not None else register
+
+    def get(self, key: str):
+        return self.module_dict.get(key)
+
+
+try:
+    from mmengine.registry import Registry
+except ModuleNotFoundError:  # mmengine is needed by the hooks only
+    Registry = _NameRegistry  # type: ignore[misc,assignment]
 
 CONVERTERS = Registry("sa2va_hooks converter", scope="sa2va_hooks")
 

@@ -8,45 +8,15 @@ remote code and tokenizer are carried over.
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .base import CONVERTERS, ConversionError, Converter, SnapshotContext, set_dtype
-from .causal_lm import embedding_rows
+from .helpers import base_config_dict, copy_remote_code, embedding_rows, set_llm_vocab
 
 PARTS = ("vision_model", "language_model", "mlp1")
-
-
-def base_config_dict(config: Any, override: str | None = None) -> dict:
-    """config.json of the base model directory the live config came from, else the live config."""
-    path = Path(override) if override else Path(str(getattr(config, "_name_or_path", "") or "")) / "config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    if override:
-        raise ConversionError(f"base config {override} does not exist; pass base_config= the config.json of the "
-                              "base model directory the run started from.")
-    return config.to_dict()
-
-
-def set_llm_vocab(cfg: dict, rows: int | None, ctx: SnapshotContext, key: str = "llm_config") -> None:
-    if rows is None:
-        return
-    sub = cfg.setdefault(key, {})
-    if sub.get("vocab_size") != rows:
-        ctx.notes.append(f"{key}.vocab_size set from {sub.get('vocab_size')} to {rows}, the embedding rows")
-    sub["vocab_size"] = rows
-
-
-def copy_remote_code(code_dir: str | Path | None, out_dir: Path, ctx: SnapshotContext) -> None:
-    if not code_dir or not Path(code_dir).is_dir():
-        return
-    code = sorted(f for f in Path(code_dir).glob("*.py") if f.name != "__init__.py")
-    for f in code:
-        shutil.copy2(f, out_dir / f.name)
 
 
 @CONVERTERS.register_module(name="internvl")
@@ -79,7 +49,7 @@ class InternVLConverter(Converter):
         return cfg
 
     def save_extras(self, model: nn.Module, out_dir: Path, ctx: SnapshotContext) -> None:
-        copy_remote_code(self.hf_code_dir or self._base_dir(model), out_dir, ctx)
+        copy_remote_code(self.hf_code_dir or self._base_dir(model), out_dir, ctx, required=bool(self.hf_code_dir))
         if self.tokenizer is None and getattr(model, "tokenizer", None) is None and self._base_dir(model):
             self.tokenizer = str(self._base_dir(model))
         super().save_extras(model, out_dir, ctx)

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from .base import CONVERTERS, ConversionError, Converter, SnapshotContext
-from .causal_lm import _is_hf_model, causal_lm_config, unwrap_hf
+from .helpers import causal_lm_config, is_hf_model, unwrap_hf
 
 IMAGE_TOKEN = "<image>"
 
@@ -42,7 +42,7 @@ class LlavaConverter(Converter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return (_is_hf_model(getattr(model, "llm", None)) and _is_hf_model(getattr(model, "visual_encoder", None))
+        return (is_hf_model(getattr(model, "llm", None)) and is_hf_model(getattr(model, "visual_encoder", None))
                 and isinstance(getattr(getattr(model, "projector", None), "model", None), nn.Sequential))
 
     def _image_token_index(self, model: nn.Module, rows: int) -> int:

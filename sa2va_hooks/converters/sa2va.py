@@ -12,15 +12,13 @@ base model directory) with ``llm_config.vocab_size`` set to the embedding rows (
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .base import CONVERTERS, ConversionError, Converter, SnapshotContext, set_dtype
-from .causal_lm import embedding_rows, unwrap_hf
-from .internvl import base_config_dict
+from .helpers import base_config_dict, copy_remote_code, embedding_rows, set_llm_vocab, unwrap_hf
 
 OFFICIAL_AUTO_MAP = {
     "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
@@ -67,11 +65,7 @@ class Sa2VAConverter(Converter):
         if "llm_config" not in cfg:
             raise ConversionError("the base config has no 'llm_config'; an InternVL-style Sa2VA config is expected. "
                                   "Use converter 'sa2va_qwen' for Qwen-VL-style mllms.")
-        rows = embedding_rows(model.mllm.model.language_model)
-        old = cfg["llm_config"].get("vocab_size")
-        if old != rows:
-            ctx.notes.append(f"llm_config.vocab_size set from {old} to {rows}, the embedding rows")
-        cfg["llm_config"]["vocab_size"] = rows
+        set_llm_vocab(cfg, embedding_rows(model.mllm.model.language_model), ctx)
         template = self.template or getattr(model, "template", None) or cfg.get("template")
         if isinstance(template, dict):
             template = template.get("name", template)
@@ -88,12 +82,7 @@ class Sa2VAConverter(Converter):
 
     def save_extras(self, model: nn.Module, out_dir: Path, ctx: SnapshotContext) -> None:
         if self.hf_code_dir:
-            code = sorted(f for f in Path(self.hf_code_dir).glob("*.py") if f.name != "__init__.py")
-            if not code:
-                raise ConversionError(f"hf_code_dir {self.hf_code_dir} has no .py files; point it at the directory "
-                                      "with Sa2VA's modeling_*.py and configuration_*.py.")
-            for f in code:
-                shutil.copy2(f, out_dir / f.name)
+            copy_remote_code(self.hf_code_dir, out_dir, ctx, required=True)
         missing = [v.split(".")[0] + ".py" for v in self.auto_map.values()
                    if not (out_dir / (v.split(".")[0] + ".py")).exists()]
         if missing:

@@ -14,13 +14,9 @@ from ..core.dist import RankGroup
 from ..core.sharding import is_fsdp_module
 from ..core.snapshot import Capture, SnapshotBuffers
 from ..export import frozen_root, trained_fingerprints
+from ..records import (BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY,  # noqa: F401 - re-exported
+                       build_callable_cfg)
 
-BASELINE_KEY = "sa2va_hooks/baseline"  # trainable fingerprints before training (resumed with the run)
-FROZEN_ROOT_KEY = "sa2va_hooks/frozen_root"  # root digest of the frozen parameters at the first start
-META_KEY = "sa2va_hooks"  # key inside checkpoint["meta"] (classic Runner, which calls before_save_checkpoint)
-# the record of the checkpoint being saved: message_hub runtime info is saved into every checkpoint
-# by every runner and strategy (DeepSpeed included), so this is where the fingerprints travel
-CHECKPOINT_RECORD_KEY = "sa2va_hooks/checkpoint"
 # trained fingerprints FingerprintHook computed at this iteration's checkpoint, handed to
 # HFExportHook so the same tensors are not hashed twice; process-local (process_state)
 CURRENT_TRAINED_KEY = "current_trained"
@@ -112,18 +108,6 @@ def ensure_baseline(runner) -> tuple[dict[str, Fingerprint], str, str | None]:
     else:
         baseline = {k: Fingerprint.from_json(v) for k, v in stored.items()}
     return baseline, frozen_now, recorded_frozen
-
-
-def build_callable_cfg(cfg: dict):
-    """Build an xtuner-style ``dict(type=callable, **kwargs)`` (e.g. a tokenizer config)."""
-    kwargs = dict(cfg)
-    factory = kwargs.pop("type")
-    if hasattr(factory, "build"):  # mmengine LazyObject from a lazy-import config
-        factory = factory.build()
-    if not callable(factory):
-        raise TypeError(f"cannot build {cfg!r}: its 'type' must be a class or function (e.g. "
-                        f"AutoTokenizer.from_pretrained), got {factory!r}")
-    return factory(**kwargs)
 
 
 class BackgroundExports:

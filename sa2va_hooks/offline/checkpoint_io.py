@@ -16,7 +16,7 @@ import torch
 
 from ..compat import allow_mmengine_checkpoint_globals, unsafe_globals_in_checkpoint
 from ..core.fingerprint import Fingerprint, FingerprintSet
-from ..hooks.common import BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY
+from ..records import BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY
 
 SIDECAR_SUFFIX = ".fingerprints.json"
 # 0.19 removed deepspeed.runtime.fp16.onebit, which mmengine 0.10.x imports: training breaks

@@ -147,7 +147,7 @@ def _hook_settings(cfg: Any) -> dict:
 
 
 def _resolve_settings(cfg: Any, converter: Any, dtype: Any, max_shard_size: Any) -> tuple[Any, Any, Any]:
-    from ..hooks.common import build_callable_cfg
+    from ..records import build_callable_cfg
     hook = _hook_settings(cfg)
     converter = hook.get("converter", "auto") if converter in (None, "auto") else converter
     dtype = hook.get("dtype") if dtype is None else dtype

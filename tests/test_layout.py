@@ -1,0 +1,78 @@
+"""The house: the core and the export path need no mmengine, offline needs no hooks, converters
+import no sibling converter."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "sa2va_hooks"
+
+WITHOUT_MMENGINE = r'''
+import sys
+class NoMmengine:  # as if mmengine were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "mmengine":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NoMmengine())
+import sa2va_hooks.core, sa2va_hooks.core.merge, sa2va_hooks.core.writer, sa2va_hooks.core.verify
+import sa2va_hooks.core.fingerprint, sa2va_hooks.core.snapshot, sa2va_hooks.core.manifest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from sa2va_hooks import export_hf, verify_snapshot
+out = sys.argv[1]
+export_hf(Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=32)), out)
+assert verify_snapshot(out) == []
+assert not [m for m in sys.modules if m.split(".")[0] == "mmengine"], "mmengine was imported"
+try:
+    from sa2va_hooks import HFExportHook
+except ImportError as e:
+    print("hooks:", e)
+'''
+
+
+def test_core_and_export_work_without_mmengine(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_MMENGINE, str(tmp_path / "out")], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hooks: sa2va_hooks.HFExportHook needs mmengine" in proc.stdout
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute module names a file imports (relative imports resolved against the package)."""
+    pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg.rsplit(".", node.level - 1)[0] if node.level else ""
+            mod = ".".join(p for p in (base, node.module or "") if p)
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+def test_offline_does_not_import_the_hooks():
+    bad = {f.name: sorted(m for m in _imports(f) if m.startswith("sa2va_hooks.hooks"))
+           for f in (PKG / "offline").glob("*.py")}
+    assert not any(bad.values()), bad
+
+
+def test_core_does_not_import_mmengine_or_the_package_above_it():
+    bad = {f.name: sorted(m for m in _imports(f) if m.split(".")[0] == "mmengine" or
+                          (m.startswith("sa2va_hooks.") and not m.startswith(("sa2va_hooks.core", "sa2va_hooks.compat"))))
+           for f in (PKG / "core").glob("*.py")}
+    assert not any(bad.values()), bad
+
+
+def test_converters_import_no_sibling_converter():
+    families = {f.stem for f in (PKG / "converters").glob("*.py")} - {"__init__", "base", "helpers"}
+    bad = {f.name: sorted(m for m in _imports(f) if m.rsplit(".", 1)[-1] in families or
+                          any(f"sa2va_hooks.converters.{x}" in m for x in families))
+           for f in (PKG / "converters").glob("*.py") if f.stem in families}
+    assert not any(bad.values()), bad
