@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from .fingerprint import Fingerprint, compare_fingerprints, digest_tensor, root_digest
@@ -22,8 +23,7 @@ from .writer import _ST_DTYPES, INDEX_FILE, SINGLE_FILE
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 # what sa2va_hooks writes into every shard's __metadata__ (and transformers needs to load it)
 SHARD_METADATA = {"format": "pt"}
-_ST_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_ST_BYTES = {name: dtype.itemsize for dtype, name in _ST_DTYPES.items()}  # derived from the writer's table
 
 
 class SnapshotInputError(ValueError):
@@ -154,7 +154,6 @@ def _tensor_headers(fname: str, header: dict, manifest: ExportManifest, data_siz
             continue
         m = manifest.tensors.get(name)
         if m is not None and m["file"] == fname:
-            import torch
             want = _ST_DTYPES.get(getattr(torch, m["dtype"], None), f"unknown dtype {m['dtype']!r}")
             if e.get("dtype") != want:
                 problems.append(f"mismatch dtype of {name} in {fname}: manifest says {want}, header says {e.get('dtype')}")
