@@ -25,6 +25,7 @@ from .converters.base import SnapshotContext, resolve_converter
 from .core.fingerprint import (Fingerprint, FingerprintSet, compare_fingerprints, digest_tensor, dtype_name,
                                fingerprint_tensor, root_digest, tensor_stats)
 from .core.host import HostStager, reserve
+from .core.loadcheck import check_snapshot_loads
 from .core.manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
 from .core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, NonFiniteError, non_finite_names, plan_merged_tensors
 from .core.verify import hash_safetensors_file, header_sha256
@@ -140,6 +141,19 @@ def _record(effect: TrainingEffect, name: str, role: str, merged, sources, train
         effect.trained_identical_to_base.append(name)
 
 
+def _untie_for(conv, walk):
+    """Tied parameters are written once, as save_pretrained does, unless the converter says the
+    target class will not tie them again on load: those are written as copies of their twin."""
+    by_name = {st.name: st for st in walk.tensors}
+    copies = [dataclasses.replace(by_name[first], name=name) for name, first in walk.tied.items()
+              if conv.writes_tied(conv.map_keys([name])[name] or "")]
+    if not copies:
+        return walk
+    written = {st.name for st in copies}
+    return dataclasses.replace(walk, tensors=walk.tensors + copies,
+                               tied={k: v for k, v in walk.tied.items() if k not in written})
+
+
 def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto", dtype: Any = None,
               max_shard_size: int | str = "5GB", provenance: Mapping | None = None,
               baseline: Mapping[str, Fingerprint] | None = None, overwrite: bool = False,
@@ -227,7 +241,7 @@ class ExportTask:
         self.conv = resolve_converter(converter, model)
         refuse_unsupported_sharding(model)
         self.capture = capture or Capture.nothing(model)
-        self.walk = plan_merged_tensors(self.conv.hf_root(model))
+        self.walk = _untie_for(self.conv, plan_merged_tensors(self.conv.hf_root(model)))
         self.names = self.conv.map_keys([st.name for st in self.walk.tensors])
         self.kept = [(self.names[st.name], st) for st in self.walk.tensors if self.names[st.name] is not None]
         _refuse_empty(self.kept)
@@ -386,6 +400,9 @@ class ExportTask:
                         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
             tied=walk.tied, dropped=dropped, renamed=renamed, notes=ctx.notes, readback_verified=self.readback,
             storage=storage)
+        manifest.provenance["load_check"] = check_snapshot_loads(
+            staging, tensors, template_table=conv.template_table,
+            required_tokens=conv.required_tokens)
         write_json(staging / MANIFEST_FILE, manifest.to_json())
         self.capture.check_unchanged("the export")
         publish(staging, self.out_dir, overwrite=self.overwrite)

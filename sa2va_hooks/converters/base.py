@@ -94,6 +94,13 @@ class Converter:
     priority: ClassVar[int] = 0  # "auto" tries converters with a higher priority first
     key_rules: ClassVar[tuple[tuple[str, str | None], ...]] = ((r"^(.*)$", r"\1"),)
     post_rules: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # exported names (regexes) of tied parameters to write as copies, because the target class does
+    # not tie them again on load (Sa2VA: the outer config unties the inner LLM's lm_head)
+    write_tied: ClassVar[tuple[str, ...]] = ()
+    # ``module.NAME`` of the dict in the remote code that config.json's ``template`` must be a key of
+    template_table: ClassVar[str | None] = None
+    # tokens the target's code looks up in the tokenizer (Sa2VA: "[SEG]")
+    required_tokens: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, tokenizer: Any = None) -> None:
         self.tokenizer = tokenizer
@@ -138,6 +145,9 @@ class Converter:
         if problems:
             raise ConversionError("\n".join(problems))
         return out
+
+    def writes_tied(self, hf_name: str) -> bool:
+        return any(re.search(p, hf_name) for p in self.write_tied)
 
     # -- files beside the weights --------------------------------------------------------
     def hf_config(self, model: nn.Module, ctx: SnapshotContext) -> Any:

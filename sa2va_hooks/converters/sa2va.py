@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from .base import CONVERTERS, ConversionError, Converter, SnapshotContext, set_dtype
-from .helpers import base_config_dict, copy_remote_code, embedding_rows, set_llm_vocab, unwrap_hf
+from .helpers import base_config_dict, copy_remote_code, embedding_rows, set_llm_vocab
 
 OFFICIAL_AUTO_MAP = {
     "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
@@ -36,13 +36,19 @@ class Sa2VAConverter(Converter):
         (r"^(grounding_encoder|text_hidden_fcs)\.", r"\1."),
     )
     post_rules = ((r"\.gamma$", ".g_weight"),)
+    # Sa2VA's config forces tie_word_embeddings=False and never ties the inner LLM again, so a tied
+    # LLM's lm_head must be in the files, or it loads as uninitialised memory
+    write_tied = (r"^language_model\.lm_head\.weight$",)
+    template_table = "templates.PROMPT_TEMPLATE"  # Sa2VAChatModel.__init__ looks config.template up there
+    required_tokens = ("[SEG]",)
 
     def __init__(self, *, hf_code_dir: str | None = None, template: str | None = None,
                  auto_map: dict | None = None, architectures: list[str] | None = None,
-                 base_config: str | None = None, tokenizer: Any = None) -> None:
+                 base_config: str | None = None, tokenizer: Any = None, model_type: str | None = "sa2va_chat") -> None:
         super().__init__(tokenizer=tokenizer)
         self.hf_code_dir = hf_code_dir
         self.template = template
+        self.model_type = model_type
         self.auto_map = auto_map or OFFICIAL_AUTO_MAP
         self.architectures = architectures or [self.auto_map["AutoModel"].rsplit(".", 1)[-1]]
         self.base_config = base_config
@@ -66,19 +72,23 @@ class Sa2VAConverter(Converter):
             raise ConversionError("the base config has no 'llm_config'; an InternVL-style Sa2VA config is expected. "
                                   "Use converter 'sa2va_qwen' for Qwen-VL-style mllms.")
         set_llm_vocab(cfg, embedding_rows(model.mllm.model.language_model), ctx)
+        self._set_identity(cfg, model)
+        set_dtype(cfg, ctx, "llm_config")
+        if cfg["llm_config"].get("tie_word_embeddings", True) and "language_model.lm_head.weight" in ctx.names:
+            cfg["llm_config"]["tie_word_embeddings"] = False
+            ctx.notes.append("llm_config.tie_word_embeddings set to False: Sa2VA's model does not tie the LLM "
+                             "on load, so lm_head is written (as a copy of embed_tokens where they were tied)")
+        return cfg
+
+    def _set_identity(self, cfg: dict, model: nn.Module) -> None:
+        """template (the run's; the base config's only as a last resort: load checks it against the
+        remote code's table), auto_map, architectures, and the family's model_type."""
         template = self.template or getattr(model, "template", None) or cfg.get("template")
-        if isinstance(template, dict):
-            template = template.get("name", template)
-        cfg["template"] = template
+        cfg["template"] = template.get("name", template) if isinstance(template, dict) else template
         cfg["auto_map"] = dict(self.auto_map)
         cfg["architectures"] = list(self.architectures)
-        set_dtype(cfg, ctx, "llm_config")
-        inner = unwrap_hf(model.mllm.model.language_model)
-        if getattr(inner.config, "tie_word_embeddings", False) and "language_model.lm_head.weight" in ctx.names:
-            cfg["llm_config"]["tie_word_embeddings"] = False
-            ctx.notes.append("llm_config.tie_word_embeddings set to False: lm_head was trained apart from "
-                             "embed_tokens, so both are exported")
-        return cfg
+        if self.model_type:
+            cfg["model_type"] = self.model_type
 
     def save_extras(self, model: nn.Module, out_dir: Path, ctx: SnapshotContext) -> None:
         if self.hf_code_dir:
@@ -99,12 +109,15 @@ class Sa2VAQwenConverter(Sa2VAConverter):
 
     name = "sa2va_qwen"
     priority = 100
+    write_tied = ()  # a Qwen-VL model ties (or not) from its own config
+    template_table = None  # no official Qwen-VL Sa2VA remote code to follow; its template is not looked up
     key_rules = (
         (r"^mllm\.model\.", "model."),
         (r"^(grounding_encoder|text_hidden_fcs)\.", r"\1."),
     )
 
     def __init__(self, *, processor: Any = None, **kwargs: Any) -> None:
+        kwargs.setdefault("model_type", None)  # the base Qwen-VL config's
         super().__init__(**kwargs)
         self.processor = processor
 
@@ -124,10 +137,7 @@ class Sa2VAQwenConverter(Sa2VAConverter):
                     ctx.notes.append(f"{where + '.' if where else ''}vocab_size set from {sub.get('vocab_size')} "
                                      f"to {rows}, the embedding rows")
                 sub["vocab_size"] = rows
-        template = self.template or getattr(model, "template", None) or cfg.get("template")
-        cfg["template"] = template.get("name", template) if isinstance(template, dict) else template
-        cfg["auto_map"] = dict(self.auto_map)
-        cfg["architectures"] = list(self.architectures)
+        self._set_identity(cfg, model)
         set_dtype(cfg, ctx, "text_config")
         return cfg
 

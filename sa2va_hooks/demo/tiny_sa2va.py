@@ -61,16 +61,16 @@ def _tiny_tokenizer(n_words: int):
                                    eos_token="</s>")
 
 
-def tiny_config(vocab_size: int) -> TinySa2VAConfig:
+def tiny_config(vocab_size: int, tie_word_embeddings: bool = False) -> TinySa2VAConfig:
     return TinySa2VAConfig(
         vision_config={"hidden_size": 24, "patch_size": 4, "image_size": 16},
         llm_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=64,
-                        tie_word_embeddings=False),
+                        tie_word_embeddings=tie_word_embeddings),
         mask_dim=16, sam_dim=16, template="tiny_chat", architectures=["TinyInternVLChatModel"])
 
 
-def make_tiny_base(base_dir: str | Path, seed: int = 1234) -> Path:
+def make_tiny_base(base_dir: str | Path, seed: int = 1234, tie_word_embeddings: bool = False) -> Path:
     """Write the frozen starting point of every demo run: an InternVL-like HF directory (config,
     weights, tokenizer) and a SAM2-like checkpoint. Idempotent; never touches the global RNG."""
     base_dir = Path(base_dir)
@@ -80,7 +80,7 @@ def make_tiny_base(base_dir: str | Path, seed: int = 1234) -> Path:
     tok = _tiny_tokenizer(60)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        mllm = TinyInternVLChatModel(tiny_config(len(tok)))
+        mllm = TinyInternVLChatModel(tiny_config(len(tok), tie_word_embeddings))
         sam2 = TinyGroundingEncoder(16, 4, layer_scale_cls=TrainLayerScale)
         with torch.no_grad():
             for p in sam2.parameters():
@@ -109,7 +109,8 @@ def _strict_load(module: nn.Module, state: dict, what: str) -> None:
 @MODELS.register_module()
 class TinySa2VA(BaseModel):
     def __init__(self, base_dir: str, lora_r: int = 8, lora_alpha: int = 16, pretrained_pth: str | None = None,
-                 template: str = "tiny_chat", data_preprocessor: dict | None = None) -> None:
+                 template: str = "tiny_chat", data_preprocessor: dict | None = None,
+                 modules_to_save: list[str] | None = ("embed_tokens", "lm_head")) -> None:
         super().__init__(data_preprocessor=data_preprocessor)
         from peft import LoraConfig, get_peft_model
         from transformers import AutoTokenizer
@@ -125,7 +126,7 @@ class TinySa2VA(BaseModel):
         llm.resize_token_embeddings(len(self.tokenizer))
         self.mllm.model.language_model = get_peft_model(llm, LoraConfig(
             r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-            modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM"))
+            modules_to_save=list(modules_to_save) if modules_to_save else None, task_type="CAUSAL_LM"))
 
         cfg = self.mllm.model.config
         self.grounding_encoder = TinyGroundingEncoder(cfg.sam_dim, cfg.vision_config["patch_size"],

@@ -7,7 +7,7 @@ from transformers import PretrainedConfig
 
 
 class TinySa2VAConfig(PretrainedConfig):
-    model_type = "tiny_sa2va"
+    model_type = "sa2va_chat"
 
     def __init__(self, vision_config=None, llm_config=None, mask_dim=16, sam_dim=16, template="tiny_chat",
                  **kwargs):
@@ -16,5 +16,5 @@ class TinySa2VAConfig(PretrainedConfig):
         self.mask_dim = mask_dim
         self.sam_dim = sam_dim
         self.template = template
-        kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
+        self.tie_word_embeddings = False  # as Sa2VA's config: forced, whatever the LLM's own flag says

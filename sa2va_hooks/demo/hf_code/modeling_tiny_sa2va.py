@@ -11,6 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from .configuration_tiny_sa2va import TinySa2VAConfig
+from .templates import PROMPT_TEMPLATE
 
 
 class TinyVisionModel(nn.Module):
@@ -110,8 +111,12 @@ class TinyInternVLChatModel(PreTrainedModel):
 
 
 class TinySa2VAChatModel(TinyInternVLChatModel):
+    """As Sa2VA's: the template is looked up when the model is built (an unknown one is a KeyError
+    in from_pretrained), and the inner LLM is never tied again (the config unties it)."""
+
     def __init__(self, config):
         super().__init__(config)
+        self.template = PROMPT_TEMPLATE[config.template.replace("-", "_")]
         llm_hidden = Qwen2Config(**config.llm_config).hidden_size
         self.grounding_encoder = TinyGroundingEncoder(config.sam_dim, config.vision_config["patch_size"])
         self.text_hidden_fcs = build_text_hidden_fcs(llm_hidden, config.sam_dim)

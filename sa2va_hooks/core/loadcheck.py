@@ -1,0 +1,245 @@
+"""Does a written snapshot load? Checked without memory or weights, before it is published.
+
+``verify`` proves the files hold what was computed; this proves ``from_pretrained`` will put those
+tensors where the model reads them. From the written ``config.json`` (remote code included) the
+target class is built with every parameter on the meta device, then:
+- its parameter and buffer names and shapes must equal the snapshot's tensors: a tensor the class
+  does not have would be dropped on load, and one the class has but the snapshot lacks would keep
+  its random initialisation (unless loading ties it to a tensor that is present, which is checked
+  the way ``from_pretrained`` does it: fresh tensors for the loaded keys, then ``tie_weights()``);
+- ``model_type`` must be the one of the config class ``auto_map`` names;
+- a ``template`` must be one the remote code knows (the converter names the table);
+- the tokenizer, if any, must fit the embedding and hold the tokens the converter requires.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .manifest import MANIFEST_FILE
+from .writer import INDEX_FILE
+
+_AUTO_MODEL_KEYS = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForVision2Seq")
+
+
+class SnapshotLoadError(RuntimeError):
+    """The snapshot's config and code would not load its tensors as they were written."""
+
+
+def check_snapshot_loads(snapshot: str | Path, tensors: Mapping[str, Mapping], *,
+                         template_table: str | None = None, required_tokens: Sequence[str] = ()) -> dict:
+    """Raise :class:`SnapshotLoadError` listing every way ``snapshot`` would not load ``tensors``
+    (name -> manifest entry with ``shape`` and ``digest``, as written). Returns what was checked."""
+    snapshot = Path(snapshot)
+    shapes = {n: list(t["shape"]) for n, t in tensors.items()}
+    digests = {n: t.get("digest") for n, t in tensors.items()}
+    with _importable_copy(snapshot) as where:
+        config = _load_config(where, snapshot)
+        problems = _model_type_problems(config, snapshot)
+        problems += _template_problems(config, where, template_table)
+        cls = _model_class(config, where, snapshot)
+        model = _build_on_meta(cls, config, snapshot)
+        problems += _tensor_problems(model, shapes, digests)
+        problems += _tokenizer_problems(model, config, where, required_tokens)
+    if problems:
+        raise SnapshotLoadError(f"{snapshot} would not load as written ({cls.__name__} built from its config.json):\n"
+                                + "\n".join(f"- {p}" for p in problems[:30])
+                                + (f"\n- ... and {len(problems) - 30} more" if len(problems) > 30 else ""))
+    return {"class": f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}", "tensors": len(shapes)}
+
+
+@contextlib.contextmanager
+def _importable_copy(snapshot: Path) -> Iterator[Path]:
+    """The snapshot's small files in a directory whose name is an importable module name.
+    transformers imports remote code under the directory's name; a staging name such as
+    ``iter_6.incomplete-1a2b`` is not one. The name comes from the code's hash, so the same code
+    is imported once per process however many exports there are."""
+    small = [f for f in sorted(snapshot.iterdir()) if f.is_file() and f.name not in (MANIFEST_FILE, INDEX_FILE)
+             and not f.name.endswith(".safetensors")]
+    code = hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in small if f.suffix == ".py"))
+    tmp = Path(tempfile.mkdtemp(prefix="sa2va_hooks_loadcheck_"))
+    where = tmp / f"sa2va_check_{code.hexdigest()[:16]}"
+    try:
+        where.mkdir()
+        for f in small:
+            shutil.copyfile(f, where / f.name)
+        yield where
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_config(where: Path, snapshot: Path):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(str(where), trust_remote_code=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read the config is this one problem
+        raise SnapshotLoadError(f"{snapshot / 'config.json'} does not load with AutoConfig.from_pretrained"
+                                f"(trust_remote_code=True): {type(e).__name__}: {e}") from e
+
+
+def _model_type_problems(config, snapshot: Path) -> list[str]:
+    declared = getattr(type(config), "model_type", "") or ""
+    written = _config_json(snapshot).get("model_type")
+    if declared and written != declared:
+        return [f"config.json model_type is {written!r}, but its config class {type(config).__name__} is "
+                f"{declared!r}: transformers would warn and may build the wrong model"]
+    return []
+
+
+def _config_json(snapshot: Path) -> dict:
+    import json
+    return json.loads((snapshot / "config.json").read_text())
+
+
+def _template_problems(config, where: Path, table: str | None) -> list[str]:
+    """``table`` is ``module.NAME`` of the dict in the remote code that the model looks its template
+    up in (Sa2VA: ``templates.PROMPT_TEMPLATE``, keyed with '-' read as '_')."""
+    if not table:
+        return []
+    module, attr = table.rsplit(".", 1)
+    if not (where / f"{module}.py").is_file():
+        return [f"the remote code has no {module}.py, where the templates ({table}) are looked up"]
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    known = get_class_from_dynamic_module(table, str(where))
+    name = getattr(config, "template", None)
+    if not isinstance(name, str) or (name not in known and name.replace("-", "_") not in known):
+        return [f"template {name!r} is not one the remote code knows ({table}): {', '.join(sorted(known))}. "
+                "Pass the template the model was trained with, e.g. converter=dict(type=..., template=NAME)"]
+    return []
+
+
+def _model_class(config, where: Path, snapshot: Path) -> type:
+    auto_map = getattr(config, "auto_map", None) or {}
+    ref = next((auto_map[k] for k in _AUTO_MODEL_KEYS if k in auto_map), None)
+    if ref is not None:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+        try:
+            return get_class_from_dynamic_module(ref, str(where))
+        except Exception as e:  # noqa: BLE001 - missing or broken remote code is this one problem
+            raise SnapshotLoadError(f"{snapshot}: auto_map names {ref}, which does not import from the snapshot's "
+                                    f"remote code: {type(e).__name__}: {e}") from e
+    import transformers
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        raise SnapshotLoadError(f"{snapshot / 'config.json'}: neither auto_map nor architectures ({arch!r}) names a "
+                                "model class this transformers has; from_pretrained could not build it")
+    return cls
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter created inside goes to the meta device as it is registered (so nothing is
+    allocated or initialised), while other tensors stay real: model code that computes on the CPU
+    in ``__init__`` (``torch.linspace(...).item()`` in InternViT) still works."""
+    register = nn.Module.register_parameter
+
+    def to_meta(module: nn.Module, name: str, param) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = to_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _build_on_meta(cls: type, config, snapshot: Path) -> nn.Module:
+    try:
+        with _parameters_on_meta():
+            # the class itself, not _from_config: that one enters deepspeed.zero.Init when a ZeRO-3 run
+            # registered its config with transformers, and this runs on one rank only
+            model = cls(config)
+    except Exception as e:  # noqa: BLE001 - the class not building from the config is this one problem
+        raise SnapshotLoadError(f"{cls.__name__} does not build from {snapshot / 'config.json'}: "
+                                f"{type(e).__name__}: {e}") from e
+    return model.eval()
+
+
+def _tensor_problems(model: nn.Module, shapes: Mapping[str, list], digests: Mapping[str, str]) -> list[str]:
+    own = model.state_dict(keep_vars=True)
+    problems = [f"{n}: the snapshot has it, but {type(model).__name__} has no such parameter or buffer, so "
+                "from_pretrained would drop it" for n in sorted(set(shapes) - set(own))]
+    problems += [f"{n}: written as {shapes[n]}, but the class expects {list(own[n].shape)}"
+                 for n in sorted(set(shapes) & set(own)) if list(own[n].shape) != shapes[n]]
+    loaded = sorted(set(shapes) & set(own))
+    fresh = _load_and_tie(model, loaded)
+    problems += [f"{n}: the class has it, the snapshot does not, and loading does not tie it to a written "
+                 "tensor, so it would keep its random initialisation"
+                 for n in sorted(set(own) - set(shapes)) if id(_param(model, n)) not in fresh]
+    for n in loaded:
+        twin = fresh.get(id(_param(model, n)), n)
+        if twin != n and digests.get(n) != digests.get(twin):
+            problems.append(f"{n}: written apart from {twin}, but the config ties them, so loading would replace it")
+    return problems
+
+
+def _load_and_tie(model: nn.Module, loaded: list[str]) -> dict[int, str]:
+    """As from_pretrained does it: every loaded parameter gets a new tensor, then ``tie_weights()``.
+    Returns id(new tensor) -> the name it was loaded under; a name whose parameter is afterwards
+    another name's tensor was tied to it (and its own file tensor overwritten or never read)."""
+    fresh: dict[int, str] = {}
+    for name in loaded:
+        module, leaf = _owner(model, name)
+        old = module._parameters.get(leaf)
+        if old is not None:
+            new = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False)
+            module._parameters[leaf] = new
+            fresh[id(new)] = name
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return fresh
+
+
+def _param(model: nn.Module, name: str):
+    module, leaf = _owner(model, name)
+    return module._parameters.get(leaf)
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), leaf
+
+
+def _tokenizer_problems(model: nn.Module, config, where: Path, required: Sequence[str]) -> list[str]:
+    if not (where / "tokenizer_config.json").is_file():
+        return []
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where), trust_remote_code=True)
+    except Exception as e:  # noqa: BLE001 - an unloadable tokenizer is this one problem
+        return [f"the tokenizer does not load with AutoTokenizer.from_pretrained: {type(e).__name__}: {e}"]
+    problems = []
+    rows = _embedding_rows(model, config)
+    if rows is not None and len(tok) > rows:
+        problems.append(f"the tokenizer has {len(tok)} tokens but the input embedding has {rows} rows: the ids "
+                        f"{rows}..{len(tok) - 1} would index past it")
+    vocab = tok.get_vocab()
+    absent = [t for t in required if t not in vocab]
+    if absent:
+        problems.append(f"the tokenizer lacks {absent}, which the model's code looks up")
+    return problems
+
+
+def _embedding_rows(model: nn.Module, config) -> int | None:
+    try:
+        emb = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        emb = None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    for sub in ("llm_config", "text_config"):
+        inner = getattr(config, sub, None)
+        size = inner.get("vocab_size") if isinstance(inner, dict) else getattr(inner, "vocab_size", None)
+        if size:
+            return int(size)
+    return getattr(config, "vocab_size", None)
