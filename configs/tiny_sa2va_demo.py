@@ -1,6 +1,6 @@
 # Tiny Sa2VA-shaped model trained on the CPU with both sa2va_hooks hooks.
-# The base directory is made by `python tools/demo.py` (or sa2va_hooks.demo.tiny_sa2va.make_tiny_base).
-custom_imports = dict(imports=["sa2va_hooks", "sa2va_hooks.demo.tiny_sa2va"], allow_failed_imports=False)
+# The base directory is made by `python tools/demo.py` (or sa2va_demo.tiny_sa2va.make_tiny_base).
+custom_imports = dict(imports=["sa2va_hooks", "sa2va_demo.tiny_sa2va"], allow_failed_imports=False)
 
 base_dir = "{{$SA2VA_TINY_BASE:work_dirs/tiny_sa2va_base}}"
 data_seed = 0
@@ -20,7 +20,7 @@ default_hooks = dict(
     logger=dict(type="LoggerHook", interval=1))
 custom_hooks = [
     dict(type="FingerprintHook"),
-    dict(type="HFExportHook", dtype="bf16", keep_last=None),
+    dict(type="HFExportHook", converter="tiny_sa2va", dtype="bf16", keep_last=None),
 ]
 randomness = dict(seed=0, deterministic=False)
 env_cfg = dict(dist_cfg=dict(backend="gloo"))

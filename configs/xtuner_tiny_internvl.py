@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from xtuner.dataset.collate_fns import default_collate_fn
 
 from sa2va_hooks import FingerprintHook, HFExportHook
-from sa2va_hooks.demo.families import TinyInternVLDataset, tiny_xtuner_internvl
+from sa2va_demo.families import TinyInternVLDataset, tiny_xtuner_internvl
 
 with read_base():
     from ._base_.tiny_runtime import *  # noqa: F401,F403

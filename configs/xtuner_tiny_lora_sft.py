@@ -2,7 +2,7 @@
 # with both sa2va_hooks hooks. Run it through tools/train.py (it applies the CPU shim first):
 #   SA2VA_TINY_LLM=work_dirs/tiny_llm python tools/train.py configs/xtuner_tiny_lora_sft.py --work-dir W
 # The model directory (relative to the working directory) is made by
-# sa2va_hooks.demo.tiny_llm.make_tiny_llm; tools/train.py does it when SA2VA_TINY_LLM is set.
+# sa2va_demo.tiny_llm.make_tiny_llm; tools/train.py does it when SA2VA_TINY_LLM is set.
 import torch
 from mmengine.config import read_base
 from mmengine.dataset import DefaultSampler
@@ -12,7 +12,7 @@ from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.model import SupervisedFinetune
 
 from sa2va_hooks import FingerprintHook, HFExportHook
-from sa2va_hooks.demo.tiny_llm import TinyTokenDataset
+from sa2va_demo.tiny_llm import TinyTokenDataset
 
 with read_base():
     from ._base_.tiny_runtime import *  # noqa: F401,F403

@@ -402,7 +402,7 @@ class ExportTask:
             storage=storage)
         manifest.provenance["load_check"] = check_snapshot_loads(
             staging, tensors, template_table=conv.template_table,
-            required_tokens=conv.required_tokens)
+            required_tokens=conv.required_tokens, label=self.out_dir)
         write_json(staging / MANIFEST_FILE, manifest.to_json())
         self.capture.check_unchanged("the export")
         publish(staging, self.out_dir, overwrite=self.overwrite)

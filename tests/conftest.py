@@ -97,14 +97,14 @@ def peft_reference(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[st
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
-    from sa2va_hooks.demo.tiny_sa2va import make_tiny_base
+    from sa2va_demo.tiny_sa2va import make_tiny_base
     return make_tiny_base(tmp_path_factory.mktemp("tiny_base") / "base")
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_base):
     """One real Runner training (seed 0, 6 iterations, checkpoints and exports at 3 and 6)."""
-    from sa2va_hooks.demo.runs import train_tiny
+    from sa2va_demo.runs import train_tiny
     work = tmp_path_factory.mktemp("run_seed0")
     runner = train_tiny(work, tiny_base, seed=0, data_seed=0)
     return runner, work

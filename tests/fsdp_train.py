@@ -34,7 +34,7 @@ def main() -> None:
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
     import sa2va_hooks  # noqa: F401 - registers the hooks
-    from sa2va_hooks.demo.tiny_llm import TinyTokenDataset
+    from sa2va_demo.tiny_llm import TinyTokenDataset
 
     work, llm_dir = sys.argv[1], sys.argv[2]
     hooks = "--no-hooks" not in sys.argv

@@ -15,7 +15,7 @@ import torch
 
 from sa2va_hooks.core.manifest import ExportManifest
 from sa2va_hooks.core.verify import verify_snapshot
-from sa2va_hooks.demo.runs import train_tiny
+from sa2va_demo.runs import train_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_training_is_bit_identical_with_the_background_hook_and_without_hooks(tr
 
 def _fresh_trainables(tiny_base, like: dict):
     """The untrained values, to show the training changed something the comparison can see."""
-    from sa2va_hooks.demo.tiny_sa2va import TinySa2VA
+    from sa2va_demo.tiny_sa2va import TinySa2VA
     torch.manual_seed(0)
     fresh = dict(TinySa2VA(base_dir=str(tiny_base)).named_parameters())
     return [fresh[n] for n in like]
@@ -114,7 +114,7 @@ def test_background_failure_is_logged_and_training_goes_on(tiny_base, tmp_path):
 
 _KILLED_RUN = """
 import sys
-from sa2va_hooks.demo.runs import train_tiny
+from sa2va_demo.runs import train_tiny
 train_tiny(sys.argv[1], sys.argv[2], max_iters=60, save_interval=1,
            hooks=[dict(type="FingerprintHook"), dict(type="HFExportHook", dtype="fp32", max_shard_size="20KB")])
 """

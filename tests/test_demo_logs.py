@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def test_environment_banner_goes_to_the_log_file_not_the_console(tmp_path, capfd, tiny_base):
-    from sa2va_hooks.demo.runs import BannerToFileRunner, tiny_config
+    from sa2va_demo.runs import BannerToFileRunner, tiny_config
     runner = BannerToFileRunner.from_cfg(tiny_config(tmp_path / "w", tiny_base, max_iters=1))
     console = capfd.readouterr()
     log = Path(runner.log_dir, f"{runner.timestamp}.log").read_text()

@@ -82,7 +82,7 @@ def _launch(cwd: Path, mode: str, *, hooks: bool = True, env_extra: dict | None 
 
 @pytest.fixture(scope="module")
 def cwd(tmp_path_factory):
-    from sa2va_hooks.demo.tiny_llm import make_tiny_llm
+    from sa2va_demo.tiny_llm import make_tiny_llm
     d = tmp_path_factory.mktemp("dist")
     make_tiny_llm(d / "work_dirs" / "tiny_llm")
     return d

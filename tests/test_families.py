@@ -23,7 +23,7 @@ def _xtuner_llava(tmp_path, with_image_token=True):
     apply_torch_cpu_bf16_shim()
     from transformers import AutoModelForCausalLM, CLIPVisionModel
     from xtuner.model import LLaVAModel
-    from sa2va_hooks.demo.families import make_clip_dir, make_llm_dir
+    from sa2va_demo.families import make_clip_dir, make_llm_dir
     llm_dir = make_llm_dir(tmp_path / "llm", extra_tokens=("<image>",) if with_image_token else ())
     clip_dir = make_clip_dir(tmp_path / "clip")
     from mmengine.config import ConfigDict
@@ -88,7 +88,7 @@ def test_internvl_export_of_xtuner_internvl_v1_5(tmp_path):
     apply_torch_cpu_bf16_shim()
     from transformers import AutoModel
     from xtuner.model import InternVL_V1_5
-    from sa2va_hooks.demo.families import make_internvl_dir
+    from sa2va_demo.families import make_internvl_dir
     base = make_internvl_dir(tmp_path / "internvl")
     model = InternVL_V1_5(model_path=str(base), freeze_llm=True, freeze_visual_encoder=True,
                           llm_lora=dict(type=LoraConfig, r=4, lora_alpha=8, lora_dropout=0.0,
@@ -129,8 +129,8 @@ def test_sa2va_qwen_export_loads_with_remote_code(tmp_path):
     from pathlib import Path
     transformers_class_or_skip("Qwen2VLForConditionalGeneration")
     from transformers import AutoModel, Qwen2VLImageProcessor
-    import sa2va_hooks.demo.hf_code_qwen as code
-    from sa2va_hooks.demo.families import TinySa2VAQwen
+    import sa2va_demo.hf_code_qwen as code
+    from sa2va_demo.families import TinySa2VAQwen
     model = TinySa2VAQwen()
     tok = model.tokenizer
     train_like(model)

@@ -10,8 +10,8 @@ import torch
 
 from sa2va_hooks.core.fingerprint import FingerprintSet, fingerprint_state
 from sa2va_hooks.core.manifest import ExportManifest
-from sa2va_hooks.demo.runs import train_tiny
-from sa2va_hooks.demo.tiny_sa2va import TinySa2VA
+from sa2va_demo.runs import train_tiny
+from sa2va_demo.tiny_sa2va import TinySa2VA
 
 
 def _log_text(work: Path) -> str:
@@ -140,7 +140,7 @@ def test_epoch_based_checkpoints_follow_checkpoint_hook_schedule(tiny_base, tmp_
     from mmengine.runner import Runner
 
     from sa2va_hooks.core.fingerprint import fingerprint_tensor
-    from sa2va_hooks.demo.runs import tiny_config
+    from sa2va_demo.runs import tiny_config
     cfg = tiny_config(tmp_path, tiny_base, hooks=[dict(type="FingerprintHook"), dict(type="HFExportHook")])
     cfg.train_cfg = dict(type="EpochBasedTrainLoop", max_epochs=2)
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=1, by_epoch=True)

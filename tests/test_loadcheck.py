@@ -120,7 +120,8 @@ def test_good_snapshot_passes_and_names_its_class(causal_snapshot):
     ({"tie_word_embeddings": True}, r"lm_head\.weight: written apart from model\.embed_tokens\.weight, but the "
                                     r"config ties them, so loading would replace it"),
     ({"architectures": ["NoSuchModel"]}, r"neither auto_map nor architectures \('NoSuchModel'\)"),
-    ({"model_type": "llama"}, r"model_type is 'llama'"),
+    ({"model_type": "llama"}, r"model_type 'llama' makes AutoConfig read config.json as LlamaConfig, but "
+                              r"Qwen2ForCausalLM takes a Qwen2Config"),
 ])
 def test_broken_config_fails_the_load_check(causal_snapshot, changes, message):
     _rewrite_config(causal_snapshot, **changes)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from sa2va_hooks.cli import main as cli
 from sa2va_hooks.compat import allow_mmengine_checkpoint_globals
 from sa2va_hooks.core.manifest import ExportManifest
-from sa2va_hooks.demo.runs import DEMO_CONFIG, train_tiny
+from sa2va_demo.runs import DEMO_CONFIG, train_tiny
 from sa2va_hooks.offline import (CheckpointMismatchError, FingerprintMismatchError, PretrainedMostlyUnusedError,
                                  export_checkpoint)
 

@@ -30,7 +30,7 @@ def test_every_file_and_directory_is_fsynced_before_the_rename(trained_run, tmp_
     monkeypatch.setattr(writer.os, "rename", lambda a, b: (events.append(("rename", Path(a), Path(b))),
                                                            real_rename(a, b)))
     out = tmp_path / "hf" / "iter_1"
-    export_hf(runner.model, out, dtype="bf16", max_shard_size="20KB")
+    export_hf(runner.model, out, converter="tiny_sa2va", dtype="bf16", max_shard_size="20KB")
     publish = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == out)
     staging = events[publish][1]
     synced_before = {e[1] for e in events[:publish] if e[0] == "fsync"}

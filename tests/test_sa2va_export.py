@@ -13,10 +13,10 @@ from transformers import AutoModel
 from conftest import assert_unchanged, snapshot_params
 from sa2va_hooks import export_hf
 from sa2va_hooks.core.manifest import ExportManifest
-from sa2va_hooks.demo.hf_code.configuration_tiny_sa2va import TinySa2VAConfig
-from sa2va_hooks.demo.hf_code.modeling_tiny_sa2va import TinySa2VAChatModel
-from sa2va_hooks.demo.runs import tiny_config
-from sa2va_hooks.demo.tiny_sa2va import SAM2_FILE
+from sa2va_demo.hf_code.configuration_tiny_sa2va import TinySa2VAConfig
+from sa2va_demo.hf_code.modeling_tiny_sa2va import TinySa2VAChatModel
+from sa2va_demo.runs import tiny_config
+from sa2va_demo.tiny_sa2va import SAM2_FILE
 
 # Written from Sa2VA's training setup, not from the converter: what training touches.
 TRAINED = re.compile(r"^language_model\.model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$"
@@ -85,7 +85,7 @@ def test_sa2va_export_reloads_with_from_pretrained_and_matches_logits(trained_ru
 def test_export_hf_on_sa2va_model_does_not_touch_it(trained_run, tmp_path):
     runner, work = trained_run
     before = snapshot_params(runner.model)
-    m = export_hf(runner.model, tmp_path / "again", dtype="bf16")
+    m = export_hf(runner.model, tmp_path / "again", converter="tiny_sa2va", dtype="bf16")
     assert_unchanged(runner.model, before)
     assert m.converter == "tiny_sa2va"
     # the model after the last iteration is the model the hook exported at iteration 6

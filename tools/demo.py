@@ -26,7 +26,7 @@ def main() -> int:
 
     from sa2va_hooks.cli import main as cli
     from sa2va_hooks.core.manifest import ExportManifest
-    from sa2va_hooks.demo.runs import train_tiny
+    from sa2va_demo.runs import train_tiny
 
     work = Path(args.work_dir)
     shutil.rmtree(work, ignore_errors=True)

@@ -24,7 +24,7 @@ def main() -> None:
     allow_mmengine_checkpoint_globals()
     llm_dir = os.environ.get("SA2VA_TINY_LLM")
     if llm_dir:  # the tiny demo LLM, made on first use
-        from sa2va_hooks.demo.tiny_llm import make_tiny_llm
+        from sa2va_demo.tiny_llm import make_tiny_llm
         make_tiny_llm(llm_dir)
     sys.argv = ["xtuner.tools.train", *sys.argv[1:]]
     runpy.run_module("xtuner.tools.train", run_name="__main__", alter_sys=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,25 +35,39 @@ class SnapshotLoadError(RuntimeError):
 
 
 def check_snapshot_loads(snapshot: str | Path, tensors: Mapping[str, Mapping], *,
-                         template_table: str | None = None, required_tokens: Sequence[str] = ()) -> dict:
+                         template_table: str | None = None, required_tokens: Sequence[str] = (),
+                         label: str | Path | None = None) -> dict:
     """Raise :class:`SnapshotLoadError` listing every way ``snapshot`` would not load ``tensors``
-    (name -> manifest entry with ``shape`` and ``digest``, as written). Returns what was checked."""
-    snapshot = Path(snapshot)
+    (name -> manifest entry with ``shape`` and ``digest``, as written). Returns what was checked.
+    ``label`` is the name to report (the final name of a snapshot checked in its staging directory)."""
+    snapshot, where_written = Path(label or snapshot), Path(snapshot)
     shapes = {n: list(t["shape"]) for n, t in tensors.items()}
     digests = {n: t.get("digest") for n, t in tensors.items()}
-    with _importable_copy(snapshot) as where:
+    with _importable_copy(where_written) as where:
         config = _load_config(where, snapshot)
-        problems = _model_type_problems(config, snapshot)
+        problems = _model_type_problems(config, where)
         problems += _template_problems(config, where, template_table)
+        if problems:  # the model's own code would fail on them first, with a bare KeyError
+            raise _load_error(snapshot, "its config.json", problems)
         cls = _model_class(config, where, snapshot)
+        expected = getattr(cls, "config_class", None)
+        if isinstance(expected, type) and not isinstance(config, expected):
+            raise _load_error(snapshot, "its config.json", [
+                f"model_type {getattr(config, 'model_type', None)!r} makes AutoConfig read config.json as "
+                f"{type(config).__name__}, but {cls.__name__} takes a {expected.__name__}: the Auto classes "
+                "would build another model than the one the tensors were written for"])
         model = _build_on_meta(cls, config, snapshot)
         problems += _tensor_problems(model, shapes, digests)
         problems += _tokenizer_problems(model, config, where, required_tokens)
     if problems:
-        raise SnapshotLoadError(f"{snapshot} would not load as written ({cls.__name__} built from its config.json):\n"
-                                + "\n".join(f"- {p}" for p in problems[:30])
-                                + (f"\n- ... and {len(problems) - 30} more" if len(problems) > 30 else ""))
+        raise _load_error(snapshot, f"{cls.__name__} built from its config.json", problems)
     return {"class": f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}", "tensors": len(shapes)}
+
+
+def _load_error(snapshot: Path, what: str, problems: list[str]) -> SnapshotLoadError:
+    shown = "\n".join(f"- {p}" for p in problems[:30])
+    more = f"\n- ... and {len(problems) - 30} more" if len(problems) > 30 else ""
+    return SnapshotLoadError(f"{snapshot} would not load as written ({what}):\n{shown}{more}")
 
 
 @contextlib.contextmanager
@@ -94,7 +109,6 @@ def _model_type_problems(config, snapshot: Path) -> list[str]:
 
 
 def _config_json(snapshot: Path) -> dict:
-    import json
     return json.loads((snapshot / "config.json").read_text())
 
 

@@ -23,8 +23,8 @@ from mmengine.registry import DATASETS, MODELS
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..converters.base import CONVERTERS
-from ..converters.sa2va import Sa2VAConverter
+from sa2va_hooks.converters.base import CONVERTERS
+from sa2va_hooks.converters.sa2va import Sa2VAConverter
 from .hf_code.configuration_tiny_sa2va import TinySa2VAConfig
 from .hf_code.modeling_tiny_sa2va import (TinyGroundingEncoder, TinyInternVLChatModel, build_text_hidden_fcs,
                                           multimodal_logits)
@@ -219,7 +219,7 @@ class TinySa2VAConverter(Sa2VAConverter):
     """The sa2va converter with the tiny model's remote code and class names as defaults."""
 
     name = "tiny_sa2va"
-    priority = 110
+    priority = -100  # below every real converter: chosen by name (configs, tests), never by "auto"
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("hf_code_dir", str(HF_CODE_DIR))

@@ -53,7 +53,7 @@ def tiny_xtuner_llava(root: str = "work_dirs/tiny_llava", llm_lora_r: int = 4) -
     from transformers import AutoModelForCausalLM, CLIPVisionModel
     from xtuner.model import LLaVAModel
 
-    from ..compat import apply_torch_cpu_bf16_shim
+    from sa2va_hooks.compat import apply_torch_cpu_bf16_shim
     apply_torch_cpu_bf16_shim()
     llm_dir = make_llm_dir(Path(root) / "llm", extra_tokens=("<image>",))
     clip_dir = make_clip_dir(Path(root) / "clip")
@@ -129,7 +129,7 @@ def tiny_xtuner_internvl(root: str = "work_dirs/tiny_internvl", llm_lora_r: int 
     from peft import LoraConfig
     from xtuner.model import InternVL_V1_5
 
-    from ..compat import apply_torch_cpu_bf16_shim
+    from sa2va_hooks.compat import apply_torch_cpu_bf16_shim
     apply_torch_cpu_bf16_shim()
     _ensure_process_group()
     path = make_internvl_dir(Path(root) / "internvl")
@@ -157,7 +157,7 @@ class TinyInternVLDataset(SeededSamples):
 
 
 def qwen_vl_config(vocab_size: int):
-    from ..demo.hf_code_qwen.configuration_tiny_sa2va_qwen import TinySa2VAQwenConfig
+    from .hf_code_qwen.configuration_tiny_sa2va_qwen import TinySa2VAQwenConfig
     return TinySa2VAQwenConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=vocab_size, max_position_embeddings=64, template="qwen2_vl_chat",
@@ -218,15 +218,15 @@ class TinyQwenSegDataset(SeededSamples):
 
 
 def _register() -> None:
-    from ..converters.base import CONVERTERS
-    from ..converters.sa2va import Sa2VAQwenConverter
+    from sa2va_hooks.converters.base import CONVERTERS
+    from sa2va_hooks.converters.sa2va import Sa2VAQwenConverter
 
     @CONVERTERS.register_module(name="tiny_sa2va_qwen", force=True)
     class TinySa2VAQwenConverter(Sa2VAQwenConverter):
         """sa2va_qwen with the tiny model's remote code, class names and image processor."""
 
         name = "tiny_sa2va_qwen"
-        priority = 110
+        priority = -100  # below every real converter: chosen by name (configs, tests), never by "auto"
 
         def __init__(self, **kwargs) -> None:
             from transformers import Qwen2VLImageProcessor

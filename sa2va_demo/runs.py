@@ -11,7 +11,7 @@ from mmengine.runner import Runner
 
 from .tiny_sa2va import make_tiny_base
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_sa2va_demo.py"
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_sa2va_demo.py"
 
 
 def tiny_config(work_dir: str | Path, base_dir: str | Path, *, seed: int = 0, data_seed: int = 0,
@@ -36,8 +36,16 @@ def tiny_config(work_dir: str | Path, base_dir: str | Path, *, seed: int = 0, da
         cfg.resume = True
         cfg.load_from = str(resume_from)
     if hooks is not None:
-        cfg.custom_hooks = hooks
+        cfg.custom_hooks = [_with_tiny_converter(h) for h in hooks]
     return cfg
+
+
+def _with_tiny_converter(hook: dict) -> dict:
+    """The tiny model's converter ranks below every real one (so "auto" never picks it for a real
+    model), so its exports name it, as the demo config does."""
+    if str(getattr(hook.get("type"), "__name__", hook.get("type"))) == "HFExportHook" and "converter" not in hook:
+        return {**hook, "converter": "tiny_sa2va"}
+    return hook
 
 
 class BannerToFileRunner(Runner):
