@@ -76,3 +76,33 @@ def test_converters_import_no_sibling_converter():
                           any(f"sa2va_hooks.converters.{x}" in m for x in families))
            for f in (PKG / "converters").glob("*.py") if f.stem in families}
     assert not any(bad.values()), bad
+
+
+def test_the_installed_package_holds_no_demo_and_installs_only_itself():
+    assert not (PKG / "demo").exists()
+    from setuptools import find_packages
+    installed = find_packages(str(ROOT), include=["sa2va_hooks", "sa2va_hooks.*"])
+    assert installed and all(p.split(".")[0] == "sa2va_hooks" for p in installed)
+    assert "include=[\"sa2va_hooks\", \"sa2va_hooks.*\"]" in (ROOT / "setup.py").read_text()
+    demo_in_pkg = [f for f in PKG.rglob("*.py") if "sa2va_demo" in f.read_text() or "Tiny" in f.stem]
+    assert not demo_in_pkg, demo_in_pkg
+
+
+def test_demo_converters_rank_below_every_real_converter():
+    """The tiny models' converters are picked by name; "auto" on a Sa2VA-shaped model (the tiny one
+    included) picks the real converter."""
+    import sa2va_demo.families  # noqa: F401 - registers tiny_sa2va_qwen
+    import sa2va_demo.tiny_sa2va  # noqa: F401 - registers tiny_sa2va
+    from sa2va_hooks.converters.base import CONVERTERS
+    classes = list(CONVERTERS.module_dict.values())
+    real = [c for c in classes if c.__module__.startswith("sa2va_hooks.")]
+    demo = [c for c in classes if c.__module__.startswith("sa2va_demo.")]
+    assert len(demo) == 2 and len(real) >= 5
+    assert max(c.priority for c in demo) < min(c.priority for c in real)
+
+
+def test_auto_picks_the_real_converter_for_the_tiny_model(tiny_base):
+    from sa2va_demo.tiny_sa2va import TinySa2VA
+    from sa2va_hooks.converters.base import detect_converter
+    from sa2va_hooks.converters.sa2va import Sa2VAConverter
+    assert detect_converter(TinySa2VA(str(tiny_base))) is Sa2VAConverter
