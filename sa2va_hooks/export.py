@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from .converters.base import SnapshotContext, resolve_converter
-from .core.fingerprint import (Fingerprint, FingerprintSet, compare_fingerprints, digest_tensor, dtype_name,
+from .core.fingerprint import (Fingerprint, FingerprintSet, digest_tensor, dtype_name,
                                fingerprint_tensor, root_digest, tensor_stats)
 from .core.host import HostStager, reserve
 from .core.loadcheck import check_snapshot_loads
 from .core.manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
 from .core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, NonFiniteError, non_finite_names, plan_merged_tensors
-from .core.verify import hash_safetensors_file, header_sha256
+from .core.verify import check_shard_data, hash_safetensors_file, header_sha256, verify_snapshot
 from .core.dist import RankFailedError, RankFailure, RankGroup, agree, describe
 from .core.sharding import (ShardedTensorError, UnsupportedShardingError, check_full, gathered, is_partitioned,
                             iter_whole_parameters, logical_shape, needs_gather, refuse_unsupported_sharding)
@@ -108,16 +108,22 @@ def frozen_root(model: nn.Module, group: RankGroup | None = None) -> str:
 
 
 def _readback(staging: Path, files: list[str], expected: Mapping[str, dict]) -> None:
-    got: dict[str, str] = {}
-    for fname in files:
-        got.update(hash_safetensors_file(staging / fname))
-    want = {n: Fingerprint.from_json({**t, "name": n}) for n, t in expected.items()}
-    problems = compare_fingerprints(want, got)
+    """A rank's own shards, read back with verify's code, against what it computed in memory."""
+    problems, _ = check_shard_data(staging, expected, files)
     if problems:
-        lines = "\n".join(str(p) for p in problems[:20])
+        lines = "\n".join(problems[:20])
         raise ExportVerificationError(f"read-back of {staging} does not match the tensors computed in memory "
                                       f"({len(problems)} problem(s)); the disk or filesystem corrupted the write:\n"
                                       f"{lines}")
+
+
+def _verify_staged(staging: Path, out_dir: Path) -> None:
+    """The staged snapshot, manifest included, through verify (files, index, config sizes, every
+    shard header); the tensor data was read back by each rank already."""
+    problems = verify_snapshot(staging, data=False)
+    if problems:
+        raise ExportVerificationError(f"the snapshot for {out_dir} fails verify before publishing "
+                                      f"({len(problems)} problem(s)):\n" + "\n".join(problems[:20]))
 
 
 def _record(effect: TrainingEffect, name: str, role: str, merged, sources, trained: FingerprintSet,
@@ -404,6 +410,7 @@ class ExportTask:
             staging, tensors, template_table=conv.template_table,
             required_tokens=conv.required_tokens, label=self.out_dir)
         write_json(staging / MANIFEST_FILE, manifest.to_json())
+        _verify_staged(staging, self.out_dir)
         self.capture.check_unchanged("the export")
         publish(staging, self.out_dir, overwrite=self.overwrite)
         return manifest

@@ -143,3 +143,23 @@ def test_parameter_modified_during_export_blocks_publication(tmp_path, monkeypat
     with pytest.raises(ModelChangedError, match=r"modified in place while the export was reading.*q_proj\.lora_B"):
         export_hf(pm, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_staged_snapshot_goes_through_verify_before_publishing(tmp_path, monkeypatch):
+    """An index that disagrees with the shards (here: a wrong total_size written by a faulty
+    writer) is found by verify's own checks on the staged snapshot, and nothing is published."""
+    import sa2va_hooks.export as ex
+    from sa2va_hooks.core import writer
+    real = writer.write_index
+
+    def wrong_total(staging, plan):
+        real(staging, plan)
+        index = json.loads((staging / INDEX_FILE).read_text())
+        index["metadata"]["total_size"] += 2
+        (staging / INDEX_FILE).write_text(json.dumps(index))
+
+    monkeypatch.setattr(ex, "write_index", wrong_total)
+    with pytest.raises(ex.ExportVerificationError, match=r"fails verify before publishing .*\n"
+                                                         r"mismatch index total_size: expected \d+, got \d+"):
+        export_hf(_peft_model(), tmp_path / "out", max_shard_size="10KB")
+    assert not list(tmp_path.iterdir())

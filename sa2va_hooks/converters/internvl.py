@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import CONVERTERS, ConversionError, Converter, SnapshotContext, set_dtype
+from .base import CONVERTERS, Converter, SnapshotContext, set_dtype
 from .helpers import base_config_dict, copy_remote_code, embedding_rows, set_llm_vocab
 
 PARTS = ("vision_model", "language_model", "mlp1")

@@ -212,8 +212,8 @@ def _queue_stats(tensors: list[torch.Tensor]):
     pending = [tensor_stats_pending(t) for t in tensors]
     flat = torch.stack([x for squares, total in pending for x in (squares.sqrt(), total)])  # as stats_values
     if flat.device.type != "cuda":
-        values = flat.tolist()
-        return lambda: [(values[2 * i], values[2 * i + 1]) for i in range(len(tensors))]
+        on_host = flat.tolist()
+        return lambda: [(on_host[2 * i], on_host[2 * i + 1]) for i in range(len(tensors))]
     host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
     host.copy_(flat, non_blocking=True)
     done = torch.cuda.Event()

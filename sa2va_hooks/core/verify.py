@@ -182,10 +182,21 @@ def _nbytes(t: Mapping) -> int:
 
 
 def _check_tensors(root: Path, manifest: ExportManifest) -> list[str]:
-    expected = {name: Fingerprint.from_json({**t, "name": name}) for name, t in manifest.tensors.items()}
+    files = sorted({t["file"] for t in manifest.tensors.values()})
+    problems, got = check_shard_data(root, manifest.tensors, files)
+    if not problems and root_digest(got) != manifest.root_digest:
+        problems.append(f"mismatch root digest: expected {manifest.root_digest}, got {root_digest(got)}")
+    return problems
+
+
+def check_shard_data(root: Path, tensors: Mapping[str, Mapping], files: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Read ``files`` back through safetensors and compare every tensor with its manifest entry
+    (``tensors``: name -> entry with file, dtype, shape, digest). Returns (problems, digests read).
+    ``verify`` runs it on every shard; an export runs it on each rank's own shards, before publishing."""
+    expected = {name: Fingerprint.from_json({**t, "name": name}) for name, t in tensors.items() if t["file"] in files}
     got: dict[str, str] = {}
     problems = []
-    for fname in sorted({t["file"] for t in manifest.tensors.values()}):
+    for fname in files:
         path = root / fname
         if not path.is_file():
             continue  # already reported as a missing file
@@ -197,16 +208,14 @@ def _check_tensors(root: Path, manifest: ExportManifest) -> list[str]:
         for name, fp in file_fps.items():
             if name in got:
                 problems.append(f"duplicate tensor {name} in {fname}")
-            if name in manifest.tensors and manifest.tensors[name]["file"] != fname:
-                problems.append(f"misplaced tensor {name}: expected in {manifest.tensors[name]['file']}, got {fname}")
+            if name in tensors and tensors[name]["file"] != fname:
+                problems.append(f"misplaced tensor {name}: expected in {tensors[name]['file']}, got {fname}")
             got[name] = fp
-    unread = {n for n, t in manifest.tensors.items() if not (root / t["file"]).is_file() or
-              any(p.startswith(f"unreadable shard {t['file']}") for p in problems)}
-    problems += [_with_file(str(m), manifest.tensors.get(m.name)) for m in compare_fingerprints(expected, got)
+    unread = {n for n in expected if not (root / tensors[n]["file"]).is_file() or
+              any(p.startswith(f"unreadable shard {tensors[n]['file']}") for p in problems)}
+    problems += [_with_file(str(m), tensors.get(m.name)) for m in compare_fingerprints(expected, got)
                  if not (m.kind == "missing" and m.name in unread)]
-    if not problems and root_digest(got) != manifest.root_digest:
-        problems.append(f"mismatch root digest: expected {manifest.root_digest}, got {root_digest(got)}")
-    return problems
+    return problems, got
 
 
 def _with_file(problem: str, entry) -> str:
@@ -254,8 +263,10 @@ def _check_shapes(root: Path, manifest: ExportManifest) -> list[str]:
     return problems
 
 
-def verify_snapshot(snapshot_dir: str | Path) -> list[str]:
+def verify_snapshot(snapshot_dir: str | Path, *, data: bool = True) -> list[str]:
     """All problems found in a snapshot; an empty list means it is exactly what was exported.
+    ``data=False`` skips reading the tensors back (an export does that per rank, with
+    :func:`check_shard_data`, before it calls this on the staged snapshot).
 
     Raises :class:`SnapshotInputError` when there is nothing it can check: ``snapshot_dir`` is not a
     directory, has no manifest (a plain HF folder, an empty folder), or its manifest is damaged."""
@@ -267,4 +278,4 @@ def verify_snapshot(snapshot_dir: str | Path) -> list[str]:
     if not manifest.tensors:
         return [f"{MANIFEST_FILE} lists no tensors: an empty export is never a trained model"]
     return (_check_files(root, manifest) + _check_index(root, manifest) + _check_shapes(root, manifest) +
-            _check_headers(root, manifest) + _check_tensors(root, manifest))
+            _check_headers(root, manifest) + (_check_tensors(root, manifest) if data else []))
