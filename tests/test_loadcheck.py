@@ -160,3 +160,27 @@ def test_unexpected_tensor_in_the_files_fails(causal_snapshot):
     with pytest.raises(SnapshotLoadError, match=r"model\.extra\.weight: the snapshot has it, but Qwen2ForCausalLM "
                                                 r"has no such parameter"):
         check_snapshot_loads(causal_snapshot, shapes)
+
+
+def test_the_meta_build_leaves_other_threads_parameters_alone():
+    """The check runs in the export thread while training registers parameters in its own (FSDP
+    writes its flat parameters back as it goes): only the checking thread's go to meta."""
+    import threading
+
+    from sa2va_hooks.core.loadcheck import _parameters_on_meta
+    inside, started, release = {}, threading.Event(), threading.Event()
+
+    def check_thread():
+        with _parameters_on_meta():
+            started.set()
+            inside["mine"] = torch.nn.Linear(2, 2).weight.device.type
+            release.wait(5)
+
+    t = threading.Thread(target=check_thread)
+    t.start()
+    started.wait(5)
+    other = torch.nn.Linear(2, 2).weight.device.type  # built while the other thread is inside
+    release.set()
+    t.join()
+    assert inside["mine"] == "meta" and other == "cpu"
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"

@@ -18,6 +18,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -148,23 +149,39 @@ def _model_class(config, where: Path, snapshot: Path) -> type:
     return cls
 
 
+_ON_META = threading.local()  # set in the thread that builds a model for the check, and only there
+_PATCH_LOCK = threading.Lock()
+_patched_users = 0
+_register_parameter = nn.Module.register_parameter
+
+
+def _register_maybe_on_meta(module: nn.Module, name: str, param) -> None:
+    _register_parameter(module, name, param)
+    if getattr(_ON_META, "active", False) and param is not None and param.device.type != "meta":
+        module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter created inside goes to the meta device as it is registered (so nothing is
-    allocated or initialised), while other tensors stay real: model code that computes on the CPU
-    in ``__init__`` (``torch.linspace(...).item()`` in InternViT) still works."""
-    register = nn.Module.register_parameter
-
-    def to_meta(module: nn.Module, name: str, param) -> None:
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = to_meta
+    """Every parameter this thread creates inside goes to the meta device as it is registered (so
+    nothing is allocated or initialised), while other tensors stay real: model code that computes
+    on the CPU in ``__init__`` (``torch.linspace(...).item()`` in InternViT) still works. Other
+    threads are untouched: the check runs in the export thread while training (FSDP's parameter
+    write-back, for one) registers parameters in its own."""
+    global _patched_users
+    with _PATCH_LOCK:
+        if _patched_users == 0:
+            nn.Module.register_parameter = _register_maybe_on_meta
+        _patched_users += 1
+    _ON_META.active = True
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        _ON_META.active = False
+        with _PATCH_LOCK:
+            _patched_users -= 1
+            if _patched_users == 0:
+                nn.Module.register_parameter = _register_parameter
 
 
 def _build_on_meta(cls: type, config, snapshot: Path) -> nn.Module:
