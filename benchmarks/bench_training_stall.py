@@ -401,7 +401,7 @@ def probe(size: str) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     peaks: dict[str, float] = {}
     if CUDA:  # where the export's GPU memory goes: the peak while each tensor is produced
-        import sa2va_hooks.export as ex
+        import sa2va_hooks.core.export as ex
         real = ex._RankWork._produce
 
         def traced(self, slot, st, fname, record=True):  # peak above the allocation before the export

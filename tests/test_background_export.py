@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import peft_reference, tiny_qwen2, train_like
 from sa2va_hooks import ExportManifest, ModelChangedError, SnapshotBuffers, export_hf, start_export, verify_snapshot
-from sa2va_hooks.export import prepare_background_export
+from sa2va_hooks.export import prepare_background_export, prepare_gathered_export
 
 
 def _peft(targets="all-linear", saved=("embed_tokens", "lm_head"), vocab=96):
@@ -165,7 +165,7 @@ def test_gathered_in_front_written_behind_equals_synchronous_export(tmp_path):
 def test_gathered_export_failure_in_the_writer_publishes_nothing(tmp_path, monkeypatch):
     import errno
 
-    import sa2va_hooks.export as ex
+    import sa2va_hooks.core.export as ex
     from sa2va_hooks.core.dist import RankGroup
     pm = _peft()
 
@@ -173,7 +173,7 @@ def test_gathered_export_failure_in_the_writer_publishes_nothing(tmp_path, monke
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(ex, "ShardWriter", full_disk)
-    job = ex.prepare_gathered_export(pm, tmp_path / "bg", max_shard_size="20KB").start()
+    job = prepare_gathered_export(pm, tmp_path / "bg", max_shard_size="20KB").start()
     job.task.gather_in_front(RankGroup(0, 1), budget=8 << 10)
     with pytest.raises(OSError, match="No space left"):
         job.result()
@@ -185,7 +185,7 @@ def test_frozen_tensor_changed_while_the_background_thread_writes_is_refused(tmp
     before publishing), from another thread than the one exporting."""
     import threading
 
-    import sa2va_hooks.export as ex
+    import sa2va_hooks.core.export as ex
     pm = _peft(targets=["q_proj", "v_proj"])
     frozen = pm.base_model.model.model.layers[0].mlp.up_proj.weight
     real = ex.write_index
@@ -208,7 +208,7 @@ def test_frozen_tensor_changed_while_the_background_thread_writes_is_refused(tmp
 def test_a_writer_thread_that_died_never_blocks_the_gathers(tmp_path, monkeypatch):
     """If the export's thread ends before taking the staged tensors, the training thread's
     gathers still run to the end (every rank must enter them) and return."""
-    import sa2va_hooks.export as ex
+    import sa2va_hooks.core.export as ex
     from sa2va_hooks.core.dist import RankGroup
     pm = _peft()
 
@@ -216,7 +216,7 @@ def test_a_writer_thread_that_died_never_blocks_the_gathers(tmp_path, monkeypatc
         raise RuntimeError("no CUDA stream for you")
 
     monkeypatch.setattr(ex, "_own_stream", broken_stream)
-    job = ex.prepare_gathered_export(pm, tmp_path / "bg", max_shard_size="20KB").start()
+    job = prepare_gathered_export(pm, tmp_path / "bg", max_shard_size="20KB").start()
     job.wait()
     job.task.gather_in_front(RankGroup(0, 1), budget=1 << 10)  # would block forever on a full queue
     with pytest.raises(RuntimeError, match="no CUDA stream"):

@@ -67,7 +67,7 @@ def _fresh_trainables(tiny_base, like: dict):
 
 
 def test_when_busy_skip_skips_and_says_so_wait_exports_every_checkpoint(tiny_base, tmp_path):
-    import sa2va_hooks.export as ex
+    import sa2va_hooks.core.export as ex
     real = ex.ExportTask._run
 
     def slow_run(self):  # a slow disk: each export outlasts several training iterations
@@ -93,7 +93,7 @@ def test_when_busy_skip_skips_and_says_so_wait_exports_every_checkpoint(tiny_bas
 
 
 def test_background_failure_is_logged_and_training_goes_on(tiny_base, tmp_path):
-    import sa2va_hooks.export as ex
+    import sa2va_hooks.core.export as ex
     real = ex.ExportTask._run
 
     def failing_run(self):

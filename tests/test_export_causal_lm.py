@@ -129,7 +129,7 @@ def test_unmapped_key_is_an_error_not_a_silent_drop(tmp_path):
 
 def test_parameter_modified_during_export_blocks_publication(tmp_path, monkeypatch):
     """Simulates a training step on another thread while the export reads the model."""
-    import sa2va_hooks.export as ex
+    import sa2va_hooks.core.export as ex
     from sa2va_hooks.core.snapshot import ModelChangedError
     pm = _peft_model()
     real = ex.write_index
@@ -148,7 +148,7 @@ def test_parameter_modified_during_export_blocks_publication(tmp_path, monkeypat
 def test_the_staged_snapshot_goes_through_verify_before_publishing(tmp_path, monkeypatch):
     """An index that disagrees with the shards (here: a wrong total_size written by a faulty
     writer) is found by verify's own checks on the staged snapshot, and nothing is published."""
-    import sa2va_hooks.export as ex
+    import sa2va_hooks.core.export as ex
     from sa2va_hooks.core import writer
     real = writer.write_index
 

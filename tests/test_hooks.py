@@ -112,7 +112,7 @@ def test_stale_staging_from_a_crash_is_removed_and_said(tiny_base, tmp_path):
 def test_disk_full_during_a_later_export_keeps_the_earlier_snapshot(tiny_base, tmp_path, monkeypatch):
     import errno
 
-    import sa2va_hooks.export as ex
+    import sa2va_hooks.core.export as ex
     from sa2va_hooks.core.verify import verify_snapshot
     real = ex.ShardWriter
     calls = {"n": 0}

@@ -20,6 +20,7 @@ class NoMmengine:  # as if mmengine were not installed
 sys.meta_path.insert(0, NoMmengine())
 import sa2va_hooks.core, sa2va_hooks.core.merge, sa2va_hooks.core.writer, sa2va_hooks.core.verify
 import sa2va_hooks.core.fingerprint, sa2va_hooks.core.snapshot, sa2va_hooks.core.manifest
+import sa2va_hooks.core.export, sa2va_hooks.core.loadcheck
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from sa2va_hooks import export_hf, verify_snapshot
@@ -106,3 +107,13 @@ def test_auto_picks_the_real_converter_for_the_tiny_model(tiny_base):
     from sa2va_hooks.converters.base import detect_converter
     from sa2va_hooks.converters.sa2va import Sa2VAConverter
     assert detect_converter(TinySa2VA(str(tiny_base))) is Sa2VAConverter
+
+
+def test_the_export_pipeline_lives_in_core_and_the_facade_only_resolves_the_converter():
+    facade = (PKG / "export.py").read_text()
+    assert len(facade.splitlines()) < 60 and "class " not in facade
+    ours = {m for m in _imports(PKG / "export.py") if m.startswith("sa2va_hooks")}
+    assert all(m.startswith(("sa2va_hooks.core", "sa2va_hooks.converters.base")) for m in ours), ours
+    tree = ast.parse((PKG / "core" / "export.py").read_text())
+    finish = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_finish")
+    assert finish.end_lineno - finish.lineno < 30, "the finishing step should stay a short sequence of named steps"

@@ -14,12 +14,13 @@ on load (``gamma``/``beta`` -> ``weight``/``bias``) is an error unless a rule ma
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 from torch import nn
+
+from ..core.export import SnapshotContext  # noqa: F401 - converters take it from here
 
 
 class _NameRegistry:
@@ -56,16 +57,6 @@ LEGACY_RENAMED_SUBSTRINGS = ("gamma", "beta")
 
 class ConversionError(ValueError):
     """The model cannot be mapped to the target layout without losing or inventing weights."""
-
-
-@dataclasses.dataclass
-class SnapshotContext:
-    """What converters need to know about the export being written."""
-
-    model: nn.Module
-    dtype: Any  # torch.dtype or None (kept as in memory)
-    names: set[str]  # exported tensor names
-    notes: list[str]
 
 
 def set_dtype(cfg: dict, ctx: SnapshotContext, *subs: str) -> None:
