@@ -31,14 +31,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
             exported = FingerprintSet.from_json(ExportManifest.load(args.dir).trained).tensors
             problems += [f"{p} (checkpoint {rec.source} vs export)"
                          for p in compare_fingerprints(rec.trained.tensors, exported)]
+    loaded = ""
+    if args.load and not problems:
+        problems, loaded = _load_check(args.dir)
     for p in problems:
         print(p)
     if problems:
         print(f"FAILED: {args.dir}: {len(problems)} problem(s)")
         return 1
     extra = f", and its trained tensors match {args.checkpoint}" if args.checkpoint else ""
-    print(f"OK: {args.dir}: every tensor, file and the root digest match the manifest{extra}")
+    print(f"OK: {args.dir}: every tensor, file and the root digest match the manifest{extra}{loaded}")
     return 0
+
+
+def _load_check(snapshot: str) -> tuple[list[str], str]:
+    """The export's load check again, here and with this transformers (it runs the snapshot's
+    remote code, hence opt-in), with the template table and tokens the converter named at export."""
+    from .core.loadcheck import SnapshotLoadError, check_snapshot_loads
+    manifest = ExportManifest.load(snapshot)
+    recorded = manifest.provenance.get("load_check") or {}
+    try:
+        got = check_snapshot_loads(snapshot, manifest.tensors, template_table=recorded.get("template_table"),
+                                   required_tokens=recorded.get("required_tokens") or ())
+    except SnapshotLoadError as e:
+        return str(e).splitlines(), ""
+    return [], f"; it loads as {got['class']} (built on the meta device from its config.json)"
 
 
 def _carries_training(d: TensorDir, base: TensorDir) -> tuple[set[str], set[str], dict[str, float]]:
@@ -168,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir")
     v.add_argument("--checkpoint", help="also check the export's trained tensors against this checkpoint's record")
     v.add_argument("--allow-pickle", action="store_true", help="load a legacy checkpoint with full pickle")
+    v.add_argument("--load", action="store_true", help="also build the model class from config.json on the meta device "
+                                                       "and check it takes every tensor (runs the snapshot's remote code)")
     v.set_defaults(func=cmd_verify)
     d = sub.add_parser("diff", help="compare two snapshots (or HF model directories), optionally against a base")
     d.add_argument("a")

@@ -3,6 +3,7 @@ against the written tensors, before publishing; and Sa2VA's tied lm_head, templa
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -53,17 +54,38 @@ def test_tied_sa2va_writes_lm_head_and_unties(tied_sa2va, tmp_path):
         torch.testing.assert_close(hf.eval()(pix, ids).logits, tied_sa2va(pix, ids, mode="tensor"), atol=1e-5, rtol=0)
 
 
-def test_tied_lm_head_left_out_is_caught_before_publishing(tied_sa2va, tmp_path):
-    """The snapshot the issue found (lm_head absent, garbage on load) no longer gets out: with the
-    copy switched off, the load check refuses it and nothing is published."""
+def test_tied_lm_head_left_out_agrees_with_from_pretrained(tied_sa2va, tmp_path, monkeypatch):
+    """The snapshot the issue found: lm_head not written (copy switched off), the LLM config still
+    tied. Whether that loads depends on transformers (4.x does not tie the inner LLM again through
+    Sa2VA's untied outer config: lm_head stays uninitialised; 5.x ties submodules by their own
+    configs). The check must say what from_pretrained does: refuse it, or pass it and then the
+    reloaded model gives the live model's logits."""
 
     class NoCopy(TinySa2VAConverter):
         write_tied = ()
 
-    with pytest.raises(SnapshotLoadError, match=r"language_model\.lm_head\.weight: the class has it, the snapshot "
-                                                r"does not, and loading does not tie it"):
+    try:
         export_hf(tied_sa2va, tmp_path / "out", converter=NoCopy())
-    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+    except SnapshotLoadError as e:
+        assert re.search(r"language_model\.lm_head\.weight: the class has it, the snapshot does not, and loading "
+                         r"does not tie it", str(e)), e
+        assert not list(tmp_path.iterdir())  # nothing published
+        # independent: the snapshot written without the check, loaded as Sa2VA's model card loads it
+        # (low_cpu_mem_usage=True: fresh tensors for the loaded keys), has an lm_head that is not embed_tokens
+        import sa2va_hooks.core.export as ex
+        monkeypatch.setattr(ex, "check_snapshot_loads", lambda *a, **k: {})
+        export_hf(tied_sa2va, tmp_path / "unchecked", converter=NoCopy())
+        hf = AutoModel.from_pretrained(tmp_path / "unchecked", trust_remote_code=True, torch_dtype=torch.float32,
+                                       low_cpu_mem_usage=True)
+        head, emb = hf.language_model.lm_head.weight, hf.language_model.model.embed_tokens.weight
+        assert head.data_ptr() != emb.data_ptr()
+        assert head.device.type == "meta" or not torch.equal(head, emb)
+        return
+    hf = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True, torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    pix, ids = torch.randn(2, 3, 16, 16, generator=g), torch.randint(4, 60, (2, 8), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(pix, ids).logits, tied_sa2va(pix, ids, mode="tensor"), atol=1e-5, rtol=0)
 
 
 def test_unknown_template_is_refused_listing_the_known_ones(tied_sa2va, tmp_path):
@@ -105,12 +127,15 @@ def causal_snapshot(tmp_path):
 def _rewrite_config(snap, **changes):
     cfg = json.loads((snap / "config.json").read_text())
     cfg.update(changes)
+    if "num_hidden_layers" in changes and isinstance(cfg.get("layer_types"), list):  # transformers 5 validates it
+        cfg["layer_types"] = [cfg["layer_types"][0]] * changes["num_hidden_layers"]
     (snap / "config.json").write_text(json.dumps(cfg))
 
 
 def test_good_snapshot_passes_and_names_its_class(causal_snapshot):
     got = check_snapshot_loads(causal_snapshot, _tensors(causal_snapshot))
-    assert got == {"class": "modeling_qwen2.Qwen2ForCausalLM", "tensors": len(_tensors(causal_snapshot))}
+    assert got == {"class": "modeling_qwen2.Qwen2ForCausalLM", "tensors": len(_tensors(causal_snapshot)),
+                   "template_table": None, "required_tokens": []}
 
 
 @pytest.mark.parametrize("changes,message", [
@@ -184,3 +209,25 @@ def test_the_meta_build_leaves_other_threads_parameters_alone():
     t.join()
     assert inside["mine"] == "meta" and other == "cpu"
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+
+
+def test_verify_load_reruns_the_check_with_the_recorded_table(tied_sa2va, tmp_path, capsys):
+    from sa2va_hooks.cli import main
+    export_hf(tied_sa2va, tmp_path / "ok", converter="tiny_sa2va")
+    assert main(["verify", str(tmp_path / "ok"), "--load"]) == 0
+    assert "it loads as modeling_tiny_sa2va.TinySa2VAChatModel" in capsys.readouterr().out
+    # a template edit keeps every file check (config.json's sha256 aside) honest: make verify's
+    # manifest agree, so that only the load check can see it
+    cfg_path = tmp_path / "ok" / "config.json"
+    cfg = json.loads(cfg_path.read_text()) | {"template": "internvl2_5"}
+    cfg_path.write_text(json.dumps(cfg))
+    assert main(["verify", str(tmp_path / "ok")]) == 1  # the file check sees the edit
+    manifest = json.loads((tmp_path / "ok" / "export_manifest.json").read_text())
+    from sa2va_hooks.core.manifest import sha256_file
+    manifest["files"]["config.json"] = {"size": cfg_path.stat().st_size, "sha256": sha256_file(cfg_path)}
+    (tmp_path / "ok" / "export_manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "ok"), "--load"]) == 1
+    out = capsys.readouterr().out
+    assert "template 'internvl2_5' is not one the remote code knows" in out and "FAILED" in out

@@ -52,7 +52,10 @@ def check_snapshot_loads(snapshot: str | Path, tensors: Mapping[str, Mapping], *
             raise _load_error(snapshot, "its config.json", problems)
         cls = _model_class(config, where, snapshot)
         expected = getattr(cls, "config_class", None)
-        if isinstance(expected, type) and not isinstance(config, expected):
+        # by name too: transformers 5 may import a remote config module twice (for AutoConfig and for the
+        # model's relative import), which gives two class objects for one class
+        if isinstance(expected, type) and not isinstance(config, expected) \
+                and type(config).__qualname__ != expected.__qualname__:
             raise _load_error(snapshot, "its config.json", [
                 f"model_type {getattr(config, 'model_type', None)!r} makes AutoConfig read config.json as "
                 f"{type(config).__name__}, but {cls.__name__} takes a {expected.__name__}: the Auto classes "
@@ -62,7 +65,8 @@ def check_snapshot_loads(snapshot: str | Path, tensors: Mapping[str, Mapping], *
         problems += _tokenizer_problems(model, config, where, required_tokens)
     if problems:
         raise _load_error(snapshot, f"{cls.__name__} built from its config.json", problems)
-    return {"class": f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}", "tensors": len(shapes)}
+    return {"class": f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}", "tensors": len(shapes),
+            "template_table": template_table, "required_tokens": list(required_tokens)}
 
 
 def _load_error(snapshot: Path, what: str, problems: list[str]) -> SnapshotLoadError:
