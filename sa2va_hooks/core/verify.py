@@ -243,8 +243,9 @@ def _check_shapes(root: Path, manifest: ExportManifest) -> list[str]:
     """An empty tensor or a zero vocabulary is never a trained model (it is what a ZeRO-3
     placeholder read outside a gather looks like), and the embedding rows must be a vocabulary
     size the config declares, or from_pretrained fails (or silently resizes)."""
+    # a scalar (shape [], one element: a BatchNorm's num_batches_tracked) is not empty
     problems = [f"empty tensor {n}: shape {t.get('shape')} has no elements"
-                for n, t in sorted(manifest.tensors.items()) if 0 in (t.get("shape") or [0])]
+                for n, t in sorted(manifest.tensors.items()) if 0 in t.get("shape", [0])]
     cfg_path = root / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
