@@ -114,3 +114,38 @@ def test_out_that_is_a_file_is_refused_before_anything_is_published(tmp_path):
         export_hf(tiny_qwen2(), out, overwrite=True)
     assert out.read_text() == "not a snapshot"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_6"]
+
+
+def _export_in_child(args) -> str:
+    path, seed, overwrite = args
+    from conftest import tiny_qwen2
+    try:
+        export_hf(tiny_qwen2(seed=seed), Path(path), overwrite=overwrite)
+        return "published"
+    except FileExistsError as e:
+        return f"refused: {e}"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_concurrent_writers_to_one_name(tmp_path, overwrite, monkeypatch):
+    """Six processes export to one name at once. Without overwrite: one publishes, every other is
+    told the name exists (no 'Directory not empty'); with it: each replaces the last. Either way the
+    final name verifies and nothing is left beside it. Each rename waits 0.2 s first, so that without
+    the publishing lock the checks and renames of different writers do interleave (they did: the
+    test fails with the lock taken out)."""
+    import multiprocessing
+    import time
+    real_rename = os.rename
+    monkeypatch.setattr(writer.os, "rename", lambda a, b: (time.sleep(0.2), real_rename(a, b))[1])
+    out = tmp_path / "iter_5"
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        results = pool.map(_export_in_child, [(str(out), seed, overwrite) for seed in range(6)])
+    published = [r for r in results if r == "published"]
+    if overwrite:
+        assert len(published) == 6, results
+    else:
+        assert len(published) == 1, results
+        assert all(r.startswith(f"refused: snapshot directory {out} already exists") for r in results
+                   if r != "published"), results
+    assert verify_snapshot(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_5"]

@@ -14,8 +14,10 @@ complete snapshot or none, and a crash leaves only an ``.incomplete-*`` director
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import re
@@ -404,9 +406,29 @@ def publish(staging: Path, out_dir: Path, *, overwrite: bool) -> None:
     between the two renames leaves it there, and the hook and tools/export.py restore it on their next
     start (:func:`clean_leftovers`)."""
     fsync_tree(staging)
+    with _publishing_lock(out_dir.parent):
+        _publish_locked(staging, out_dir, overwrite)
+
+
+@contextlib.contextmanager
+def _publishing_lock(parent: Path):
+    """Publishers into one directory take turns (``flock`` on the directory itself: nothing is
+    created for it, and it is released when the process dies). Within a turn, the name is checked
+    and renamed with no other exporter in between: a losing concurrent writer is told the name
+    exists, and the swap or the fallback's renames never interleave with another's."""
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _publish_locked(staging: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"snapshot directory {out_dir} already exists; pass overwrite=True (--overwrite) "
-                              "to replace it, or choose another output directory.")
+        raise FileExistsError(f"snapshot directory {out_dir} already exists (published by another export, or "
+                              "earlier); pass overwrite=True (--overwrite) to replace it, or choose another "
+                              "output directory.")
     if out_dir.exists():
         if not out_dir.is_dir() or out_dir.is_symlink():
             raise FileExistsError(f"{out_dir} exists and is not a snapshot directory; refusing to replace it. "
