@@ -55,7 +55,11 @@ def test_installed_package_reports_its_version_and_passes_doctor(tmp_path):
         assert f"{dist} " in d.stdout and metadata.version(dist) in d.stdout, (dist, d.stdout)
     assert "[works] LoRA merge + export + verify + from_pretrained" in d.stdout, d.stdout
     assert "doctor: OK" in d.stdout
-    assert (where / "demo" / "hf_code" / "modeling_tiny_sa2va.py").is_file(), "package data left out of the install"
+    # the install holds the whole package and nothing of the demo (issue 10: the demo sits beside it)
+    assert (where / "core" / "export.py").is_file() and (where / "core" / "loadcheck.py").is_file()
+    assert not (where / "demo").exists() and not [p for p in where.rglob("*") if "tiny" in p.name], where
+    demo = _run(["-c", "import sa2va_demo"], tmp_path)
+    assert demo.returncode != 0 and "No module named 'sa2va_demo'" in demo.stderr, demo.stderr
 
 
 def test_declared_ranges_admit_this_stack(tmp_path):
