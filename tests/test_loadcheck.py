@@ -93,6 +93,8 @@ def test_unknown_template_is_refused_listing_the_known_ones(tied_sa2va, tmp_path
                                                 r"\(templates\.PROMPT_TEMPLATE\): internlm2_chat, qwen_chat, tiny_chat"):
         export_hf(tied_sa2va, tmp_path / "out", converter=dict(type="tiny_sa2va", template="internvl2_5"))
     assert not list(tmp_path.iterdir())
+    with pytest.raises(SnapshotLoadError, match=r"Nothing was published\. Make the written config build the class"):
+        export_hf(tied_sa2va, tmp_path / "out", converter=dict(type="tiny_sa2va", template="internvl2_5"))
 
 
 def test_the_refused_template_really_does_not_load(tied_sa2va, tmp_path):

@@ -72,7 +72,10 @@ def check_snapshot_loads(snapshot: str | Path, tensors: Mapping[str, Mapping], *
 def _load_error(snapshot: Path, what: str, problems: list[str]) -> SnapshotLoadError:
     shown = "\n".join(f"- {p}" for p in problems[:30])
     more = f"\n- ... and {len(problems) - 30} more" if len(problems) > 30 else ""
-    return SnapshotLoadError(f"{snapshot} would not load as written ({what}):\n{shown}{more}")
+    return SnapshotLoadError(f"{snapshot} would not load as written ({what}):\n{shown}{more}\n"
+                             "Nothing was published. Make the written config build the class the tensors were written "
+                             "for: the converter's key rules, template= or model_type=, or its remote code "
+                             "(hf_code_dir). `sa2va-hooks verify DIR --load` runs this check on a snapshot.")
 
 
 @contextlib.contextmanager
