@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import re
 import time
 from pathlib import Path
 
@@ -56,6 +59,64 @@ def config_sha256(runner) -> str | None:
 
 def _checkpoint_hook(runner) -> CheckpointHook | None:
     return next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
+
+
+def max_keep_ckpts(runner) -> int | None:
+    """CheckpointHook's ``max_keep_ckpts`` when it removes older checkpoints (> 0), else None."""
+    hook = _checkpoint_hook(runner)
+    n = getattr(hook, "max_keep_ckpts", None) if hook is not None else None
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def snapshot_keep_last(runner, keep_last: int | None, at_checkpoints: bool) -> int | None:
+    """How many snapshots HFExportHook keeps (``keep_last`` pruning, writer.remove_snapshot): the
+    user's ``keep_last`` when set; else, when the snapshots are taken at the checkpoints and
+    CheckpointHook keeps only its newest ``max_keep_ckpts``, that many, said once in the log (a
+    snapshot is its checkpoint's HF form and goes with it); else None (keep all). Exports on an
+    ``interval`` of their own are not tied to checkpoints and do not follow it."""
+    if keep_last is not None or not at_checkpoints:
+        return keep_last
+    n = max_keep_ckpts(runner)
+    if n is not None:
+        runner.logger.info(f"[sa2va_hooks] keep_last follows CheckpointHook max_keep_ckpts={n}; pass keep_last=N to "
+                           f"choose. HF snapshots older than the newest {n} are removed, as their checkpoints are.")
+    return n
+
+
+SIDECAR_SUFFIX = ".fingerprints.json"  # FingerprintHook's sidecar: <checkpoint><suffix>, beside it
+
+
+def orphan_sidecars(runner, ckpt_dir: Path) -> list[tuple[Path, str]]:
+    """FingerprintHook's sidecars in ``ckpt_dir`` whose checkpoint CheckpointHook removed
+    (``max_keep_ckpts``): (sidecar, checkpoint name). Only when CheckpointHook removes checkpoints at
+    all, only names of CheckpointHook's own form plus our suffix (``iter_2.pth.fingerprints.json``),
+    only when nothing exists under the checkpoint's name (a file or a DeepSpeed directory), and only
+    files whose content says they are our sidecar of that checkpoint."""
+    hook = _checkpoint_hook(runner)
+    if max_keep_ckpts(runner) is None or not ckpt_dir.is_dir():
+        return []
+    parts = re.split(r"\{[^{}]*\}", getattr(hook, "filename_tmpl", "") or "")
+    if len(parts) != 2:  # not a template of one step number: nothing is recognisably ours
+        return []
+    name = re.compile(re.escape(parts[0]) + r"\d+" + re.escape(parts[1]) + re.escape(SIDECAR_SUFFIX))
+    found = []
+    for sidecar in sorted(ckpt_dir.iterdir()):
+        if not name.fullmatch(sidecar.name) or not sidecar.is_file():
+            continue
+        ckpt = sidecar.name[:-len(SIDECAR_SUFFIX)]
+        if os.path.lexists(ckpt_dir / ckpt) or not _is_sidecar_of(sidecar, ckpt):
+            continue
+        found.append((sidecar, ckpt))
+    return found
+
+
+def _is_sidecar_of(path: Path, ckpt_name: str) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(record, dict) and "trained" in record and
+            Path(str(record.get("checkpoint", "")).rstrip("/")).name == ckpt_name)
 
 
 def has_checkpoint_schedule(runner) -> bool:

@@ -3,7 +3,8 @@
 - inside the checkpoint: ``message_hub`` runtime info ``sa2va_hooks/checkpoint``, which every
   runner and strategy saves with the checkpoint (DeepSpeed's ``iter_N.pth/`` directories
   included); the classic Runner also gets it in ``checkpoint["meta"]["sa2va_hooks"]``;
-- ``<checkpoint>.fingerprints.json``: readable without unpickling anything (rank 0 writes it);
+- ``<checkpoint>.fingerprints.json``: readable without unpickling anything (rank 0 writes it, and
+  removes it again when CheckpointHook's ``max_keep_ckpts`` removed its checkpoint);
 - one log line: count, bytes, root digest, and how many trainable tensors changed since the
   previous checkpoint.
 
@@ -28,10 +29,9 @@ from ..core.fingerprint import FingerprintSet
 from ..core.sharding import needs_gather
 from ..core.snapshot import fingerprint_capture
 from ..export import trained_fingerprints
-from .common import (CHECKPOINT_RECORD_KEY, CURRENT_TRAINED_KEY, META_KEY, background_exports, checkpoint_due,
-                     checkpoint_point, ensure_baseline, process_state, unwrapped_model)
-
-SIDECAR_SUFFIX = ".fingerprints.json"
+from .common import (CHECKPOINT_RECORD_KEY, CURRENT_TRAINED_KEY, META_KEY, SIDECAR_SUFFIX, background_exports,
+                     checkpoint_due, checkpoint_point, ensure_baseline, max_keep_ckpts, orphan_sidecars, process_state,
+                     unwrapped_model)
 
 
 @HOOKS.register_module()
@@ -151,6 +151,22 @@ class FingerprintHook(Hook):
         except OSError as e:
             runner.logger.error(f"[sa2va_hooks] could not write fingerprint sidecar {path}: {e}. Training continues; "
                                 "the fingerprints are inside the checkpoint (message_hub runtime info).")
+        self._remove_orphan_sidecars(runner, path.parent)
+
+    @staticmethod
+    def _remove_orphan_sidecars(runner, ckpt_dir: Path) -> None:
+        """CheckpointHook with ``max_keep_ckpts`` removed an older checkpoint (a file, or a DeepSpeed
+        directory) just before it saved this one; its sidecar goes with it. Rank 0 (the caller), only
+        our sidecars, only when their checkpoint is gone (common.orphan_sidecars)."""
+        for sidecar, ckpt in orphan_sidecars(runner, ckpt_dir):
+            try:
+                sidecar.unlink()
+            except OSError as e:
+                runner.logger.warning(f"[sa2va_hooks] could not remove fingerprint sidecar {sidecar} of the removed "
+                                      f"checkpoint {ckpt}: {e}")
+                continue
+            runner.logger.info(f"[sa2va_hooks] removed fingerprint sidecar {sidecar}: its checkpoint {ckpt} was "
+                               f"removed by CheckpointHook (max_keep_ckpts={max_keep_ckpts(runner)})")
 
 
 def _one_process():

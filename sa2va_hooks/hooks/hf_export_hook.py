@@ -31,6 +31,7 @@ from ..core.writer import clean_leftovers, parse_size, remove_snapshot
 from ..export import FrontFailedError, export_hf, prepare_background_export, prepare_gathered_export, reserve_staging
 from .common import (CURRENT_TRAINED_KEY, background_exports, build_callable_cfg, checkpoint_due, checkpoint_point,
                      config_sha256, ensure_baseline, has_checkpoint_schedule, process_state, unwrapped_model)
+from .common import snapshot_keep_last
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 
@@ -46,7 +47,9 @@ class HFExportHook(Hook):
             ``dict(type='sa2va', hf_code_dir=..., template=...)``.
         dtype: dtype of the exported floating tensors ('bf16', 'fp16', 'fp32'); None keeps them.
         max_shard_size: shard limit, as transformers' (e.g. '5GB').
-        keep_last: keep only the newest N snapshots written here (None keeps all).
+        keep_last: keep only the newest N snapshots written here. None: when exporting at
+            checkpoints and CheckpointHook has ``max_keep_ckpts > 0``, that many (said in the log);
+            otherwise all.
         tokenizer: a tokenizer, a path, or an mmengine config dict to build one; the model's
             ``tokenizer`` attribute is used when absent.
         background: export on a background thread (the default). Training pauses only while
@@ -84,11 +87,13 @@ class HFExportHook(Hook):
         self.tokenizer = tokenizer
         self._last_exported_iter: int | None = None
         self._baseline: dict = {}
+        self._keep: int | None = keep_last  # what _prune keeps; before_train may follow max_keep_ckpts
 
     # -- timing: the checkpoint schedule (or our interval), on every rank -----------------------
     def before_train(self, runner) -> None:
         self._baseline, _, _ = ensure_baseline(runner)  # collective under ZeRO-3
         self._prepare_background(runner)
+        self._keep = snapshot_keep_last(runner, self.keep_last, at_checkpoints=self.interval is None)
         if self.interval is None and not has_checkpoint_schedule(runner):
             runner.logger.warning("[sa2va_hooks] HFExportHook exports at checkpoints, but this run has no "
                                   "CheckpointHook with a positive interval: it will export nothing. Set "
@@ -293,10 +298,10 @@ class HFExportHook(Hook):
                         log=lambda msg: runner.logger.warning(f"[sa2va_hooks] {msg}"))
 
     def _prune(self, root: Path, keep: Path) -> None:
-        if self.keep_last is None:
+        if self._keep is None:
             return
         snaps = sorted((int(m.group(1)), p) for p in root.iterdir()
                        if (m := _ITER_DIR.match(p.name)) and (p / MANIFEST_FILE).is_file())
-        for _, p in snaps[:-self.keep_last]:
+        for _, p in snaps[:-self._keep]:
             if p != keep:
                 remove_snapshot(p)
