@@ -33,8 +33,15 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
     if path.is_dir():
         return load_deepspeed_dir(path, allow_pickle=allow_pickle, log=log)
     if not path.is_file():
+        sidecar = Path(str(path).rstrip("/") + SIDECAR_SUFFIX)
+        if sidecar.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {path} does not exist, but its fingerprint sidecar {sidecar} does: the checkpoint was "
+                "removed (CheckpointHook removes older checkpoints when max_keep_ckpts is set) or moved. The sidecar "
+                f"holds only fingerprints, no weights. {_what_instead(path, sidecar)}")
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the .pth file CheckpointHook wrote "
                                 "(or a DeepSpeed checkpoint directory).")
+    _refuse_sidecar(path)
     _check_checkpoint_file(path)
     if allow_pickle:
         log(f"WARNING: --allow-pickle: {path} is loaded with full pickle; code inside it can run. "
@@ -51,6 +58,57 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
 
 class NotACheckpointError(ValueError):
     """The file is not a torch checkpoint at all (empty, random bytes, another format)."""
+
+
+class SidecarNotCheckpointError(NotACheckpointError):
+    """The file is FingerprintHook's sidecar (``<checkpoint>.fingerprints.json``), not a checkpoint."""
+
+
+def _sidecar_record(path: Path) -> dict | None:
+    """The record of a file that is FingerprintHook's sidecar by name or by content, else None
+    ({} when only the name says so)."""
+    named = path.name.endswith(SIDECAR_SUFFIX)
+    with open(path, "rb") as f:
+        head = f.read(1)
+    if not named and head != b"{":
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {} if named else None
+    if isinstance(record, dict) and "trained" in record and "checkpoint" in record:
+        return record
+    return {} if named else None
+
+
+def _refuse_sidecar(path: Path) -> None:
+    record = _sidecar_record(path)
+    if record is None:
+        return
+    name = (path.name[:-len(SIDECAR_SUFFIX)] if path.name.endswith(SIDECAR_SUFFIX)
+            else Path(str(record["checkpoint"]).rstrip("/")).name)
+    ckpt = path.with_name(name)
+    at = f" (iteration {record['iter']})" if record.get("iter") is not None else ""
+    if ckpt.exists():
+        state = f"That checkpoint exists: pass {ckpt} instead."
+    else:
+        state = (f"That checkpoint no longer exists at {ckpt}: it was removed (CheckpointHook removes older "
+                 f"checkpoints when max_keep_ckpts is set) or moved. {_what_instead(ckpt, path)}")
+    raise SidecarNotCheckpointError(
+        f"{path} is a fingerprint sidecar written by FingerprintHook, not a checkpoint: it records the trained "
+        f"tensors' fingerprints of checkpoint {name}{at}, and holds no weights. {state}")
+
+
+def _what_instead(ckpt: Path, sidecar: Path) -> str:
+    """What to pass when a checkpoint is gone but its sidecar is there."""
+    folder = ckpt.parent
+    others = sorted(p.name for p in folder.glob("*.pth") if p != ckpt) if folder.is_dir() else []
+    there = (f"Checkpoints in {folder} now: {', '.join(others[:10])}{' ...' if len(others) > 10 else ''}. "
+             if others else f"No checkpoint (*.pth) is left in {folder}. ")
+    return (f"Pass a checkpoint that exists. {there}To compare the sidecar's record with a snapshot without "
+            f"its checkpoint: `python -m sa2va_hooks fingerprint {sidecar}` prints its root, equal to the "
+            "trained_root that `python -m sa2va_hooks fingerprint SNAPSHOT_DIR` prints for the snapshot of that "
+            "checkpoint.")
 
 
 def _check_checkpoint_file(path: Path) -> None:
