@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 import sys
 import traceback
 from pathlib import Path
@@ -65,7 +66,7 @@ def _carries_training(d: TensorDir, base: TensorDir) -> tuple[set[str], set[str]
         if name not in base.where:
             no_base.add(name)
             continue
-        r = compare_tensors(name, d.get(name), base.get(name))
+        r = compare_tensors(name, d.get(name), base.get(name), dtype_counts=False)  # decision 17
         if r.status != "identical":
             trained.add(name)
         rel[name] = r.rel_norm if r.status == "differs" else (0.0 if r.status == "identical" else None)
@@ -105,6 +106,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
               + (f"; {len(frozen_differ)} FROZEN tensors differ: {sorted(frozen_differ)[:10]}" if frozen_differ else ""))
     print(f"A and B differ in {len(differ & common)} of {len(common)} common tensors; "
           f"{len(a.names() - b.names())} only in A, {len(b.names() - a.names())} only in B")
+    pairs = Counter(d.dtypes for d in diffs if d.dtypes)
+    if pairs:
+        only = sum(1 for d in diffs if d.status == "dtype")
+        print(f"A and B differ in dtype in {sum(pairs.values())} tensors ("
+              + "; ".join(f"A {x}, B {y}: {n}" for (x, y), n in pairs.most_common())
+              + f"), {only} of them only in dtype (values equal after the cast to the narrower dtype)")
     if args.png and plot_rel_delta(plot, args.png, title):
         print(f"wrote {args.png}")
     if not differ:

@@ -50,38 +50,63 @@ class TensorDir:
         return None
 
 
+_SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """bf16, fp16, fp32, fp64; other dtypes as torch names them (int64, float8_e4m3fn, ...)."""
+    return _SHORT_DTYPE.get(dtype, str(dtype).removeprefix("torch."))
+
+
 @dataclasses.dataclass
 class TensorDiff:
     name: str
-    status: str  # identical | differs | shape | only_a | only_b
+    status: str  # identical | differs | dtype | shape | only_a | only_b
     max_abs: float | None = None
     rel_norm: float | None = None  # ||a - b|| / ||b||
+    dtypes: tuple[str, str] | None = None  # (A's, B's) when they differ and the dtype counts
+
+    def _dtype(self) -> str:
+        return f"dtype: A {self.dtypes[0]}, B {self.dtypes[1]}" if self.dtypes else ""
 
     def line(self) -> str:
         if self.status == "differs":
-            return f"differs   {self.name}: max |a-b| {self.max_abs:.3e}, ||a-b||/||b|| {self.rel_norm:.3e}"
-        return {"identical": f"identical {self.name}", "shape": f"shape     {self.name}: {self.max_abs}",
-                "only_a": f"only in A {self.name}", "only_b": f"only in B {self.name}"}[self.status]
+            dt = f"{self._dtype()}; " if self.dtypes else ""
+            return f"differs   {self.name}: {dt}max |a-b| {self.max_abs:.3e}, ||a-b||/||b|| {self.rel_norm:.3e}"
+        if self.status == "dtype":
+            return f"dtype     {self.name}: {self._dtype()} (values equal after the cast to the narrower dtype)"
+        if self.status == "shape":
+            return f"shape     {self.name}: {self.max_abs}" + (f"; {self._dtype()}" if self.dtypes else "")
+        return {"identical": f"identical {self.name}", "only_a": f"only in A {self.name}",
+                "only_b": f"only in B {self.name}"}[self.status]
 
 
-def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorDiff:
+def compare_tensors(name: str, a: torch.Tensor, b: torch.Tensor, *, dtype_counts: bool = True) -> TensorDiff:
+    """A against B. A dtype difference is a difference (status "dtype" when the values are equal
+    after the cast to the narrower dtype, else "differs" naming both dtypes), unless
+    ``dtype_counts=False``: against a base, an fp32 base and a bf16 export equal after the cast
+    are identical (the export holds the base unchanged; decision 17)."""
+    dtypes = (dtype_name(a.dtype), dtype_name(b.dtype)) if a.dtype != b.dtype and dtype_counts else None
     if a.shape != b.shape:
-        return TensorDiff(name, "shape", f"A {list(a.shape)} vs B {list(b.shape)}")  # type: ignore[arg-type]
+        shapes = f"A {list(a.shape)} vs B {list(b.shape)}"
+        return TensorDiff(name, "shape", shapes, dtypes=dtypes)  # type: ignore[arg-type]
     if a.dtype == b.dtype and torch.equal(a, b):
         return TensorDiff(name, "identical")
+    equal = TensorDiff(name, "dtype", 0.0, 0.0, dtypes) if dtypes else TensorDiff(name, "identical")
     if a.dtype != b.dtype and a.is_floating_point() and b.is_floating_point():
         # An fp32 base against a bf16 export: equal after casting to the narrower dtype means the
-        # export holds the base unchanged (training did not touch it), not a difference.
+        # export holds the base unchanged (training did not touch it), not a difference in value.
         narrow = a.dtype if a.element_size() <= b.element_size() else b.dtype
         if torch.equal(a.to(narrow), b.to(narrow)):
-            return TensorDiff(name, "identical")
+            return equal
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
     d = a64 - b64
     max_abs = float(d.abs().max()) if d.numel() else 0.0
     if max_abs == 0.0:
-        return TensorDiff(name, "identical")
+        return equal
     bn = float(torch.linalg.vector_norm(b64))
-    return TensorDiff(name, "differs", max_abs, float(torch.linalg.vector_norm(d)) / bn if bn else float("inf"))
+    return TensorDiff(name, "differs", max_abs, float(torch.linalg.vector_norm(d)) / bn if bn else float("inf"),
+                      dtypes)
 
 
 def diff_dirs(a: TensorDir, b: TensorDir) -> Iterator[TensorDiff]:
