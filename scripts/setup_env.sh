@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or refresh) the virtualenv of one tested stack and install sa2va_hooks into it the way a
-# user would. Usage: scripts/setup_env.sh [default|newest|sa2va]   (default: default)
+# user would. Usage: scripts/setup_env.sh [latest|legacy|newest]   (default: latest)
 #
 # - The stack is requirements/<stack>.txt, a complete lock (every package, exact version), installed
 #   with --no-deps so that it is exactly that stack (xtuner's own pins conflict with two of them;
@@ -8,15 +8,15 @@
 # - Then `pip install .` with dependency resolution, as a user installs into an existing environment.
 #   If that would change any package of the stack, the declared ranges (setup.py) do not admit it
 #   and this script fails, naming the packages.
-# The venv is .venv for the default stack and .venv-<stack> for the others; it is rebuilt only when
+# The venv is .venv for the latest stack and .venv-<stack> for the others; it is rebuilt only when
 # the lock file changes. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STACK=${1:-default}
+STACK=${1:-latest}
 LOCK=requirements/$STACK.txt
 [ -f "$LOCK" ] || { echo "setup_env: no lock file $LOCK (stacks: $(ls requirements | sed 's/\.txt//' | tr '\n' ' '))" >&2; exit 2; }
 VENV=.venv
-[ "$STACK" = default ] || VENV=.venv-$STACK
+[ "$STACK" = latest ] || VENV=.venv-$STACK
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 PIP=(-q --disable-pip-version-check)

@@ -18,8 +18,8 @@ def tiny_qwen2(vocab: int = 96, tie: bool = False, seed: int = 0):
     return Qwen2ForCausalLM(cfg)
 
 
-# The newest stack's PEFT (requirements/current.txt). On it every PEFT feature must build; an older PEFT
-# (the Sa2VA-era stack, 0.11.1) may lack some, and those cases skip with PEFT's own error as the reason.
+# The newest stack's PEFT (requirements/newest.txt). On it every PEFT feature must build; an older PEFT
+# (Sa2VA's `legacy` stack, 0.11.1; `latest` has 0.17.1) may lack some, and those cases skip with PEFT's own error as the reason.
 NEWEST_TESTED_PEFT = "0.21"
 
 
@@ -37,13 +37,14 @@ def build_or_skip_on_old_peft(build, what: str):
 
 def xtuner_or_skip(llm_class: str = "Qwen2ForCausalLM") -> None:
     """Skip, naming the reason, where this stack cannot run xtuner's model classes over ``llm_class``:
-    xtuner is absent (0.2.0 pins transformers==4.48.0 and does not import with transformers 5), or
-    xtuner's own ``dispatch_modules`` asserts a newer transformers for that LLM class (xtuner 0.2.0
-    wants 4.48 for Qwen2; Sa2VA's xtuner 0.1.23, which accepts 4.42, is not on PyPI)."""
+    xtuner is absent (the `newest` stack: Sa2VA's xtuner 0.1.23 is not made for transformers 5, and
+    xtuner 0.2.0 pins transformers==4.48.0), or xtuner's own ``dispatch_modules`` asserts a newer
+    transformers for that LLM class (0.1.23 wants 4.39 for Qwen2; both Sa2VA stacks are above it)."""
     import importlib.util
     if importlib.util.find_spec("xtuner") is None:
-        pytest.skip("xtuner is not installed in this stack (xtuner 0.2.0 pins transformers==4.48.0 and does not "
-                    "import with transformers 5)")
+        import transformers
+        pytest.skip(f"xtuner is not installed in this stack (transformers {transformers.__version__}; Sa2VA's "
+                    f"xtuner 0.1.23 is not made for transformers 5 and xtuner 0.2.0 pins transformers==4.48.0)")
     import transformers
     from mmengine.utils import digit_version
     from xtuner.model.modules.dispatch import LOWEST_TRANSFORMERS_VERSION
@@ -53,6 +54,18 @@ def xtuner_or_skip(llm_class: str = "Qwen2ForCausalLM") -> None:
         pytest.skip(f"xtuner {xtuner.__version__} refuses {llm_class} below transformers "
                     f"{'.'.join(map(str, need[:2]))} (its dispatch_modules check); this stack has "
                     f"{transformers.__version__}")
+
+
+def peft_saved_form(state: dict, prefix: str = "llm.", adapter: str = "default") -> dict:
+    """The LoRA tensors of a training checkpoint in the form PEFT saves them, which is what
+    ``set_peft_model_state_dict`` takes: ``prefix`` removed and the adapter name dropped.
+    xtuner 0.1.23's ``state_dict`` keeps the adapter name (``lora_A.default.weight``, the live
+    parameter's name; its own ``get_peft_model_state_dict`` never drops it); PEFT drops it. Keys
+    already without it are left as they are. Given the name kept, PEFT would insert
+    it a second time (``lora_A.default.default.weight``) and load nothing."""
+    import re
+    drop = re.compile(rf"\.(lora_[A-Za-z_]+)\.{re.escape(adapter)}(\.|$)")
+    return {drop.sub(r".\1\2", k.removeprefix(prefix)): v for k, v in state.items() if "lora_" in k}
 
 
 def transformers_class_or_skip(name: str):

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 
 pytest.importorskip("deepspeed", reason="the distributed tests need DeepSpeed (pip install -e .[deepspeed])")
 
-from conftest import xtuner_or_skip  # noqa: E402
+from conftest import peft_saved_form, xtuner_or_skip  # noqa: E402
 from sa2va_hooks.core.fingerprint import fingerprint_tensor  # noqa: E402
 from sa2va_hooks.core.verify import verify_snapshot  # noqa: E402
 from sa2va_hooks.offline import extract_state_dict, load_checkpoint, recorded_fingerprints  # noqa: E402
@@ -120,7 +120,7 @@ def _peft_loaded(cwd: Path, state: dict):
     pm = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"]))
-    res = set_peft_model_state_dict(pm, {k.removeprefix("llm."): v for k, v in state.items() if "lora_" in k})
+    res = set_peft_model_state_dict(pm, peft_saved_form(state))
     assert not res.unexpected_keys
     return pm
 

@@ -18,7 +18,7 @@ from sa2va_hooks.compat import allow_mmengine_checkpoint_globals, apply_torch_cp
 from sa2va_hooks.core.fingerprint import FingerprintSet, fingerprint_tensor
 from sa2va_hooks.core.verify import verify_snapshot
 
-from conftest import xtuner_or_skip
+from conftest import peft_saved_form, xtuner_or_skip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,8 +43,8 @@ def _peft_reference(cwd: Path, it: int):
     pm = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"]))
-    state = {k.removeprefix("llm."): v for k, v in ckpt["state_dict"].items()}
-    result = set_peft_model_state_dict(pm, state)
+    assert all("lora_" in k for k in ckpt["state_dict"]), list(ckpt["state_dict"])[:5]
+    result = set_peft_model_state_dict(pm, peft_saved_form(ckpt["state_dict"]))
     assert not result.unexpected_keys
     return pm, ckpt
 
