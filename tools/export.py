@@ -27,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="snapshot directory to create")
     p.add_argument("--converter", default="auto",
                    help="converter name (default: the config's HFExportHook setting, else detect by structure)")
+    p.add_argument("--hf-code-dir", default=None,
+                   help="the model's HF remote code (Sa2VA: <Sa2VA checkout>/projects/sa2va/hf/<family folder>); "
+                        "default: the config's HFExportHook converter setting")
     p.add_argument("--dtype", default=None,
                    help="bf16, fp16, fp32 (default: the config's HFExportHook setting, else as in memory)")
     p.add_argument("--max-shard-size", default=None, help="default: the config's HFExportHook setting, else 5GB")
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
                                     max_shard_size=args.max_shard_size, cfg_options=args.cfg_options,
                                     overwrite=args.overwrite, verify=not args.no_verify,
                                     allow_pickle=args.allow_pickle, strict_pretrained=args.strict_pretrained,
-                                    progress=not args.json, log=say)
+                                    progress=not args.json, hf_code_dir=args.hf_code_dir, log=say)
     except (CheckpointMismatchError, FingerprintMismatchError, PretrainedMostlyUnusedError) as e:
         if args.debug:
             traceback.print_exc()

@@ -59,14 +59,29 @@ class ConversionError(ValueError):
     """The model cannot be mapped to the target layout without losing or inventing weights."""
 
 
+def written_dtype(ctx: SnapshotContext) -> Any:
+    """The dtype the floating tensors have in the files: the export's ``dtype``, or, when tensors are
+    kept as in memory, theirs. Where they differ, the widest (loading with ``torch_dtype="auto"``
+    then loses nothing), with a note naming the mix."""
+    if ctx.dtype is not None:
+        return ctx.dtype
+    floating = {d for d in ctx.file_dtypes.values() if d.is_floating_point}
+    if len(floating) > 1:
+        ctx.notes.append(f"the tensors are kept as in memory, in {sorted(str(d).removeprefix('torch.') for d in floating)}; "
+                         "config.json declares the widest")
+    return max(floating, key=lambda d: d.itemsize) if floating else None
+
+
 def set_dtype(cfg: dict, ctx: SnapshotContext, *subs: str) -> None:
-    """Declare the export dtype in a config dict and in its named sub-configs, under the key(s) the
-    installed transformers reads (``dtype`` from 5, ``torch_dtype`` before) and any the dict already
-    has, so that no stale dtype is left beside the new one."""
-    if ctx.dtype is None:
+    """Declare the dtype of the written tensors (:func:`written_dtype`) in a config dict and in its
+    named sub-configs, under the key(s) the installed transformers reads (``dtype`` from 5,
+    ``torch_dtype`` before) and any the dict already has, so that no stale dtype is left beside the
+    new one: a base config's ``bfloat16`` over float32 files would be a lie."""
+    dtype = written_dtype(ctx)
+    if dtype is None:
         return
     from ..compat import config_dtype_keys
-    name = str(ctx.dtype).removeprefix("torch.")
+    name = str(dtype).removeprefix("torch.")
     for d in [cfg, *(cfg.get(sub) for sub in subs)]:
         if isinstance(d, dict):
             for key in config_dtype_keys(d):
@@ -94,7 +109,45 @@ class Converter:
     required_tokens: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, tokenizer: Any = None) -> None:
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # what the user passed: it wins
+        self.run_tokenizer: Any = None  # the training config's top-level tokenizer: the last resort
+        self.run_template: str | None = None
+        self._resolved: dict[int, Any] = {}
+
+    def use_run_config(self, *, template: Any = None, tokenizer: Any = None) -> None:
+        """Defaults from the training config (the hook's ``runner.cfg``, ``tools/export.py``'s CONFIG):
+        its top-level ``template`` (a name) and ``tokenizer`` (an object, a path, or a callable that
+        builds it when it is needed). What the user passed to the converter wins, then what the model
+        holds, then these: a config's top-level tokenizer is often the *base* one, without the tokens
+        the model added (Sa2VA's ``[SEG]``)."""
+        self.run_template = template if isinstance(template, str) else None
+        self.run_tokenizer = tokenizer
+
+    def check_ready(self, model: nn.Module) -> None:
+        """Raise :class:`ConversionError` for anything that would make the export fail or unusable and
+        can be told before a byte is written (the hook calls it in ``before_train``). Here: the
+        tokenizer holds the tokens the target's code looks up."""
+        problems = self.tokenizer_problems(model)
+        if problems:
+            raise ConversionError("\n".join(problems))
+
+    def tokenizer_problems(self, model: nn.Module) -> list[str]:
+        if not self.required_tokens:
+            return []
+        tok, source = self.find_tokenizer(model)
+        if tok is None:
+            return [f"converter '{self.name}' needs a tokenizer holding {list(self.required_tokens)}, and none was "
+                    "found: the model has none and none was given. Pass tokenizer=PATH_OR_OBJECT to HFExportHook "
+                    "(or --cfg-options to tools/export.py)."]
+        vocab = tok.get_vocab()
+        absent = [t for t in self.required_tokens if t not in vocab]
+        if not absent:
+            return []
+        advice = ("remove tokenizer= from HFExportHook so that the model's own tokenizer is used, or pass one "
+                  "that has them" if source == "given" and self.model_tokenizer(model) is not None else
+                  "pass tokenizer= (HFExportHook(tokenizer=...), or converter=dict(type=..., tokenizer=...)) the "
+                  "tokenizer the model was trained with, the one with the added tokens")
+        return [f"the tokenizer ({source}) lacks {absent}, which the model's code looks up; {advice}."]
 
     # -- family detection and tree -------------------------------------------------------
     @classmethod
@@ -151,11 +204,31 @@ class Converter:
             tok.save_pretrained(str(out_dir))
 
     def resolve_tokenizer(self, model: nn.Module) -> Any:
-        tok = self.tokenizer if self.tokenizer is not None else getattr(model, "tokenizer", None)
-        if isinstance(tok, (str, Path)):
-            from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(str(tok), trust_remote_code=True)
-        return tok
+        return self.find_tokenizer(model)[0]
+
+    def model_tokenizer(self, model: nn.Module) -> Any:
+        """The tokenizer the training model holds (families override where it lives)."""
+        return getattr(model, "tokenizer", None)
+
+    def find_tokenizer(self, model: nn.Module) -> tuple[Any, str]:
+        """(tokenizer, where it came from): the one given to the converter, else the model's own,
+        else the training config's top-level one. Paths and builders are resolved once."""
+        for source, tok in (("given", self.tokenizer), ("the model's", self.model_tokenizer(model)),
+                            ("the config's top-level", self.run_tokenizer)):
+            if tok is not None:
+                return self._materialise(tok), source
+        return None, "none"
+
+    def _materialise(self, tok: Any) -> Any:
+        if id(tok) not in self._resolved:
+            obj = tok
+            if isinstance(tok, (str, Path)):
+                from transformers import AutoTokenizer
+                obj = AutoTokenizer.from_pretrained(str(tok), trust_remote_code=True)
+            elif callable(tok) and not hasattr(tok, "get_vocab"):
+                obj = tok()
+            self._resolved[id(tok)] = obj
+        return self._resolved[id(tok)]
 
 
 def _head(items: Sequence[str], n: int = 20) -> str:
@@ -189,6 +262,19 @@ def resolve_converter(spec: Any, model: nn.Module) -> Converter:
         raise KeyError(f"unknown converter {spec!r}; known converters: {', '.join(sorted(CONVERTERS.module_dict))}. "
                        "Register your own with @CONVERTERS.register_module().")
     return cls(**kwargs)
+
+
+def converter_for_run(spec: Any, model: nn.Module, *, template: Any = None, tokenizer: Any = None) -> Converter:
+    """The converter of a training run, checked before anything is written: resolved against the
+    model, given the run config's defaults (its top-level ``template`` and ``tokenizer``, see
+    :meth:`Converter.use_run_config`), then :meth:`Converter.check_ready`. The hook calls it in
+    ``before_train`` and ``tools/export.py`` right after building the model, so a missing
+    ``hf_code_dir``, an unknown template or a tokenizer without ``[SEG]`` is refused before
+    training starts or any tensor is merged."""
+    conv = resolve_converter(spec, model)
+    conv.use_run_config(template=template, tokenizer=tokenizer)
+    conv.check_ready(model)
+    return conv
 
 
 def detect_converter(model: nn.Module) -> type[Converter]:

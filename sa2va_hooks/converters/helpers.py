@@ -109,3 +109,21 @@ def copy_remote_code(code_dir: str | Path | None, out_dir: Path, ctx: SnapshotCo
                               "; point it at the directory with the model's modeling_*.py and configuration_*.py.")
     for f in code:
         shutil.copy2(f, out_dir / f.name)
+
+
+# Settings of the machine that trained, not of the model: eager attention on a CPU, flash_attention_2
+# on GPUs. Written into config.json they would force the training machine's kernel on every user of
+# the snapshot (Sa2VA's own converter writes none).
+MACHINE_SETTINGS = ("attn_implementation", "_attn_implementation", "_attn_implementation_autoset",
+                    "_attn_implementation_internal")
+
+
+def strip_machine_settings(cfg: dict, ctx: SnapshotContext, where: str = "") -> None:
+    """Remove :data:`MACHINE_SETTINGS` from a config dict and every sub-config in it, with a note."""
+    for key in [k for k in cfg if k in MACHINE_SETTINGS]:
+        value = cfg.pop(key)
+        if value is not None and not key.endswith("_autoset"):
+            ctx.notes.append(f"{where}{key}={value!r} (a setting of the training machine) not written")
+    for key, sub in cfg.items():
+        if isinstance(sub, dict):
+            strip_machine_settings(sub, ctx, f"{where}{key}.")

@@ -57,6 +57,9 @@ class SnapshotContext:
     dtype: Any  # torch.dtype or None (kept as in memory)
     names: set[str]  # exported tensor names
     notes: list[str]
+    # the dtype each exported tensor has in the files: with ``dtype=None`` the config declares what
+    # is really there, not the base model's dtype
+    file_dtypes: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)
 
 
 class Converter(Protocol):
@@ -67,6 +70,7 @@ class Converter(Protocol):
     required_tokens: Sequence[str]
 
     def hf_root(self, model: nn.Module) -> nn.Module: ...
+    def check_ready(self, model: nn.Module) -> None: ...
     def map_keys(self, keys: Sequence[str]) -> dict[str, str | None]: ...
     def writes_tied(self, hf_name: str) -> bool: ...
     def hf_config(self, model: nn.Module, ctx: SnapshotContext) -> Any: ...
@@ -196,6 +200,9 @@ class ExportPlan:
 
 
 def plan_export(model: nn.Module, conv: Converter, dt: torch.dtype | None, max_shard_size: int | str) -> ExportPlan:
+    check_ready = getattr(conv, "check_ready", None)  # a user's converter may predate it
+    if check_ready is not None:
+        check_ready(model)  # what the converter can tell before a byte is written (remote code, template, tokenizer)
     walk = _untie_for(conv, plan_merged_tensors(conv.hf_root(model)))
     names = conv.map_keys([st.name for st in walk.tensors])
     entries = {names[st.name]: dataclasses.replace(st, name=names[st.name])
@@ -452,7 +459,8 @@ class ExportTask:
     def _write_config_and_extras(self, staging: Path) -> list[str]:
         """The converter's config.json and extras (tokenizer, processor, remote code); returns the notes."""
         ctx = SnapshotContext(model=self.model, dtype=self.dt, names=set(self.export_plan.entries),
-                              notes=list(self.export_plan.notes))
+                              notes=list(self.export_plan.notes),
+                              file_dtypes={n: st.out_dtype(self.dt) for n, st in self.export_plan.entries.items()})
         cfg = self.conv.hf_config(self.model, ctx)
         if isinstance(cfg, dict):
             write_json(staging / "config.json", cfg)

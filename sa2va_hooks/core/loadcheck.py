@@ -61,6 +61,9 @@ def check_snapshot_loads(snapshot: str | Path, tensors: Mapping[str, Mapping], *
                 f"{type(config).__name__}, but {cls.__name__} takes a {expected.__name__}: the Auto classes "
                 "would build another model than the one the tensors were written for"])
         model = _build_on_meta(cls, config, snapshot)
+        renamed = _load_time_names(cls, shapes)
+        shapes = {renamed[n]: s for n, s in shapes.items()}
+        digests = {renamed[n]: d for n, d in digests.items()}
         problems += _tensor_problems(model, shapes, digests)
         problems += _tokenizer_problems(model, config, where, required_tokens)
     if problems:
@@ -201,6 +204,30 @@ def _build_on_meta(cls: type, config, snapshot: Path) -> nn.Module:
         raise SnapshotLoadError(f"{cls.__name__} does not build from {snapshot / 'config.json'}: "
                                 f"{type(e).__name__}: {e}") from e
     return model.eval()
+
+
+def _load_time_names(cls: type, names: Mapping[str, object]) -> dict[str, str]:
+    """Written name -> the name ``from_pretrained`` loads it under. transformers 4.5x renames the
+    keys of vision-language classes on load (``cls._checkpoint_conversion_mapping``, for the class
+    names in ``modeling_utils.VLMS``: LLaVA's ``language_model.model.*`` becomes
+    ``model.language_model.*``) and writes them back in the old layout on save; first matching
+    pattern wins, as there."""
+    import re
+
+    from transformers import modeling_utils
+    vlms = getattr(modeling_utils, "VLMS", ())
+    mapping = getattr(cls, "_checkpoint_conversion_mapping", None) or {}
+    if not mapping or not any(v in c.__name__.lower() for c in cls.__mro__[:-1] for v in vlms):
+        return {n: n for n in names}
+    out = {}
+    for name in names:
+        new = name
+        for pattern, repl in mapping.items():
+            new, hits = re.subn(pattern, repl, name)
+            if hits:
+                break
+        out[name] = new
+    return out
 
 
 def _tensor_problems(model: nn.Module, shapes: Mapping[str, list], digests: Mapping[str, str]) -> list[str]:

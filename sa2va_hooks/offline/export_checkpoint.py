@@ -22,6 +22,7 @@ from ..compat import allow_mmengine_checkpoint_globals, apply_torch_cpu_bf16_shi
 from ..core.fingerprint import compare_fingerprints
 from ..core.manifest import ExportManifest
 from ..core.writer import clean_leftovers
+from ..converters.base import converter_for_run
 from ..export import export_hf, frozen_root, trained_fingerprints
 from .checkpoint_io import extract_state_dict, load_checkpoint, recorded_fingerprints
 from .load_plan import apply_load_plan, full_state, plan_load
@@ -146,19 +147,33 @@ def _hook_settings(cfg: Any) -> dict:
     return {}
 
 
-def _resolve_settings(cfg: Any, converter: Any, dtype: Any, max_shard_size: Any) -> tuple[Any, Any, Any]:
-    from ..records import build_callable_cfg
+def _resolve_settings(cfg: Any, converter: Any, dtype: Any, max_shard_size: Any,
+                      hf_code_dir: str | None = None) -> tuple[Any, Any, Any]:
     hook = _hook_settings(cfg)
     converter = hook.get("converter", "auto") if converter in (None, "auto") else converter
     dtype = hook.get("dtype") if dtype is None else dtype
     max_shard_size = max_shard_size or hook.get("max_shard_size", "5GB")
-    tokenizer = hook.get("tokenizer") or cfg.get("tokenizer")
-    if tokenizer is not None:
-        if isinstance(tokenizer, dict):
-            tokenizer = build_callable_cfg(tokenizer)
-        converter = {**(dict(converter) if isinstance(converter, dict) else {"type": converter}),
-                     "tokenizer": tokenizer}
+    extra = {}
+    if hook.get("tokenizer") is not None:  # what the user gave the hook wins, as it did in the loop
+        extra["tokenizer"] = _built(hook["tokenizer"])
+    if hf_code_dir:
+        extra["hf_code_dir"] = str(hf_code_dir)
+    if extra and not hasattr(converter, "map_keys"):
+        converter = {**(dict(converter) if isinstance(converter, dict) else {"type": converter}), **extra}
     return converter, dtype, max_shard_size
+
+
+def _built(spec: Any) -> Any:
+    from ..records import build_callable_cfg
+    return build_callable_cfg(spec) if isinstance(spec, dict) else spec
+
+
+def run_defaults(cfg: Any) -> dict:
+    """The config's top-level ``template`` and ``tokenizer`` (built only if the model has none), as
+    :func:`~sa2va_hooks.converters.base.converter_for_run` takes them. Every Sa2VA config has both; the
+    tokenizer there is the base one, without ``[SEG]``, so it is the last resort."""
+    tok = cfg.get("tokenizer")
+    return {"template": cfg.get("template"), "tokenizer": (lambda: _built(tok)) if tok is not None else None}
 
 
 def _check_out_first(out: Path, overwrite: bool, log: Callable[[str], None]) -> None:
@@ -177,6 +192,7 @@ def export_checkpoint(config: str | Path, checkpoint: str | Path, out_dir: str |
                       dtype: Any = None, max_shard_size: int | str | None = None, cfg_options: dict | None = None,
                       overwrite: bool = False, verify: bool = True, allow_pickle: bool = False,
                       strict_pretrained: bool = False, pretrained_threshold: float = 0.5, progress: bool = False,
+                      hf_code_dir: str | Path | None = None,
                       log: Callable[[str], None] = print) -> OfflineExportResult:
     allow_mmengine_checkpoint_globals()
     lines: list[str] = []
@@ -187,6 +203,8 @@ def export_checkpoint(config: str | Path, checkpoint: str | Path, out_dir: str |
     seed = (ckpt.get("meta") or {}).get("seed")
     cfg, model = build_model_from_config(config, cfg_options, seed=seed)
     model.eval()
+    converter, dtype, max_shard_size = _resolve_settings(cfg, converter, dtype, max_shard_size, hf_code_dir)
+    converter = converter_for_run(converter, model, **run_defaults(cfg))  # refuses before any tensor is merged
 
     report: dict[str, Any] = {"checkpoint_tensors": len(state), "allow_pickle": allow_pickle, "seed": seed}
     pretrained = cfg.model.get("pretrained_pth")
@@ -219,7 +237,6 @@ def export_checkpoint(config: str | Path, checkpoint: str | Path, out_dir: str |
     provenance = {"exported_by": "tools/export.py", "checkpoint": str(checkpoint), "config": str(config),
                   "config_sha256": _config_sha256(config), "iteration": recorded.iteration,
                   "epoch": recorded.epoch, "offline": report}
-    converter, dtype, max_shard_size = _resolve_settings(cfg, converter, dtype, max_shard_size)
     manifest = export_hf(model, out_dir, converter=converter, dtype=dtype, max_shard_size=max_shard_size,
                          provenance=provenance, baseline=recorded.baseline, overwrite=overwrite, progress=progress)
     return OfflineExportResult(manifest, Path(out_dir), report, lines)
