@@ -1,7 +1,8 @@
 """Small, documented compatibility shims: every version-specific path lives here.
 
-The tested matrix (README, "Install into an existing environment") runs from a Sa2VA-era stack
-(torch 2.4, transformers 4.42, peft 0.11.1) to the newest one. What differs between them:
+The tested matrix (README, "Install into an existing environment") runs Sa2VA's two stacks (`legacy`:
+transformers 4.49, peft 0.11.1; `latest`: transformers 4.57, peft 0.17.1; both torch 2.14.1, xtuner
+0.1.23) and the newest releases. What differs between the versions this module handles:
 - numpy 1 keeps ``multiarray`` under ``numpy.core``: :func:`numpy_multiarray`.
 - PEFT < 0.12's ``ModulesToSaveWrapper`` has one ``active_adapter``: :func:`active_saved_copies`.
 - torch < 2.5 has no ``get_unsafe_globals_in_checkpoint`` and does not allow ``codecs.encode``:
@@ -9,11 +10,14 @@ The tested matrix (README, "Install into an existing environment") runs from a S
 - transformers 5 writes a config's dtype as ``dtype``, earlier ones as ``torch_dtype``: :func:`config_dtype_keys`.
 - PEFT < 0.15 has no ``AuxiliaryTrainingWrapper`` (the base class of ``ModulesToSaveWrapper`` and
   the trainable-token wrappers added later): :data:`AuxiliaryTrainingWrapper` stands in for it.
+(numpy 1 and torch < 2.5 are below setup.py's ranges since issue 16 and no tested stack has them; the
+paths stay for environments installed with ``--no-deps``.)
 
 xtuner 0.2.0's ``SupervisedFinetune._prepare_for_flash_attn`` calls
-``torch.cpu.is_bf16_supported()``, which torch 2.14 does not have, so xtuner cannot even build
+``torch.cpu.is_bf16_supported()``, which torch 2.14 does not have, so xtuner 0.2.0 cannot even build
 a model on a CPU-only machine (where users convert checkpoints). The shim defines it, returning
-False, only when it is missing; it never replaces a real implementation.
+False, only when it is missing; it never replaces a real implementation. (Sa2VA's xtuner 0.1.23
+asks ``torch.cuda`` only and does not need it.)
 
 Lazy (xtuner-style) configs build the model before any hook is imported, so importing
 ``sa2va_hooks`` is too late for a training run: ``tools/train.py`` applies the shim in-process
