@@ -28,6 +28,7 @@ from ..core.dist import RankGroup, agree
 from ..core.manifest import MANIFEST_FILE
 from ..core.sharding import needs_gather
 from ..core.writer import clean_leftovers, parse_size, remove_snapshot
+from ..converters.base import converter_for_run
 from ..export import FrontFailedError, export_hf, prepare_background_export, prepare_gathered_export, reserve_staging
 from .common import (CURRENT_TRAINED_KEY, background_exports, build_callable_cfg, checkpoint_due, checkpoint_point,
                      config_sha256, ensure_baseline, has_checkpoint_schedule, process_state, unwrapped_model)
@@ -50,8 +51,11 @@ class HFExportHook(Hook):
         keep_last: keep only the newest N snapshots written here. None: when exporting at
             checkpoints and CheckpointHook has ``max_keep_ckpts > 0``, that many (said in the log);
             otherwise all.
-        tokenizer: a tokenizer, a path, or an mmengine config dict to build one; the model's
-            ``tokenizer`` attribute is used when absent.
+        tokenizer: a tokenizer, a path, or an mmengine config dict to build one. Leave it out for
+            Sa2VA: the model's own tokenizer (``model.tokenizer``, v2 ``model.mllm.tokenizer``, the one
+            with ``[SEG]``) is used, then the config's top-level ``tokenizer`` (often the base one).
+            A given tokenizer wins, and one that lacks a token the model's code needs is refused in
+            ``before_train``.
         background: export on a background thread (the default). Training pauses only while
             the trainable tensors are copied into reused host buffers; the frozen rest is read,
             merged, written, read back and verified while training goes on, and the snapshot
@@ -101,6 +105,22 @@ class HFExportHook(Hook):
         self._remove_stale_staging(runner)
         if isinstance(self.tokenizer, dict):
             self.tokenizer = build_callable_cfg(self.tokenizer)
+        self._converter = self._resolve_converter(runner)
+
+    def _resolve_converter(self, runner):
+        """The converter, resolved and checked once, before the first step: a missing hf_code_dir, a
+        template the remote code does not know or a tokenizer without the model's added tokens stops
+        the run here, naming the option to set, instead of failing every export hours later. The
+        run config's top-level ``template`` and ``tokenizer`` are the defaults (the model's own
+        tokenizer wins over the latter)."""
+        spec = self.converter
+        if self.tokenizer is not None:
+            spec = {**(spec if isinstance(spec, dict) else {"type": spec}), "tokenizer": self.tokenizer}
+        tok_cfg = runner.cfg.get("tokenizer")
+        conv = converter_for_run(spec, unwrapped_model(runner), template=runner.cfg.get("template"),
+                                 tokenizer=(lambda: build_callable_cfg(tok_cfg)) if tok_cfg is not None else None)
+        runner.logger.info(f"[sa2va_hooks] HFExportHook converter: {conv.name}")
+        return conv
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         due = (self.every_n_train_iters(runner, self.interval) if self.interval is not None
@@ -178,10 +198,7 @@ class HFExportHook(Hook):
         provenance = {"iteration": point["iter"], "epoch": point["epoch"], "work_dir": str(runner.work_dir),
                       "config_sha256": config_sha256(runner), "checkpoint": str(ckpt) if ckpt else None,
                       "exported_by": "HFExportHook"}
-        converter = self.converter
-        if self.tokenizer is not None:
-            converter = {**(converter if isinstance(converter, dict) else {"type": converter}),
-                         "tokenizer": self.tokenizer}
+        converter = getattr(self, "_converter", None) or self._resolve_converter(runner)
         shared = process_state(runner).get(CURRENT_TRAINED_KEY) or {}
         trained = shared.get("trained") if shared.get("iter") == point["iter"] else None
         return dict(converter=converter, dtype=self.dtype, max_shard_size=self.max_shard_size, provenance=provenance,
