@@ -148,7 +148,7 @@ def test_v2_without_hf_code_dir_is_refused_naming_the_family_folder(family, tmp_
               "qwen3_vl": "projects/sa2va/hf/models_qwen3vl"}[family]
     with pytest.raises(ConversionError, match=rf"nothing was written\):\n- converter '{CONVERTER[family]}' writes a "
                                               rf"config.json whose auto_map .* hf_code_dir='<your Sa2VA checkout>/"
-                                              rf"{folder}"):
+                                              rf"{folder}'\)"):
         export_hf(model, tmp_path / "hf", converter=dict(type="auto", template=TEMPLATE))
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob("hf*"))
 
@@ -219,3 +219,85 @@ def test_dtype_none_declares_the_written_dtype_not_the_base_configs(tmp_path):
     assert {t.dtype for t in written(tmp_path / "hf").values()} == {torch.float32}
     for where in (out, out["text_config"]):
         assert {where.get("dtype"), where.get("torch_dtype")} - {None} == {"float32"}
+
+
+V2_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sa2va_v2_tiny.py"
+
+
+def v2_run_config(family: str, work: Path, *, hf_code_dir: str | None):
+    """configs/sa2va_v2_tiny.py as a user's v2 config with the README's lines, for ``family``."""
+    import uuid
+
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(V2_CONFIG))
+    cfg.work_dir = str(work / "wd")
+    cfg.experiment_name = f"sa2va_v2_{uuid.uuid4().hex[:12]}"
+    cfg.model.family, cfg.model.root = family, str(work)
+    converter = {"type": "auto"} | ({"hf_code_dir": hf_code_dir} if hf_code_dir else {})
+    cfg.custom_hooks[1]["converter"] = converter
+    return cfg
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_v2_in_loop_exports_verify_follow_max_keep_ckpts_and_equal_the_offline_export(family, tmp_path):
+    """A real Runner over the v2 stand-in config (max_keep_ckpts=2, a top-level base tokenizer and
+    template, the hook given only hf_code_dir), then tools/export.py on the last checkpoint."""
+    from mmengine.runner import Runner
+
+    from sa2va_hooks.core.manifest import ExportManifest
+    from sa2va_hooks.core.verify import verify_snapshot
+    from sa2va_hooks.offline import export_checkpoint
+    family_or_skip(family)
+    cfg = v2_run_config(family, tmp_path, hf_code_dir=str(HF_CODE[family]))
+    cfg.train_cfg.max_iters = 6
+    Runner.from_cfg(cfg).train()
+    wd = tmp_path / "wd"
+    assert sorted(p.name for p in (wd / "hf").iterdir()) == ["iter_4", "iter_6"]  # as max_keep_ckpts=2
+    assert sorted(p.name for p in wd.glob("iter_*.pth*")) == [
+        "iter_4.pth", "iter_4.pth.fingerprints.json", "iter_6.pth", "iter_6.pth.fingerprints.json"]
+    for it in (4, 6):
+        assert verify_snapshot(wd / "hf" / f"iter_{it}") == []
+    in_loop = ExportManifest.load(wd / "hf" / "iter_6")
+    assert in_loop.converter == CONVERTER[family]
+    cfg_json = json.loads((wd / "hf" / "iter_6" / "config.json").read_text())
+    assert cfg_json["template"] == TEMPLATE and cfg_json["model_type"] == "sa2va_chat"
+
+    res = export_checkpoint(V2_CONFIG, wd / "iter_6.pth", tmp_path / "offline",
+                            cfg_options={"model.family": family, "model.root": str(tmp_path)},
+                            hf_code_dir=str(HF_CODE[family]), log=lambda m: None)
+    assert res.manifest.root_digest == in_loop.root_digest
+    assert res.manifest.converter == in_loop.converter
+
+
+def test_v2_hook_without_hf_code_dir_stops_the_run_before_the_first_iteration(tmp_path):
+    from mmengine.runner import Runner
+    family_or_skip("qwen2_5_vl")
+    runner = Runner.from_cfg(v2_run_config("qwen2_5_vl", tmp_path, hf_code_dir=None))
+    with pytest.raises(ConversionError, match=r"hf_code_dir='<your Sa2VA checkout>/projects/sa2va/hf/models_qwen2_5_vl'"):
+        runner.train()
+    assert runner.iter == 0 and not list((tmp_path / "wd").glob("iter_*")) and not (tmp_path / "wd" / "hf").exists()
+
+
+def test_v2_offline_export_without_hf_code_dir_is_refused_before_anything_is_written(tmp_path):
+    """The run's config names no hf_code_dir (the hook fell back to "auto"): tools/export.py refuses
+    right after building the model, naming --hf-code-dir's value; --out is never created."""
+    import shutil
+    import subprocess
+    import sys
+    family_or_skip("qwen2_5_vl")
+    from mmengine.runner import Runner
+    cfg = v2_run_config("qwen2_5_vl", tmp_path, hf_code_dir=str(HF_CODE["qwen2_5_vl"]))
+    cfg.train_cfg.max_iters = 2
+    Runner.from_cfg(cfg).train()
+    plain = tmp_path / "plain_config.py"
+    text = V2_CONFIG.read_text().replace('converter=dict(type="auto", hf_code_dir=hf_code_dir)', 'converter="auto"')
+    assert text != V2_CONFIG.read_text()
+    plain.write_text(text)
+    shutil.copytree(V2_CONFIG.parent / "_base_", tmp_path / "_base_")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "export.py"), str(plain),
+                           str(tmp_path / "wd" / "iter_2.pth"), "--out", str(tmp_path / "offline"), "--cfg-options",
+                           "model.family=qwen2_5_vl", f"model.root={tmp_path}"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "hf_code_dir='<your Sa2VA checkout>/projects/sa2va/hf/models_qwen2_5_vl'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "offline").exists()

@@ -51,7 +51,7 @@ QWEN_FAMILIES = {  # keyed by the base config's model_type
     "qwen3_vl": QwenFamily("Qwen3-VL", "Qwen3VLConfig", "projects/sa2va/hf/models_qwen3vl"),
     "qwen2_vl": QwenFamily("Qwen2-VL", "Qwen2VLConfig", None),
 }
-INTERNVL_FOLDER = "projects/sa2va/hf/models (codebase v1: projects/llava_sam2/hf/models)"
+INTERNVL_FOLDER = "projects/sa2va/hf/models"  # codebase v1: projects/llava_sam2/hf/models
 
 
 @CONVERTERS.register_module(name="sa2va")
@@ -69,6 +69,7 @@ class Sa2VAConverter(Converter):
     lm_head = "language_model.lm_head.weight"
     template_table = "templates.PROMPT_TEMPLATE"  # Sa2VAChatModel.__init__ looks config.template up there
     required_tokens = ("[SEG]",)
+    v1_note = "; with Sa2VA's first codebase (magic-research/Sa2VA) it is projects/llava_sam2/hf/models"
 
     def __init__(self, *, hf_code_dir: str | None = None, template: str | None = None,
                  auto_map: dict | None = None, architectures: list[str] | None = None,
@@ -96,7 +97,8 @@ class Sa2VAConverter(Converter):
                     f"converter '{self.name}' writes a config.json whose auto_map names Sa2VA's HF code, and no "
                     "hf_code_dir was given, so the snapshot could not be loaded. Pass converter=dict(type="
                     f"'{self.name}', hf_code_dir='<your Sa2VA checkout>/{self.code_folder_hint(model)}') to "
-                    "HFExportHook (tools/export.py takes the config's HFExportHook settings, or --hf-code-dir).")
+                    f"HFExportHook{self.v1_note} (tools/export.py takes the config's HFExportHook settings, or "
+                    "--hf-code-dir).")
             self._code = read_remote_code(self.hf_code_dir)
         return self._code
 
@@ -221,6 +223,7 @@ class Sa2VAQwenConverter(Sa2VAConverter):
     priority = 100
     write_tied = (r"^model\.lm_head\.weight$",)
     lm_head = "model.lm_head.weight"
+    v1_note = ""  # Qwen-VL exists in codebase v2 only
     template_table = None  # Sa2VA's Qwen-VL code uses the processor's chat template, not PROMPT_TEMPLATE
     key_rules = (
         (r"^mllm\.model\.", "model."),
@@ -239,7 +242,10 @@ class Sa2VAQwenConverter(Sa2VAConverter):
 
     @staticmethod
     def family(model: nn.Module) -> tuple[str | None, QwenFamily | None]:
-        model_type = getattr(getattr(unwrap_hf(model.mllm.model), "config", None), "model_type", None)
+        # the config class's own model_type: transformers 4.57's Qwen2.5-VL config answers attribute reads
+        # from its text_config first, so ``config.model_type`` reads 'qwen2_5_vl_text'
+        cfg = getattr(unwrap_hf(model.mllm.model), "config", None)
+        model_type = getattr(type(cfg), "model_type", None) or getattr(cfg, "model_type", None)
         return model_type, QWEN_FAMILIES.get(model_type)
 
     def code_folder_hint(self, model: nn.Module | None = None) -> str:
