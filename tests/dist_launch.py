@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_launch.py CONFIG [xtuner train args...]
 
-It applies four CPU-only workarounds, then runs ``xtuner.tools.train`` unchanged (as
+It applies five CPU-only workarounds, then runs ``xtuner.tools.train`` unchanged (as
 ``tools/train.py`` does). None of them is in the product's code path, and none applies on GPUs:
 
 1. mmengine's pytorch launcher calls ``torch.cuda.set_device(local_rank)`` on every rank, which
@@ -14,6 +14,10 @@ It applies four CPU-only workarounds, then runs ``xtuner.tools.train`` unchanged
    about 4.5 minutes on this machine) at its first start. It is an optimisation only; without it
    DeepSpeed uses the plain torch.distributed (gloo) collectives. Skipped, so CI does not pay for it.
 4. (on the command line, not here) DDP on CPU needs ``model_wrapper_cfg.device_ids=None``.
+5. xtuner 0.1.23's ``DeepSpeedStrategy._wrap_model`` calls ``data_preprocessor.cuda()`` unconditionally
+   (for ZeRO-3, where DeepSpeed does not move the model); without CUDA that fails: on a machine
+   without CUDA, mmengine's ``BaseDataPreprocessor.cuda`` leaves the preprocessor where it is (on
+   the CPU, with the model). xtuner 0.2.0 did not call it.
 
 Failure injection for the tests: ``SA2VA_TEST_FAIL_RANK=r`` and ``SA2VA_TEST_FAIL_ITER=n`` make
 rank r's shard writer raise ENOSPC during the export of iteration n.
@@ -47,6 +51,9 @@ def _cpu_workarounds() -> None:
         return _Done() if async_op else None
 
     dist.all_gather_into_tensor = all_gather_into_tensor
+    if not torch.cuda.is_available():  # 5.
+        from mmengine.model import BaseDataPreprocessor
+        BaseDataPreprocessor.cuda = lambda self, *a, **k: self
     try:
         import deepspeed.comm.torch as ds_torch
         ds_torch.build_shm_op = lambda: None  # 3.
