@@ -56,7 +56,7 @@ def _launch(cwd: Path, mode: str, *, hooks: bool = True, env_extra: dict | None 
         xtuner_or_skip("Qwen2ForCausalLM")
     if mode == "fsdp" and tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 5):
         pytest.skip(f"torch {torch.__version__}: mmengine's FSDPStrategy.save_checkpoint fails inside FSDP's "
-                    "state_dict hook on this CPU/gloo setup before any export (seen on the Sa2VA-era stack; "
+                    "state_dict hook on this CPU/gloo setup before any export (seen with torch 2.4 before issue 16; "
                     "not investigated, Sa2VA trains with DeepSpeed)")
     work = work or cwd / f"{mode}{'' if hooks else '_nohooks'}{'_fail' if env_extra else ''}"
     args = [*extra, *LAUNCH[mode]]

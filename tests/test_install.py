@@ -3,9 +3,10 @@
 - The installed copy (``pip install .`` by scripts/setup_env.sh), run from outside the checkout:
   ``--version`` and ``doctor`` report what is really installed, and doctor's export check passes.
 - A real bitsandbytes 0.45.0 wheel (xtuner 0.2.0's pin), unpacked beside the stack: where it cannot
-  be imported (triton >= 3.2 has no ``triton.ops``), importing sa2va_hooks, the CLI and
-  tools/export.py each stop with one message naming the version, the cause and the pip command;
-  where it can (the Sa2VA-era stack's triton 3.0), nothing is said and PEFT builds LoRA models.
+  be imported (triton >= 3.2 has no ``triton.ops``; every tested stack), importing sa2va_hooks, the CLI
+  and tools/export.py each stop with one message naming the version, the cause and the pip command;
+  where it can (triton 3.0, torch < 2.6: no tested stack since issue 16), nothing is said and PEFT
+  builds LoRA models.
 """
 from __future__ import annotations
 

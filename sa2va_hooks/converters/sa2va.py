@@ -276,9 +276,13 @@ class Sa2VAQwenConverter(Sa2VAConverter):
     def hf_config(self, model: nn.Module, ctx: SnapshotContext) -> dict:
         cfg = self._base_config_dict(model)
         rows = embedding_rows(model.mllm.model)
-        for where in ("text_config", None):
+        # where the config keeps the LLM's vocabulary: text_config (transformers >= 4.51), the top level
+        # (older ones, where a text_config dict would break the config class), or both
+        places = [w for w in ("text_config", None) if isinstance(cfg.get(w) if w else cfg, dict)
+                  and "vocab_size" in (cfg.get(w) if w else cfg)] or ["text_config" if "text_config" in cfg else None]
+        for where in places:
             sub = cfg.get(where) if where else cfg
-            if isinstance(sub, dict) and ("vocab_size" in sub or where == "text_config"):
+            if isinstance(sub, dict):
                 if sub.get("vocab_size") != rows:
                     ctx.notes.append(f"{where + '.' if where else ''}vocab_size set from {sub.get('vocab_size')} "
                                      f"to {rows}, the embedding rows")

@@ -18,7 +18,8 @@ class Sa2VAChatModelQwen(PreTrainedModel):
         super().__init__(config)
         self.model = model if model is not None else Qwen2_5_VLForConditionalGeneration(config)
         self.grounding_encoder = SAM2()
-        self.text_hidden_fcs = text_hidden_fcs(config.text_config.hidden_size)
+        # transformers < 4.51 keeps the LLM's sizes at the top level of a Qwen2.5-VL config
+        self.text_hidden_fcs = text_hidden_fcs(getattr(config, "text_config", config).hidden_size)
         self.post_init()
 
     def _init_weights(self, module):
