@@ -123,6 +123,11 @@ class Converter:
         self.run_template = template if isinstance(template, str) else None
         self.run_tokenizer = tokenizer
 
+    def describe(self, model: nn.Module) -> str:
+        """One line for the log at the start of a run: what this converter will write."""
+        tok, source = self.find_tokenizer(model)
+        return f"{self.name}; tokenizer: {source if tok is not None else 'none'}"
+
     def check_ready(self, model: nn.Module) -> None:
         """Raise :class:`ConversionError` for anything that would make the export fail or unusable and
         can be told before a byte is written (the hook calls it in ``before_train``). Here: the

@@ -144,6 +144,13 @@ class Sa2VAConverter(Converter):
             raise ConversionError(f"converter '{self.name}' cannot export this model (nothing was written):\n- "
                                   + "\n- ".join(problems))
 
+    def describe(self, model: nn.Module) -> str:
+        template = self.template_for(model)
+        origin = ("given" if self.template else "the model's" if getattr(model, "template", None) else
+                  "the config's" if self.run_template else "the base config's")
+        return (f"{super().describe(model)}; template {template!r} ({origin}); code {self.hf_code_dir} "
+                f"(auto_map {self.auto_map()['AutoModel']}, model_type {self.written_model_type()!r})")
+
     def family_problems(self, model: nn.Module, code: RemoteCode, auto_map: dict[str, str]) -> list[str]:
         return []
 

@@ -119,7 +119,7 @@ class HFExportHook(Hook):
         tok_cfg = runner.cfg.get("tokenizer")
         conv = converter_for_run(spec, unwrapped_model(runner), template=runner.cfg.get("template"),
                                  tokenizer=(lambda: build_callable_cfg(tok_cfg)) if tok_cfg is not None else None)
-        runner.logger.info(f"[sa2va_hooks] HFExportHook converter: {conv.name}")
+        runner.logger.info(f"[sa2va_hooks] HFExportHook converter: {conv.describe(unwrapped_model(runner))}")
         return conv
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
