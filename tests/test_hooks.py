@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sa2va_hooks.core.fingerprint import FingerprintSet, fingerprint_state
@@ -59,13 +60,27 @@ def test_resumed_run_reproduces_the_same_digests(trained_run, tiny_base, tmp_pat
     assert not (tmp_path / "hf" / "iter_3").exists()  # resumed after iteration 3
 
 
-def test_failed_export_is_logged_and_training_goes_on(tiny_base, tmp_path):
-    hooks = [dict(type="FingerprintHook"), dict(type="HFExportHook", converter="no_such_converter")]
-    runner = train_tiny(tmp_path, tiny_base, hooks=hooks)
+def test_failed_export_is_logged_and_training_goes_on(tiny_base, tmp_path, monkeypatch):
+    from sa2va_hooks.core import export as pipeline
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device (injected by the test)")
+
+    monkeypatch.setattr(pipeline.ExportTask, "_finish", full_disk)
+    runner = train_tiny(tmp_path, tiny_base)
     assert runner.iter == 6 and (tmp_path / "iter_6.pth").is_file()
     log = _log_text(tmp_path)
-    assert "HF export of iteration 6" in log and "FAILED" in log and "no_such_converter" in log
+    assert "HF export of iteration 6" in log and "FAILED" in log and "injected by the test" in log
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+
+
+def test_an_unknown_converter_stops_the_run_before_the_first_step(tiny_base, tmp_path):
+    """A configuration error is refused in before_train, listing the known converters, not once per
+    checkpoint after hours of training."""
+    hooks = [dict(type="FingerprintHook"), dict(type="HFExportHook", converter="no_such_converter")]
+    with pytest.raises(KeyError, match=r"unknown converter 'no_such_converter'; known converters: .*sa2va, sa2va_qwen"):
+        train_tiny(tmp_path, tiny_base, hooks=hooks)
+    assert not list(tmp_path.glob("iter_*.pth"))
 
 
 def test_export_identical_to_base_is_reported_as_an_error(tiny_base, tmp_path):
