@@ -136,6 +136,7 @@ class InternVLMLLM(_MLLM):
         self.model = TinyInternVLChatModel.from_pretrained(str(base_dir))
         self.tokenizer = self.processor = None
         self.lora_r = lora_r
+        self.modules_to_save: list[str] | None = ["lm_head", "embed_tokens"]  # v2's
 
     def resize_target(self) -> nn.Module:
         return self.model.language_model
@@ -146,7 +147,7 @@ class InternVLMLLM(_MLLM):
         self.model.language_model = get_peft_model(self.model.language_model, LoraConfig(
             r=self.lora_r, lora_alpha=2 * self.lora_r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            modules_to_save=["embed_tokens", "lm_head"]))
+            modules_to_save=self.modules_to_save))
 
     def hidden_and_logits(self, pixel_values, input_ids):
         m = self.model
@@ -169,6 +170,7 @@ class QwenVLMLLM(_MLLM):
         self.tokenizer = None
         self.processor = Qwen2VLImageProcessor()
         self.lora_r = lora_r
+        self.modules_to_save: list[str] | None = ["lm_head", "embed_tokens"]  # v2's
 
     def resize_target(self) -> nn.Module:
         return self.model
@@ -181,7 +183,7 @@ class QwenVLMLLM(_MLLM):
         targets = [f"{text_prefix}.{n}" for n, m in text.named_modules() if isinstance(m, nn.Linear)]
         self.model = get_peft_model(self.model, LoraConfig(
             r=self.lora_r, lora_alpha=2 * self.lora_r, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-            target_modules=targets, modules_to_save=["lm_head", "embed_tokens"]))
+            target_modules=targets, modules_to_save=self.modules_to_save))
 
     def hidden_and_logits(self, pixel_values, input_ids):
         out = self.model(input_ids=input_ids, output_hidden_states=True)
@@ -194,6 +196,7 @@ class Sa2VAModelV2(BaseModel):
     LoRA; ``template`` is None, as in v2 (the run config's top-level ``template`` is the one)."""
 
     def __init__(self, family: str, root: str, lora_r: int = 4, seed: int = 0,
+                 modules_to_save: list[str] | None = ("lm_head", "embed_tokens"),
                  data_preprocessor: dict | None = None) -> None:
         super().__init__(data_preprocessor=data_preprocessor)
         if family not in FAMILIES:
@@ -202,6 +205,7 @@ class Sa2VAModelV2(BaseModel):
         self.arch_type = "intern_vl" if family == "internvl" else "qwen"
         self.template = None
         self.mllm = InternVLMLLM(base_dir, lora_r) if family == "internvl" else QwenVLMLLM(base_dir, family, lora_r)
+        self.mllm.modules_to_save = list(modules_to_save) if modules_to_save else None
         from transformers import AutoTokenizer
         self.mllm.add_special_tokens(AutoTokenizer.from_pretrained(str(base_dir)), SPECIAL_TOKENS)
         self.seg_token_idx = self.mllm.tokenizer.convert_tokens_to_ids("[SEG]")

@@ -194,9 +194,46 @@ def _parameters_on_meta() -> Iterator[None]:
                 nn.Module.register_parameter = _register_parameter
 
 
+_ZERO3_OFF = threading.local()
+
+
+def _install_thread_aware_zero3_check() -> None:
+    """transformers' ``_from_config`` (which a model's ``__init__`` may call for its parts: Qwen2.5-VL's
+    vision tower and language model) enters ``deepspeed.zero.Init`` whenever a ZeRO-3 run registered
+    its config; that collective partitioning cannot run on one rank, on meta tensors. In the checking
+    thread only, the check then says "not ZeRO-3"; every other thread (training) gets the real answer.
+    Installed once, idempotent; it wraps the names ``modeling_utils`` and the deepspeed integration use."""
+    try:
+        from transformers import modeling_utils
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:  # pragma: no cover - transformers without the integration
+        return
+    for module in (modeling_utils, hf_ds):
+        real = getattr(module, "is_deepspeed_zero3_enabled", None)
+        if real is None or getattr(real, "_sa2va_thread_aware", False):
+            continue
+
+        def thread_aware(real=real) -> bool:
+            return False if getattr(_ZERO3_OFF, "active", False) else real()
+
+        thread_aware._sa2va_thread_aware = True  # type: ignore[attr-defined]
+        module.is_deepspeed_zero3_enabled = thread_aware
+
+
+@contextlib.contextmanager
+def _zero3_off_in_this_thread() -> Iterator[None]:
+    with _PATCH_LOCK:
+        _install_thread_aware_zero3_check()
+    _ZERO3_OFF.active = True
+    try:
+        yield
+    finally:
+        _ZERO3_OFF.active = False
+
+
 def _build_on_meta(cls: type, config, snapshot: Path) -> nn.Module:
     try:
-        with _parameters_on_meta():
+        with _parameters_on_meta(), _zero3_off_in_this_thread():
             # the class itself, not _from_config: that one enters deepspeed.zero.Init when a ZeRO-3 run
             # registered its config with transformers, and this runs on one rank only
             model = cls(config)
