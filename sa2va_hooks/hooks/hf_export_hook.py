@@ -117,8 +117,15 @@ class HFExportHook(Hook):
         if self.tokenizer is not None:
             spec = {**(spec if isinstance(spec, dict) else {"type": spec}), "tokenizer": self.tokenizer}
         tok_cfg = runner.cfg.get("tokenizer")
-        conv = converter_for_run(spec, unwrapped_model(runner), template=runner.cfg.get("template"),
-                                 tokenizer=(lambda: build_callable_cfg(tok_cfg)) if tok_cfg is not None else None)
+        conv, error = None, None
+        try:
+            conv = converter_for_run(spec, unwrapped_model(runner), template=runner.cfg.get("template"),
+                                     tokenizer=(lambda: build_callable_cfg(tok_cfg)) if tok_cfg is not None else None)
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, below
+            error = e
+        # every rank stops, or none: a rank that alone saw a problem (a path missing on its node) would
+        # otherwise leave the others waiting in training's first collective
+        agree(RankGroup.current(), error, "HFExportHook's check of its converter, before training")
         runner.logger.info(f"[sa2va_hooks] HFExportHook converter: {conv.describe(unwrapped_model(runner))}")
         return conv
 
