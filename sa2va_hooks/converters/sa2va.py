@@ -244,8 +244,12 @@ class Sa2VAQwenConverter(Sa2VAConverter):
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         inner = getattr(getattr(model, "mllm", None), "model", None)
-        return (inner is not None and hasattr(inner, "visual") and hasattr(model, "grounding_encoder")
-                and hasattr(model, "text_hidden_fcs"))
+        if inner is None or not (hasattr(model, "grounding_encoder") and hasattr(model, "text_hidden_fcs")):
+            return False
+        vl = unwrap_hf(inner)
+        # transformers < 4.52: ``visual`` on the conditional-generation model; 4.52-4.57 also a property
+        # there; 5: only on its ``model``
+        return hasattr(vl, "visual") or hasattr(getattr(vl, "model", None), "visual")
 
     @staticmethod
     def family(model: nn.Module) -> tuple[str | None, QwenFamily | None]:
