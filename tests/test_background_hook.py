@@ -67,19 +67,36 @@ def _fresh_trainables(tiny_base, like: dict):
 
 
 def test_when_busy_skip_skips_and_says_so_wait_exports_every_checkpoint(tiny_base, tmp_path):
+    """A slow disk, made by state rather than by the clock: each export stays in flight until the
+    hook waits for it (at the next checkpoint with when_busy='wait', at the end of training with
+    'skip'), so every later checkpoint of the skip run finds it busy, on any machine speed."""
+    import threading
+
     import sa2va_hooks.core.export as ex
-    real = ex.ExportTask._run
+    from sa2va_hooks.hooks.common import BackgroundExports
+    real_run, real_wait = ex.ExportTask._run, BackgroundExports.wait
+    lock, waited_for = threading.Lock(), {}
 
-    def slow_run(self):  # a slow disk: each export outlasts several training iterations
-        time.sleep(1.0)
-        return real(self)
+    def event(out_dir) -> threading.Event:
+        with lock:
+            return waited_for.setdefault(str(out_dir), threading.Event())
 
-    ex.ExportTask._run = slow_run
+    def held_run(self):
+        if not event(self.out_dir).wait(timeout=600):  # a safety net only: the hook must come to wait
+            raise TimeoutError(f"nobody waited for the export to {self.out_dir}")
+        return real_run(self)
+
+    def noting_wait(bg, runner, why):
+        if bg.busy:
+            event(bg.job.out_dir).set()
+        return real_wait(bg, runner, why)
+
+    ex.ExportTask._run, BackgroundExports.wait = held_run, noting_wait
     try:
         train_tiny(tmp_path / "skip", tiny_base, hooks=_hooks(when_busy="skip"), max_iters=6, save_interval=1)
         train_tiny(tmp_path / "wait", tiny_base, hooks=_hooks(when_busy="wait"), max_iters=4, save_interval=1)
     finally:
-        ex.ExportTask._run = real
+        ex.ExportTask._run, BackgroundExports.wait = real_run, real_wait
     skipped = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "skip" / "hf").iterdir())
     log = _log_text(tmp_path / "skip")
     assert 1 in skipped and len(skipped) < 6
@@ -128,8 +145,10 @@ def test_a_kill_during_background_exports_leaves_no_torn_snapshot(tiny_base, tmp
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(work), str(tiny_base)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and not any((work / "hf").glob("iter_*")):
+        # the state first (a published snapshot: a final name, not a staging one), then a kill at a
+        # varying point after it; the clock only varies the kill point, it decides no result
+        deadline = time.time() + 600
+        while time.time() < deadline and not [p for p in (work / "hf").glob("iter_*") if "." not in p.name]:
             time.sleep(0.05)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
