@@ -153,17 +153,22 @@ try:  # the test's comparison: Sa2VA's own procedure on the model rebuilt from t
     res = model.load_state_dict(state, strict=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     bad = list(res.unexpected_keys) + sorted(trainable & set(res.missing_keys))
-    _, expected = official_reference(model)
-    got = written(snap)
-    if M == "none":  # frozen resized rows drawn under ZeRO-3 partitioning at build: compare base rows
-        rows = 4 + N_WORDS
-        for k in [k for k in expected if k.endswith(("embed_tokens.weight", "lm_head.weight"))]:
-            if k in got:
-                got[k], expected[k] = got[k][:rows], expected[k][:rows]
-    same_keys = sorted(got) == sorted(expected)
-    diff = [k for k in expected if k in got and not torch.equal(got[k], expected[k])]
-    print(f"  vs official procedure on rebuilt iter_4 checkpoint: checkpoint keys landed={not bad} "
-          f"same keys={same_keys} ({len(got)} tensors) unequal={len(diff)} {diff[:3]}")
+    # Sa2VA's procedure run on the CPU (as the CPU test does) and, on a GPU machine, on the GPU (the
+    # hook merges LoRA on the device the parameters are on)
+    for where in (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]):
+        _, expected = official_reference(model.to(where))
+        expected = {k: v.detach().cpu() for k, v in expected.items()}
+        got = written(snap)
+        if M == "none":  # frozen resized rows drawn under ZeRO-3 partitioning at build: compare base rows
+            rows = 4 + N_WORDS
+            for k in [k for k in expected if k.endswith(("embed_tokens.weight", "lm_head.weight"))]:
+                if k in got:
+                    got[k], expected[k] = got[k][:rows], expected[k][:rows]
+        same_keys = sorted(got) == sorted(expected)
+        diff = [k for k in expected if k in got and not torch.equal(got[k], expected[k])]
+        worst = max(((got[k].double() - expected[k].double()).abs().max().item() for k in diff), default=0.0)
+        print(f"  vs official procedure (merge on {where}) on rebuilt iter_4 checkpoint: checkpoint keys landed={not bad} "
+              f"same keys={same_keys} ({len(got)} tensors) unequal={len(diff)} max|diff|={worst:.3g} {diff[:2]}")
 except Exception:  # noqa: BLE001
     print("  official comparison FAILED:\n" + "\n".join("    " + l for l in traceback.format_exc().splitlines()[-8:]))
 EOF
