@@ -23,8 +23,9 @@ QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 @pytest.fixture(autouse=True, scope="module")
 def _bnb_quantizes_on_the_cpu():
-    """bitsandbytes < 0.46 quantizes only on CUDA: on such a stack (the Sa2VA-era one) these tests skip
-    with bitsandbytes' own words; on the others they must run."""
+    """bitsandbytes < 0.46 quantizes only on CUDA, and an older PEFT's ``dequantize_bnb_weight`` (0.11.1,
+    the `legacy` stack) moves a CPU weight to CUDA to dequantize it: without CUDA these tests skip with
+    the library's own words; on the others they must run."""
     probe = nn.Module()
     probe.q_proj = nn.Linear(16, 16)
     try:
@@ -32,10 +33,16 @@ def _bnb_quantizes_on_the_cpu():
             dequantized_weight(_quantize(probe, bits).q_proj)
             probe.q_proj = nn.Linear(16, 16)
     except (AssertionError, RuntimeError, NotImplementedError) as e:
+        import peft
         from packaging.version import Version
-        if Version(bnb.__version__) >= Version("0.46"):
-            raise
-        pytest.skip(f"bitsandbytes {bnb.__version__} cannot quantize on the CPU: {type(e).__name__}: {e}")
+
+        from conftest import NEWEST_TESTED_PEFT
+        if Version(bnb.__version__) < Version("0.46"):
+            pytest.skip(f"bitsandbytes {bnb.__version__} cannot quantize on the CPU: {type(e).__name__}: {e}")
+        if Version(peft.__version__) < Version(NEWEST_TESTED_PEFT) and not torch.cuda.is_available():
+            pytest.skip(f"peft {peft.__version__}'s dequantize_bnb_weight needs CUDA (it moves CPU weights "
+                        f"there): {type(e).__name__}: {e}")
+        raise
 
 
 def _quantize(model: nn.Module, bits: int) -> nn.Module:
