@@ -3,8 +3,8 @@
 # user would. Usage: scripts/setup_env.sh [latest|legacy|newest]   (default: latest)
 #
 # - The stack is requirements/<stack>.txt, a complete lock (every package, exact version), installed
-#   with --no-deps so that it is exactly that stack (xtuner's own pins conflict with two of them;
-#   docs/environment.md says why each is what it is).
+#   with --no-deps so that it is exactly that stack (xtuner 0.1.23, from ../shared/wheels, wants lagent,
+#   which no stack installs: only its chat tool imports it; docs/environment.md says why each stack is what it is).
 # - Then `pip install .` with dependency resolution, as a user installs into an existing environment.
 #   If that would change any package of the stack, the declared ranges (setup.py) do not admit it
 #   and this script fails, naming the packages.
