@@ -6,7 +6,8 @@ It applies five CPU-only workarounds, then runs ``xtuner.tools.train`` unchanged
 ``tools/train.py`` does). None of them is in the product's code path, and none applies on GPUs:
 
 1. mmengine's pytorch launcher calls ``torch.cuda.set_device(local_rank)`` on every rank, which
-   fails without CUDA: made a no-op.
+   fails without CUDA: made a no-op there (only there: on GPUs rank 1 would stay on cuda:0, which the
+   lent H200s showed, 2026-11-30).
 2. gloo's ``all_gather_into_tensor`` rejects the in-place view DeepSpeed ZeRO-2 passes (its
    input is a slice of its output) with 2 ranks: replaced, for gloo only, by ``all_gather`` into
    fresh chunks and a copy (same result).
@@ -37,7 +38,8 @@ def _cpu_workarounds() -> None:
     import torch
     import torch.distributed as dist
 
-    torch.cuda.set_device = lambda *a, **k: None  # 1.
+    if not torch.cuda.is_available():  # 1. (with CUDA each rank must keep its own device)
+        torch.cuda.set_device = lambda *a, **k: None
 
     real = dist.all_gather_into_tensor
 
