@@ -19,8 +19,8 @@
 # families of one (zero, mts) run side by side (own port, own work dir); checks run one at a time.
 #
 # On CUDA, each rank calls torch.cuda.set_device(LOCAL_RANK) before tests/dist_launch.py runs (a
-# wrapper written to /tmp): dist_launch's CPU workaround 1 replaces torch.cuda.set_device with a
-# no-op unconditionally, which is not a no-op with CUDA (mmengine's and DeepSpeed's own set_device
+# wrapper written to /tmp): when this ran, dist_launch's CPU workaround 1 replaced torch.cuda.set_device
+# with a no-op unconditionally (since fixed: only without CUDA), which is not a no-op with CUDA (mmengine's and DeepSpeed's own set_device
 # calls would do nothing). PROBE_NO_PRESET=1 (default on CUDA) also runs one case with
 # tests/dist_launch.py alone, to record what that does. env_cfg.dist_cfg.backend=nccl on CUDA
 # (configs/_base_/tiny_runtime.py says gloo, for the CPU).
