@@ -38,14 +38,14 @@ def build_or_skip_on_old_peft(build, what: str):
 
 def xtuner_or_skip(llm_class: str = "Qwen2ForCausalLM") -> None:
     """Skip, naming the reason, where this stack cannot run xtuner's model classes over ``llm_class``:
-    xtuner is absent (the `newest` stack: Sa2VA's xtuner 0.1.23 is not made for transformers 5, and
-    xtuner 0.2.0 pins transformers==4.48.0), or xtuner's own ``dispatch_modules`` asserts a newer
+    xtuner is absent (the `newest` stack: xtuner 0.1.23, Sa2VA's, and 0.2.0 both fail to import with
+    transformers 5), or xtuner's own ``dispatch_modules`` asserts a newer
     transformers for that LLM class (0.1.23 wants 4.39 for Qwen2; both Sa2VA stacks are above it)."""
     import importlib.util
     if importlib.util.find_spec("xtuner") is None:
         import transformers
-        pytest.skip(f"xtuner is not installed in this stack (transformers {transformers.__version__}; Sa2VA's "
-                    f"xtuner 0.1.23 is not made for transformers 5 and xtuner 0.2.0 pins transformers==4.48.0)")
+        pytest.skip(f"xtuner is not installed in this stack (transformers {transformers.__version__}; xtuner 0.1.23 "
+                    f"and 0.2.0 fail to import with transformers 5: no 'is_safetensors_available')")
     import transformers
     from mmengine.utils import digit_version
     from xtuner.model.modules.dispatch import LOWEST_TRANSFORMERS_VERSION
