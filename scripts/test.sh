@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite, on a fresh machine included.
-#   bash scripts/test.sh                  # the newcomer's command: one stack, `latest` (.venv), about 15 min on 2 cores
+#   bash scripts/test.sh                  # the newcomer's command: one stack, `latest` (.venv), about 8 min on 2 cores + setup
 #   STACKS=all bash scripts/test.sh       # the full matrix: latest, legacy, newest (what .ci/run runs)
 #   STACKS=legacy bash scripts/test.sh    # any list of stacks (requirements/<stack>.txt); extra arguments go to pytest
 # Each stack gets its own virtualenv (scripts/setup_env.sh) and runs the whole suite against this
