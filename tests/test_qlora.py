@@ -112,3 +112,34 @@ def test_qlora_export_dequantizes_and_merges_like_peft_in_fp32(bits, tmp_path):
     with torch.no_grad():
         want, have = pm.eval()(input_ids=ids).logits, reloaded.eval()(input_ids=ids).logits
     assert float(torch.linalg.vector_norm(have - want) / torch.linalg.vector_norm(want)) < 2e-2
+
+
+def test_a_4bit_layer_repacked_for_the_cpu_kernel_is_refused_before_anything_is_written(tmp_path):
+    """bitsandbytes' eval-mode CPU path (AVX512-BF16) repacks a Linear4bit in place, as below (its own
+    function, the call its forward makes). Dequantized as a plain 4-bit weight those bytes are not the
+    base: the export must stop, naming the layer, and write nothing."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    pack = getattr(functional, "_convert_weight_packed_for_cpu", None)
+    if pack is None:
+        pytest.skip(f"bitsandbytes {bnb.__version__} has no CPU repacking (added in 0.48)")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sa2va_hooks.core.merge import UnsupportedModuleError
+    torch.manual_seed(0)
+    qmodel = _quantize(Qwen2ForCausalLM(Qwen2Config(  # 128 wide: the packing needs 32-row blocks of 64-wide scales
+        hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=96, max_position_embeddings=64)), 4)
+    pm = get_peft_model(qmodel, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"]))
+    layer = pm.base_model.model.model.layers[0].mlp.up_proj
+    before = dequantized_weight(layer).clone()
+    layer.weight.data, layer.weight.quant_state = pack(layer.weight.data, layer.weight.quant_state)
+    with pytest.raises(UnsupportedModuleError, match=r"1 4-bit layer\(s\) were repacked in place by bitsandbytes for "
+                                                     r"its CPU kernel .*: base_model\.model\.model\.layers\.0\.mlp\."
+                                                     r"up_proj\. .* nothing is exported"):
+        export_hf(pm, tmp_path / "out", dtype="fp32")
+    assert not list(tmp_path.iterdir())
+    # why: the repacked bytes, read as a plain 4-bit weight, are not the base values
+    plain = functional.dequantize_4bit(layer.weight.data.reshape(-1, 1), quant_state=functional.QuantState(
+        absmax=layer.weight.quant_state.absmax.T.reshape(-1).float(), shape=before.shape, blocksize=64,
+        quant_type="nf4", dtype=torch.float32, code=layer.weight.quant_state.code)).float()
+    assert not torch.allclose(plain, before, atol=1e-2)

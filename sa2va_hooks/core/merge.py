@@ -167,6 +167,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The fp32 values of a bitsandbytes layer's weight, as PEFT's own helper computes them."""
     from peft.utils.integrations import dequantize_bnb_weight
     w = module.weight
+    refuse_cpu_packed_4bit(module)  # packed after the plan was made (training went on meanwhile)
     if type(w).__name__ == "Params4bit":
         return dequantize_bnb_weight(w, state=w.quant_state).float()
     # PEFT's helper fills state.SCB from the weight; hand it a copy so the live layer's state object
@@ -478,8 +479,27 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def refuse_cpu_packed_4bit(module: nn.Module) -> None:
+    """bitsandbytes >= 0.48, on a CPU with AVX512-BF16, repacks a 4-bit layer for its CPU kernel at the
+    first eval-mode forward, in place: the bytes are reordered and the block scales (absmax) rounded to
+    bf16 (``quant_state.packing_format_for_cpu``). Dequantized as a plain 4-bit weight those bytes give
+    values uncorrelated with the base, with no error; and the exact base values can no longer be
+    recovered from the layer. So such a layer is refused, before anything is written."""
+    packed = [name for name, m in module.named_modules()
+              if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    if packed:
+        shown = ", ".join(packed[:10]) + (f" ... and {len(packed) - 10} more" if len(packed) > 10 else "")
+        raise UnsupportedModuleError(
+            f"{len(packed)} 4-bit layer(s) were repacked in place by bitsandbytes for its CPU kernel "
+            f"(quant_state.packing_format_for_cpu, after an eval-mode forward on a CPU with AVX512-BF16): {shown}. "
+            "Their bytes no longer decode as the quantized base and their scales were rounded to bf16, so "
+            "nothing is exported. Export before running the model in eval mode on this CPU, or on a GPU "
+            "(moving the layer with .cuda() unpacks it).")
+
+
 def plan_merged_tensors(module: nn.Module) -> WalkResult:
     """Plan every tensor of the merged, unwrapped model, without producing any data."""
+    refuse_cpu_packed_4bit(module)
     walker = _Walker()
     walker.walk(module)
     return WalkResult(walker.out, walker.tied, walker.inactive, walker.dequantized)
