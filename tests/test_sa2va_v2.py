@@ -302,3 +302,22 @@ def test_v2_offline_export_without_hf_code_dir_is_refused_before_anything_is_wri
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "hf_code_dir='<your Sa2VA checkout>/projects/sa2va/hf/models_qwen2_5_vl'" in proc.stderr, proc.stderr
     assert not (tmp_path / "offline").exists()
+
+
+def test_the_converter_check_runs_once_per_model_not_at_every_export(tmp_path):
+    """Checked in before_train (converter_for_run); later exports, which plan in the training thread,
+    do not read the tokenizer and the remote code again."""
+    model = build("internvl", tmp_path)
+    conv = converter_for_run(dict(type="auto", hf_code_dir=str(HF_CODE["internvl"])), model, template=TEMPLATE)
+    calls = []
+    real = conv.check_ready
+    conv.check_ready = lambda m: (calls.append(m), real(m))
+    for it in (1, 2):
+        export_hf(model, tmp_path / f"iter_{it}", converter=conv)
+    assert calls == []
+    other = build("internvl", tmp_path / "other")
+    with pytest.raises(ConversionError, match=r"\[SEG\]"):  # another model is checked afresh
+        other.mllm.tokenizer = None
+        conv.tokenizer = str(tmp_path / "base_internvl")
+        export_hf(other, tmp_path / "other_out", converter=conv)
+    assert len(calls) == 1

@@ -113,6 +113,7 @@ class Converter:
         self.run_tokenizer: Any = None  # the training config's top-level tokenizer: the last resort
         self.run_template: str | None = None
         self._resolved: dict[int, Any] = {}
+        self._ready_for: int | None = None  # id of the model check_ready last passed for
 
     def use_run_config(self, *, template: Any = None, tokenizer: Any = None) -> None:
         """Defaults from the training config (the hook's ``runner.cfg``, ``tools/export.py``'s CONFIG):
@@ -127,6 +128,14 @@ class Converter:
         """One line for the log at the start of a run: what this converter will write."""
         tok, source = self.find_tokenizer(model)
         return f"{self.name}; tokenizer: {source if tok is not None else 'none'}"
+
+    def ensure_ready(self, model: nn.Module) -> None:
+        """:meth:`check_ready` once per model: the pipeline calls this at every export, in the training
+        thread, and what it checks (code, template, tokenizer) does not change during a run; reading a
+        real tokenizer's vocabulary at every checkpoint would be work on training's hot path."""
+        if self._ready_for != id(model):
+            self.check_ready(model)
+            self._ready_for = id(model)
 
     def check_ready(self, model: nn.Module) -> None:
         """Raise :class:`ConversionError` for anything that would make the export fail or unusable and
@@ -278,7 +287,7 @@ def converter_for_run(spec: Any, model: nn.Module, *, template: Any = None, toke
     training starts or any tensor is merged."""
     conv = resolve_converter(spec, model)
     conv.use_run_config(template=template, tokenizer=tokenizer)
-    conv.check_ready(model)
+    conv.ensure_ready(model)
     return conv
 
 

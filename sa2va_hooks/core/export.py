@@ -70,7 +70,7 @@ class Converter(Protocol):
     required_tokens: Sequence[str]
 
     def hf_root(self, model: nn.Module) -> nn.Module: ...
-    def check_ready(self, model: nn.Module) -> None: ...
+    def ensure_ready(self, model: nn.Module) -> None: ...
     def map_keys(self, keys: Sequence[str]) -> dict[str, str | None]: ...
     def writes_tied(self, hf_name: str) -> bool: ...
     def hf_config(self, model: nn.Module, ctx: SnapshotContext) -> Any: ...
@@ -200,9 +200,9 @@ class ExportPlan:
 
 
 def plan_export(model: nn.Module, conv: Converter, dt: torch.dtype | None, max_shard_size: int | str) -> ExportPlan:
-    check_ready = getattr(conv, "check_ready", None)  # a user's converter may predate it
-    if check_ready is not None:
-        check_ready(model)  # what the converter can tell before a byte is written (remote code, template, tokenizer)
+    ready = getattr(conv, "ensure_ready", None)  # a user's converter may predate it
+    if ready is not None:
+        ready(model)  # what the converter can tell before a byte is written (remote code, template, tokenizer)
     walk = _untie_for(conv, plan_merged_tensors(conv.hf_root(model)))
     names = conv.map_keys([st.name for st in walk.tensors])
     entries = {names[st.name]: dataclasses.replace(st, name=names[st.name])
