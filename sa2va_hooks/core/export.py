@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .fingerprint import (Fingerprint, FingerprintSet, digest_tensor, dtype_name,
@@ -42,8 +43,9 @@ from .dist import RankFailedError, RankFailure, RankGroup, agree, describe
 from .sharding import (ShardedTensorError, UnsupportedShardingError, check_full, gathered, is_partitioned,
                             iter_whole_parameters, logical_shape, needs_gather, refuse_unsupported_sharding)
 from .snapshot import Capture, ModelChangedError, SnapshotBuffers, live, substituted
-from .writer import (ShardPlan, ShardWriter, TensorSlot, assign_shards, check_free_space, file_entries, link_or_copy,
-                          plan_shard_groups, publish, safetensors_header, staging_dir_for, write_index, write_json)
+from .writer import (ShardPlan, ShardWriter, TensorSlot, assign_shards, check_free_space, file_entries, is_regular_file,
+                          link_shard, os_error_words, plan_shard_groups, publish, safetensors_header, staging_dir_for,
+                          write_index, write_json)
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -253,7 +255,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Converter, dt
     fingerprints when the caller has just computed them for this exact state (FingerprintHook
     at the same checkpoint), so they are not hashed twice. ``link_from`` names an earlier
     complete snapshot: each shard of frozen tensors whose tensors are digest for digest those
-    of the same shard there is hard-linked (copied across filesystems) instead of written.
+    of the same shard there is hard-linked instead of written (written, where it cannot be linked).
 
     Collective when ``torch.distributed`` is initialised (``group`` defaults to every rank):
     every rank must call it. The shards are split between the ranks; each rank merges, hashes,
@@ -634,7 +636,7 @@ class _Previous:
     def same_shard(self, fname: str, slots, digests: Mapping[str, str]) -> bool:
         prev = self.path / fname
         names = {n for n, t in self.tensors.items() if isinstance(t, dict) and t.get("file") == fname}
-        if names != {s.name for s in slots} or not prev.is_file():
+        if names != {s.name for s in slots} or not is_regular_file(prev):  # a symlink or FIFO: never opened
             return False
         if any(self.tensors[s.name].get("digest") != digests[s.name] for s in slots):
             return False
@@ -723,6 +725,7 @@ class _RankWork:
         self.bar = _progress(plan.total_size, progress and group.is_main)
         self.written = self.linked = 0
         self.linked_from: dict[str, str] = {}
+        self._link_errors: set = set()  # errnos already logged by _link_failed
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa2va_hooks-hash")
         self._pending: tuple | None = None
 
@@ -772,23 +775,41 @@ class _RankWork:
             self._produce(slot, self.by_name[slot.name], fname)
             self._settle()
         digests = {s.name: self.tensors[s.name]["digest"] for s in slots}
-        if not self.previous.same_shard(fname, slots, digests):
+        src, dst = self.previous.path / fname, staging / fname
+        try:
+            if not self.previous.same_shard(fname, slots, digests):
+                return False
+            link_shard(src, dst)
+            try:
+                same = hash_safetensors_file(dst) == digests
+            except (SafetensorError, ValueError, RuntimeError):
+                same = False  # not even a safetensors file any more: reported below as changed
+        except OSError as e:  # whatever the errno: the shard is written from the model instead
+            dst.unlink(missing_ok=True)
+            self._link_failed(src, fname, e)
             return False
-        dst = staging / fname
-        how = link_or_copy(self.previous.path / fname, dst)
-        if hash_safetensors_file(dst) != digests:  # the older file was changed after it was published
+        if not same:  # the older file was changed after it was published
             dst.unlink()
             logging.getLogger("sa2va_hooks").warning(
                 f"{self.previous.path / fname} no longer holds what its manifest says (edited or damaged after it "
                 f"was published; `verify {self.previous.path}` will say so); writing {fname} afresh instead")
             return False
-        size = dst.stat().st_size
-        if how == "linked":
-            self.linked += size
-        else:
-            self.written += size
-        self.linked_from[fname] = f"{self.previous.path.name}/{fname} ({how})"
+        self.linked += dst.stat().st_size
+        self.linked_from[fname] = f"{self.previous.path.name}/{fname} (linked)"
         return True
+
+    def _link_failed(self, src: Path, fname: str, e: OSError) -> None:
+        """A link that failed is a write, never a failed export: no link support (EXDEV, ENOSYS on a
+        FUSE mount, EPERM), a file we may not read, one deleted meanwhile, a symlink. The caller writes
+        the shard from the model, the source of truth (copying the file we could not link may fail the
+        same way). Logged once per export and errno: a filesystem without links fails every shard."""
+        key = e.errno if e.errno is not None else type(e).__name__
+        level = logging.DEBUG if key in self._link_errors else logging.WARNING
+        self._link_errors.add(key)
+        logging.getLogger("sa2va_hooks").log(
+            level, f"could not hard-link {e.filename or src}: {os_error_words(e)}; writing {fname} from the model "
+                   f"instead (the export goes on; other shards that fail the same way are written too, logged at "
+                   f"DEBUG)")
 
     def _write(self, staging: Path, fname: str, slots, own: bool, error: BaseException | None):
         """Write one shard (or, under ZeRO-3, take part in its gathers only); returns the error."""

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
 import uuid
@@ -114,18 +115,55 @@ def plan_shard_groups(groups: Sequence[Sequence[TensorSlot]], max_shard_size: in
     return ShardPlan([(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(parts)])
 
 
-def link_or_copy(src: Path, dst: Path) -> str:
-    """Hard-link ``src`` to ``dst``; across filesystems (or where links are not allowed), copy and
-    fsync it. Returns "linked" or "copied". Deleting either name later never affects the other."""
+class NotRegularFileError(OSError):
+    """A path that should be a plain file is a symlink, a directory, a FIFO, a socket or a device."""
+
+
+def file_kind(mode: int) -> str:
+    """What ``lstat`` says a path is, in words (for messages)."""
+    for test, kind in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def link_shard(src: Path, dst: Path) -> None:
+    """Hard-link the previous snapshot's shard ``src`` to ``dst``. Raises :class:`OSError` (with the
+    errno and the file) whenever that cannot be done, whatever the reason: no link support (EXDEV,
+    ENOSYS on FUSE, EPERM), a file we may not read or that was deleted meanwhile, or ``src`` not a
+    regular file. The caller then writes the shard from the model instead: a failed link must never
+    fail an export, and copying a file we could not link may fail the same way (or the file is gone).
+
+    A symlink is never linked: ``link()`` would put the symlink itself into the new snapshot, pointing
+    outside it. ``src`` is checked with ``lstat`` before, and what was linked is checked after (a
+    swap between the two is caught too)."""
+    mode = os.lstat(src).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(errno.EINVAL, f"{file_kind(mode)}, not a regular file: never hard-linked", str(src))
+    os.link(src, dst, follow_symlinks=False)
+    mode = os.lstat(dst).st_mode
+    if not stat.S_ISREG(mode):
+        os.unlink(dst)
+        raise NotRegularFileError(errno.EINVAL, f"became {file_kind(mode)} while it was linked: never hard-linked",
+                                  str(src))
+
+
+def is_regular_file(path: Path) -> bool:
+    """True when ``path`` itself (not what a symlink points to) is a regular file; False when it is
+    anything else or cannot be examined. Checked before a file that came from elsewhere is opened:
+    opening a FIFO blocks forever."""
     try:
-        os.link(src, dst)
-        return "linked"
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-    shutil.copyfile(src, dst)
-    fsync_path(dst)
-    return "copied"
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def os_error_words(e: OSError) -> str:
+    """``ENOSYS (Function not implemented)``: the errno's name and its text, for a log line."""
+    name = errno.errorcode.get(e.errno, f"errno {e.errno}") if e.errno is not None else type(e).__name__
+    return f"{name} ({e.strerror or e})"
 
 
 def fsync_path(path: Path) -> None:
