@@ -13,6 +13,41 @@ Layout (the architecture):
 Importing this package registers the hooks in mmengine's ``HOOKS`` and the converters in
 ``CONVERTERS``; it does not import xtuner.
 """
+import os as _os
+import sys as _sys
+
+
+def _drop_cwd_from_path() -> None:
+    """``python -m sa2va_hooks verify .`` is run from inside snapshots, and Python puts the current
+    directory first on ``sys.path`` for ``-m``: a snapshot's remote code (``modeling_x.py``) or a
+    hostile ``json.py`` / ``safetensors.py`` would be imported in place of the real module. This package
+    is imported before its ``__main__``, and imports json, torch and safetensors, so that entry is
+    dropped here, first. Only while this package is the ``-m`` target (``sys.argv[0]`` is still
+    ``"-m"`` during that import, and ``sys.orig_argv`` names it; under ``python -m pytest`` it is
+    pytest's path by the time tests import us) and only ``sys.path[0]`` when it is the current
+    directory. The package itself was already found; its submodules are found through ``__path__``."""
+    if _sys.argv[:1] != ["-m"] or not _sys.path:
+        return
+    argv = list(getattr(_sys, "orig_argv", []))
+    target = None
+    for i, a in enumerate(argv[1:], 1):
+        if a == "-m" and i + 1 < len(argv):
+            target = argv[i + 1]
+            break
+        if a.startswith("-m") and len(a) > 2:
+            target = a[2:]
+            break
+    if target is not None and target.split(".")[0] != __name__:
+        return
+    try:
+        cwd = _os.getcwd()
+    except OSError:  # the current directory was deleted: there is nothing there to import
+        return
+    if _sys.path[0] in ("", ".", cwd):
+        del _sys.path[0]
+
+
+_drop_cwd_from_path()
 __version__ = "0.1.0"
 
 from .environment import check_bitsandbytes  # noqa: E402

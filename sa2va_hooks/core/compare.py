@@ -7,19 +7,40 @@ memory for two tensors, not two models.
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from .manifest import MANIFEST_FILE
+from .manifest import MANIFEST_FILE, ManifestError, NotRegularFileError, file_kind, manifest_problems, read_json_file
+
+
+def _regular(path: Path) -> Path:
+    """``path`` when it is a regular file, or a symlink to one (an HF cache directory is all symlinks
+    into its blobs), checked right before safetensors opens it; anything else (a FIFO named
+    ``*.safetensors`` would block the reader forever, a directory, a device) is refused, never opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise OSError(e.errno, f"cannot read {path}: {e.strerror}", str(path)) from None
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(path, file_kind(mode), "; only regular safetensors files are read. Remove it, or "
+                                                         "compare a directory that holds the real files")
+    return path
+
+
+def _safetensors_error(path: Path, e: Exception) -> ValueError:
+    return ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is damaged or not "
+                      "a safetensors file. Re-export it, or remove it from the directory.")
 
 
 class TensorDir:
-    """Name -> file for every tensor in the safetensors files of a directory."""
+    """Name -> file for every tensor in the safetensors files of a directory. Every file is checked to
+    be a regular file (or a symlink to one) before it is opened, and a damaged one is named."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -31,23 +52,34 @@ class TensorDir:
                                     "an export directory")
         self.where: dict[str, Path] = {}
         for f in self.files:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    self.where[k] = f
+            try:
+                with safe_open(str(_regular(f)), framework="pt") as h:
+                    for k in h.keys():
+                        self.where[k] = f
+            except SafetensorError as e:
+                raise _safetensors_error(f, e) from None
         manifest = self.path / MANIFEST_FILE
-        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else None
+        self.manifest = read_json_file(manifest, follow_symlinks=True) if os.path.lexists(manifest) else None
+        problems = manifest_problems(self.manifest) if self.manifest is not None else []
+        if problems:
+            raise ManifestError(f"{manifest} is not a valid sa2va_hooks manifest: {'; '.join(problems[:3])}. It is "
+                                "damaged: re-export the snapshot, or remove the file to compare the directory as a "
+                                "plain HF directory.")
 
     def names(self) -> set[str]:
         return set(self.where)
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.where[name]), framework="pt") as h:
-            return h.get_tensor(name)
+        path = self.where[name]
+        try:
+            with safe_open(str(_regular(path)), framework="pt") as h:
+                return h.get_tensor(name)
+        except SafetensorError as e:
+            raise _safetensors_error(path, e) from None
 
     def role(self, name: str) -> str | None:
-        if self.manifest and name in self.manifest["tensors"]:
-            return self.manifest["tensors"][name].get("role")
-        return None
+        entry = self.manifest["tensors"].get(name) if self.manifest else None
+        return entry.get("role") if isinstance(entry, dict) else None
 
 
 _SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}

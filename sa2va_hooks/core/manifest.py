@@ -8,9 +8,12 @@ training-effect summary that says, in numbers, whether training reached the expo
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 import platform
+import stat
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,9 +33,82 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+class NotRegularFileError(OSError):
+    """A path that must be a plain file is a symlink, a directory, a FIFO, a socket or a device. It
+    is never opened: a FIFO blocks the reader forever, a symlink reads what lies outside the snapshot."""
+
+    def __init__(self, path: str | Path, kind: str, advice: str = "") -> None:
+        super().__init__(f"{path} is {kind}, not a regular file{advice}")
+        self.filename, self.kind = str(path), kind
+
+    def __str__(self) -> str:  # OSError's would be "[Errno None] None: 'path'" once filename is set
+        return self.args[0]
+
+
+def file_kind(mode: int) -> str:
+    """What ``lstat`` says a path is, in words (for messages)."""
+    for test, kind in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return kind
+    return "of an unknown file type"
+
+
+def is_regular_file(path: str | Path) -> bool:
+    """True when ``path`` itself (a symlink is not followed) is a regular file; False when it is anything
+    else, is absent or cannot be examined. Checked before a file that came from elsewhere is opened."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_regular(path: str | Path, *, follow_symlinks: bool = False):
+    """Open ``path`` for binary reading only if it is a regular file (with ``follow_symlinks``, one a
+    symlink leads to: an HF cache directory is all symlinks), else raise :class:`NotRegularFileError`
+    naming it. Checked with ``lstat`` before the open, which is non-blocking (a FIFO swapped in between
+    cannot block it) and checked again with ``fstat`` on what was opened."""
+    mode = os.stat(path, follow_symlinks=follow_symlinks).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFileError(path, file_kind(mode))
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags if follow_symlinks else flags | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(path, file_kind(mode))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class JSONFileError(ValueError):
+    """A JSON file from a snapshot (manifest, index, config) that cannot be parsed: bad input."""
+
+
+def read_json_file(path: str | Path, *, follow_symlinks: bool = False) -> Any:
+    """Parse an untrusted JSON file (it came with a snapshot). Every way it can fail is a
+    :class:`JSONFileError` or :class:`OSError` naming the file: not a regular file, not UTF-8, not
+    JSON, or nested too deeply for the parser (``[[[[...]]]]`` 100000 deep raises ``RecursionError``,
+    which no caller expects from reading a file)."""
+    with open_regular(path, follow_symlinks=follow_symlinks) as f:
+        raw = f.read()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise JSONFileError(f"{path} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise JSONFileError(f"{path} nests JSON arrays or objects too deeply to parse (deeper than Python's "
+                            f"recursion limit); it is damaged or hostile") from None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a regular file's bytes (a symlink, a FIFO or a device is refused, never opened)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
@@ -101,7 +177,11 @@ _TOP = {"format": (str, True), "converter": (str, True), "dtype": (str, True), "
         "root_digest": (str, True), "files": (dict, True), "trained": (dict, True), "training_effect": (dict, True),
         "provenance": (dict, False), "tied": (dict, False), "dropped": (dict, False), "renamed": (dict, False),
         "notes": (list, False), "readback_verified": (bool, False), "storage": (dict, False)}
-_TENSOR = {"file": _is_rel_file, "digest": _is_hex, "dtype": lambda v: isinstance(v, str) and bool(v),
+# torch's names (``str(dtype)`` without "torch.") of the dtypes the writer can store in safetensors; a test
+# holds this equal to writer._ST_DTYPES (kept here so that reading a manifest needs no torch)
+STORABLE_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+                             "bool", "float8_e4m3fn", "float8_e5m2"})
+_TENSOR = {"file": _is_rel_file, "digest": _is_hex, "dtype": lambda v: isinstance(v, str) and v in STORABLE_DTYPES,
            "shape": _shape_ok}
 _FILE = {"size": _size_ok}
 _FILE_OPTIONAL = {"sha256": lambda v: _is_hex(v, 64), "header_sha256": lambda v: _is_hex(v, 64)}
@@ -146,7 +226,8 @@ def _entry_problems(entries: object, where: str, required: dict, optional: dict)
             if field not in e:
                 out.append(f"{where}.{name}.{field}: missing")
             elif not ok(e[field]):
-                out.append(f"{where}.{name}.{field}: malformed value {e[field]!r}")
+                hint = f" (not one of {', '.join(sorted(STORABLE_DTYPES))})" if field == "dtype" else ""
+                out.append(f"{where}.{name}.{field}: malformed value {e[field]!r}{hint}")
         out += [f"{where}.{name}.{field}: malformed value {e[field]!r}" for field, ok in optional.items()
                 if field in e and not ok(e[field])]
     return out
@@ -192,12 +273,14 @@ class ExportManifest:
         if not Path(snapshot_dir).is_dir():
             raise FileNotFoundError(f"{snapshot_dir} is not a directory: give the snapshot directory "
                                     f"(the one holding {MANIFEST_FILE}).")
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise FileNotFoundError(f"{path} does not exist: {snapshot_dir} is not a sa2va_hooks export, or it is "
                                     "incomplete. Re-export it, or use `diff` (which also reads plain HF directories).")
         try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ManifestError(f"{path} is not valid JSON ({e}): the manifest is truncated or damaged; "
-                                "re-export the snapshot.") from e
+            d = read_json_file(path)
+        except JSONFileError as e:
+            raise ManifestError(f"{e}: the manifest is truncated or damaged; re-export the snapshot.") from None
+        except NotRegularFileError as e:
+            raise ManifestError(f"{e}: a snapshot's manifest is a plain file, never followed or opened otherwise; "
+                                "re-export the snapshot.") from None
         return cls.from_json(d, source=str(path))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .fingerprint import Fingerprint, compare_fingerprints, digest_tensor, root_digest
-from .manifest import MANIFEST_FILE, ExportManifest, ManifestError, sha256_file
+from .manifest import (MANIFEST_FILE, ExportManifest, JSONFileError, ManifestError, NotRegularFileError, file_kind,
+                       is_regular_file, open_regular, read_json_file, sha256_file)
 from .writer import _ST_DTYPES, INDEX_FILE, SINGLE_FILE
 
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
@@ -33,20 +35,24 @@ class SnapshotInputError(ValueError):
 
 def read_safetensors_header(path: Path) -> tuple[bytes, dict]:
     """(the header's raw bytes with their 8-byte length prefix, the parsed JSON) of a safetensors file,
-    read without loading any tensor. Raises ValueError for anything that is not such a header."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    read without loading any tensor. Raises ValueError for anything that is not such a header, and
+    :class:`NotRegularFileError` (never opening it) for anything that is not a regular file."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
             raise ValueError(f"{size} bytes: shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", prefix)
         if n > min(size - 8, _MAX_HEADER):
-            raise ValueError(f"header length {n} does not fit the file's {size} bytes")
+            raise ValueError(f"header length {n} does not fit the file's {size} bytes (not a safetensors file, "
+                             "or a damaged one)")
         raw = f.read(n)
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"header is not JSON ({e})") from e
+    except RecursionError:
+        raise ValueError("header nests JSON too deeply to parse (damaged or hostile)") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     return prefix + raw, header
@@ -63,7 +69,10 @@ def hash_safetensors_file(path: Path, workers: int | None = None) -> dict[str, s
     (which proves the format, not only the bytes). The digest covers name, dtype, shape and
     bytes, so the fp64 statistics are not recomputed here. The tensors are split between a few
     threads, each with its own handle: reading and xxhash both release the GIL, so a large shard
-    is read back at disk speed rather than at one core's hashing speed."""
+    is read back at disk speed rather than at one core's hashing speed. A path that is not a regular
+    file (a symlink, a FIFO) raises :class:`NotRegularFileError` and is never opened."""
+    if not is_regular_file(path):
+        raise NotRegularFileError(path, file_kind(os.lstat(path).st_mode))
     with safe_open(str(path), framework="pt") as f:
         names = list(f.keys())
     workers = max(1, min(workers or min(4, os.cpu_count() or 1), len(names)))
@@ -82,21 +91,87 @@ def hash_safetensors_file(path: Path, workers: int | None = None) -> dict[str, s
     return {n: out[n] for n in names}
 
 
+def _walk_entries(root: Path) -> tuple[dict[str, os.stat_result], list[str]]:
+    """Every entry under ``root`` (files, directories, symlinks, FIFOs...), relative path -> ``lstat``,
+    without following a symlink; and a problem for each directory that cannot be listed."""
+    entries: dict[str, os.stat_result] = {}
+    problems: list[str] = []
+
+    def unreadable(e: OSError) -> None:
+        problems.append(f"unreadable directory {Path(e.filename).relative_to(root).as_posix() or '.'}: {e.strerror}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):  # never follows a symlinked dir
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            try:
+                entries[p.relative_to(root).as_posix()] = os.lstat(p)
+            except OSError as e:
+                problems.append(f"unreadable entry {p.relative_to(root).as_posix()}: {e.strerror}")
+    return entries, problems
+
+
 def _check_files(root: Path, manifest: ExportManifest) -> list[str]:
-    problems = []
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST_FILE}
-    for rel in sorted(set(manifest.files) - present):
+    """The snapshot holds exactly the manifest's files (and the manifest), each a regular file of the
+    recorded size and sha256, and the directories that hold them: nothing else. A symlink (it may lead
+    outside the snapshot: ``rootlink -> /``), a FIFO, socket or device (never opened: reading a FIFO
+    blocks forever) or an entry the manifest does not know, file or directory, empty or not, is a
+    problem naming its path: a snapshot verified here is self-contained, whatever copies it next."""
+    entries, problems = _walk_entries(root)
+    known = set(manifest.files) | {MANIFEST_FILE}
+    known_dirs = {p.as_posix() for rel in known for p in Path(rel).parents if p.as_posix() != "."}
+    real_root = os.path.realpath(root)
+    present = set()
+    for rel, st in sorted(entries.items()):
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            target = os.readlink(root / rel)
+            resolved = os.path.realpath(root / rel)
+            where = ("leads outside the snapshot, to " + resolved
+                     if os.path.commonpath([real_root, resolved]) != real_root else "inside the snapshot")
+            problems.append(f"symlink {rel} -> {target} ({where}): a snapshot holds no symlinks; it was not followed")
+        elif stat.S_ISDIR(mode):
+            if rel not in known_dirs:
+                problems.append(f"extra directory {rel}" + ("" if any(e.startswith(rel + "/") for e in entries)
+                                                           else " (empty)"))
+        elif not stat.S_ISREG(mode):
+            problems.append(f"not a regular file {rel}: {file_kind(mode)}; a snapshot holds only regular files "
+                            "(it was not opened)")
+        elif rel not in known:
+            problems.append(f"extra file {rel}")
+        elif os.path.commonpath([real_root, os.path.realpath(root / rel)]) != real_root:
+            problems.append(f"file {rel} resolves outside the snapshot, to {os.path.realpath(root / rel)}")
+        else:
+            present.add(rel)
+    for rel in sorted(set(manifest.files) - set(entries)):
         problems.append(f"missing file {rel}")
-    for rel in sorted(present - set(manifest.files)):
-        problems.append(f"extra file {rel}")
     for rel in sorted(set(manifest.files) & present):
         entry = manifest.files[rel]
-        size = (root / rel).stat().st_size
+        size = entries[rel].st_size
         if size != entry["size"]:
             problems.append(f"mismatch size of {rel}: expected {entry['size']}, got {size}")
-        elif "sha256" in entry and sha256_file(root / rel) != entry["sha256"]:
-            problems.append(f"mismatch sha256 of {rel}: expected {entry['sha256']}, got {sha256_file(root / rel)}")
+            continue
+        if "sha256" not in entry:
+            continue
+        try:
+            got = sha256_file(root / rel)
+        except OSError as e:
+            problems.append(f"unreadable file {rel}: {e}")
+            continue
+        if got != entry["sha256"]:
+            problems.append(f"mismatch sha256 of {rel}: expected {entry['sha256']}, got {got}")
     return problems
+
+
+def _json_of(root: Path, name: str) -> tuple[object, str | None]:
+    """(parsed JSON, None) of a snapshot's ``name``, or (None, the problem): not a regular file (reported
+    by _check_files, never opened), not JSON, nested too deeply, unreadable."""
+    path = root / name
+    if not is_regular_file(path):
+        return None, None if os.path.lexists(path) else f"missing {name}"
+    try:
+        return read_json_file(path), None
+    except (JSONFileError, OSError) as e:
+        return None, f"corrupt {name}: {e}"
 
 
 def _check_index(root: Path, manifest: ExportManifest) -> list[str]:
@@ -104,14 +179,17 @@ def _check_index(root: Path, manifest: ExportManifest) -> list[str]:
     shard_files = sorted(set(expected_map.values()))
     if shard_files == [SINGLE_FILE]:
         return [f"extra file {INDEX_FILE} beside a single {SINGLE_FILE}"] if (root / INDEX_FILE).exists() else []
-    index_path = root / INDEX_FILE
-    if not index_path.is_file():
+    if not os.path.lexists(root / INDEX_FILE):
         return [f"missing {INDEX_FILE} for {len(shard_files)} shards"]
+    index, problem = _json_of(root, INDEX_FILE)
+    if index is None:
+        return [problem] if problem else []  # not a regular file: reported by _check_files
     try:
-        index = json.loads(index_path.read_text())
         weight_map, total = index["weight_map"], index["metadata"]["total_size"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        return [f"corrupt {INDEX_FILE}: {e}"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+    except (KeyError, TypeError) as e:
+        return [f"corrupt {INDEX_FILE}: {type(e).__name__}: {e}"]
     problems = [f"index maps {k} to {weight_map.get(k)}, manifest says {v}"
                 for k, v in sorted(expected_map.items()) if weight_map.get(k) != v]
     problems += [f"extra index entry {k}" for k in sorted(set(weight_map) - set(expected_map))]
@@ -127,8 +205,8 @@ def _check_headers(root: Path, manifest: ExportManifest) -> list[str]:
     problems = []
     for fname in sorted({t["file"] for t in manifest.tensors.values()}):
         path = root / fname
-        if not path.is_file():
-            continue  # reported as a missing file
+        if not is_regular_file(path):
+            continue  # reported as a missing file, a symlink or not a regular file
         try:
             raw, header = read_safetensors_header(path)
         except (OSError, ValueError) as e:
@@ -198,8 +276,8 @@ def check_shard_data(root: Path, tensors: Mapping[str, Mapping], files: list[str
     problems = []
     for fname in files:
         path = root / fname
-        if not path.is_file():
-            continue  # already reported as a missing file
+        if not is_regular_file(path):
+            continue  # already reported as a missing file, a symlink or not a regular file
         try:
             file_fps = hash_safetensors_file(path)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -211,7 +289,7 @@ def check_shard_data(root: Path, tensors: Mapping[str, Mapping], files: list[str
             if name in tensors and tensors[name]["file"] != fname:
                 problems.append(f"misplaced tensor {name}: expected in {tensors[name]['file']}, got {fname}")
             got[name] = fp
-    unread = {n for n in expected if not (root / tensors[n]["file"]).is_file() or
+    unread = {n for n in expected if not is_regular_file(root / tensors[n]["file"]) or
               any(p.startswith(f"unreadable shard {tensors[n]['file']}") for p in problems)}
     problems += [_with_file(str(m), tensors.get(m.name)) for m in compare_fingerprints(expected, got)
                  if not (m.kind == "missing" and m.name in unread)]
@@ -227,16 +305,20 @@ _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "t
 
 
 def _vocab_sizes(node, where: str = "") -> list[tuple[str, object]]:
-    """Every ``vocab_size`` in a (nested) config.json, with where it sits."""
+    """Every ``vocab_size`` in a (nested) config.json, with where it sits. Walked with a stack, not
+    recursion: a config nested as deep as the JSON parser allows must not raise RecursionError here."""
     out = []
-    if isinstance(node, dict):
-        for k, v in node.items():
-            path = f"{where}.{k}" if where else k
-            if k == "vocab_size":
-                out.append((path, v))
-            else:
-                out += _vocab_sizes(v, path)
-    return out
+    stack = [(node, where)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, dict):
+            for k, v in reversed(list(node.items())):
+                path = f"{where}.{k}" if where else k
+                if k == "vocab_size":
+                    out.append((path, v))
+                else:
+                    stack.append((v, path))
+    return sorted(out, key=lambda x: x[0])
 
 
 def _check_shapes(root: Path, manifest: ExportManifest) -> list[str]:
@@ -246,11 +328,9 @@ def _check_shapes(root: Path, manifest: ExportManifest) -> list[str]:
     # a scalar (shape [], one element: a BatchNorm's num_batches_tracked) is not empty
     problems = [f"empty tensor {n}: shape {t.get('shape')} has no elements"
                 for n, t in sorted(manifest.tensors.items()) if 0 in t.get("shape", [0])]
-    cfg_path = root / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    except json.JSONDecodeError as e:
-        return problems + [f"corrupt config.json: {e}"]
+    cfg, problem = _json_of(root, "config.json") if os.path.lexists(root / "config.json") else ({}, None)
+    if problem:
+        return problems + [problem]
     vocab = _vocab_sizes(cfg)
     problems += [f"config.json {where} is {v!r}: a model with no vocabulary" for where, v in vocab
                  if not isinstance(v, int) or v <= 0]

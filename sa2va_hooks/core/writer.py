@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .fingerprint import tensor_bytes
+from .manifest import NotRegularFileError, file_kind, is_regular_file  # noqa: F401 - is_regular_file for export
 
 # safetensors' dtype names (the format's spec)
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -115,20 +116,6 @@ def plan_shard_groups(groups: Sequence[Sequence[TensorSlot]], max_shard_size: in
     return ShardPlan([(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(parts)])
 
 
-class NotRegularFileError(OSError):
-    """A path that should be a plain file is a symlink, a directory, a FIFO, a socket or a device."""
-
-
-def file_kind(mode: int) -> str:
-    """What ``lstat`` says a path is, in words (for messages)."""
-    for test, kind in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
 def link_shard(src: Path, dst: Path) -> None:
     """Hard-link the previous snapshot's shard ``src`` to ``dst``. Raises :class:`OSError` (with the
     errno and the file) whenever that cannot be done, whatever the reason: no link support (EXDEV,
@@ -141,29 +128,19 @@ def link_shard(src: Path, dst: Path) -> None:
     swap between the two is caught too)."""
     mode = os.lstat(src).st_mode
     if not stat.S_ISREG(mode):
-        raise NotRegularFileError(errno.EINVAL, f"{file_kind(mode)}, not a regular file: never hard-linked", str(src))
+        raise NotRegularFileError(src, file_kind(mode), ": never hard-linked")
     os.link(src, dst, follow_symlinks=False)
     mode = os.lstat(dst).st_mode
     if not stat.S_ISREG(mode):
         os.unlink(dst)
-        raise NotRegularFileError(errno.EINVAL, f"became {file_kind(mode)} while it was linked: never hard-linked",
-                                  str(src))
-
-
-def is_regular_file(path: Path) -> bool:
-    """True when ``path`` itself (not what a symlink points to) is a regular file; False when it is
-    anything else or cannot be examined. Checked before a file that came from elsewhere is opened:
-    opening a FIFO blocks forever."""
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
+        raise NotRegularFileError(src, f"now {file_kind(mode)} (swapped while it was linked)", ": never hard-linked")
 
 
 def os_error_words(e: OSError) -> str:
     """``ENOSYS (Function not implemented)``: the errno's name and its text, for a log line."""
-    name = errno.errorcode.get(e.errno, f"errno {e.errno}") if e.errno is not None else type(e).__name__
-    return f"{name} ({e.strerror or e})"
+    if e.errno is None:
+        return str(e)
+    return f"{errno.errorcode.get(e.errno, f'errno {e.errno}')} ({e.strerror or e})"
 
 
 def fsync_path(path: Path) -> None:
@@ -290,12 +267,16 @@ class ShardWriter:
             self._f.close()
 
     def abort(self) -> None:
-        """Stop writing (the staging directory is removed by the caller); never raises."""
-        try:
-            self._flusher.close()
-        except OSError:
-            pass
-        self._f.close()
+        """Stop writing (the staging directory is removed by the caller); never raises. Closing
+        flushes Python's write buffer first, and on a full disk (ENOSPC) or past a file-size limit
+        (EFBIG) that flush fails again: the error is already being reported, and the descriptor is
+        closed anyway (``BufferedWriter.close`` closes the raw file after a failed flush). Raising
+        here would skip the caller's agreement with the other ranks and leave them waiting."""
+        for close in (self._flusher.close, self._f.close):
+            try:
+                close()
+            except (OSError, ValueError):
+                pass
 
 
 def write_shard(path: Path, slots: Sequence[TensorSlot], produce: Callable[[TensorSlot], torch.Tensor]) -> int:
