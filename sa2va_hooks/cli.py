@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections import Counter
 import sys
 import traceback
@@ -152,7 +153,8 @@ def _fingerprint_checkpoint(path: Path, allow_pickle: bool) -> dict:
 
 
 def _fingerprint_sidecar(path: Path) -> dict:
-    rec = json.loads(path.read_text())
+    from .offline.checkpoint_io import read_sidecar
+    rec = read_sidecar(path)  # a clear error (exit 2) for a FIFO, invalid JSON or another JSON file
     fps = FingerprintSet.from_json(rec["trained"])
     return {"kind": "sidecar", "path": str(path), "tensors": len(fps.tensors), "bytes": fps.nbytes,
             "root": fps.root, "consistent": root_digest(fps.tensors) == fps.root,
@@ -161,8 +163,8 @@ def _fingerprint_sidecar(path: Path) -> dict:
 
 def _is_deepspeed_dir(path: Path) -> bool:
     """mmengine + DeepSpeed's iter_N.pth/ (model-states files inside) or DeepSpeed's own layout (a
-    'latest' file naming the tag directory)."""
-    return (path / "latest").is_file() or any(path.glob("*model_states.pt"))
+    'latest' file naming the tag directory; any 'latest', even a symlink, so that the loader's checks refuse it)."""
+    return os.path.lexists(path / "latest") or any(path.glob("*model_states.pt"))
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:

@@ -25,6 +25,8 @@ and then runs xtuner's own train module.
 """
 from __future__ import annotations
 
+import pickle
+
 import torch
 
 try:
@@ -84,25 +86,65 @@ def mmengine_checkpoint_safe_globals() -> list:
     until these are allowed (``get_unsafe_globals_in_checkpoint`` lists exactly these):
     - ``HistoryBuffer`` (message_hub's logged scalars) and numpy's ``ndarray``/``dtype``/
       ``_reconstruct``/``scalar``, which its buffers hold;
-    - ``builtins.getattr``: HistoryBuffer pickles its statistics methods as
-      ``getattr(buffer, "min")``. Allowing it is safe in the weights_only unpickler because
-      REDUCE only ever calls allowlisted callables: getattr can fetch an attribute of an object
-      the unpickler was already allowed to build, but what it fetches can never be called.
+    - ``builtins.getattr``, NOT the real one: HistoryBuffer pickles its statistics methods as
+      ``getattr(HistoryBuffer, "min")`` (protocol 2 has no other way to name a method), so the
+      name must resolve, but to :func:`checkpoint_getattr`, which only looks up those methods and
+      members of known Enum classes. The real ``getattr`` reaches everything: ``getattr(getattr,
+      "__self__")`` is the builtins module, whose ``eval`` torch's own allowlisted
+      ``_rebuild_from_type_v2`` then calls with the file's arguments (issue 19: such a ``.pth``
+      created a file through ``load_checkpoint``).
     Nothing here can run code from the file.
     """
-    import builtins
-
     import numpy as np
     from mmengine.logging.history_buffer import HistoryBuffer
     multiarray = numpy_multiarray()
     import codecs
-    types = [HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, builtins.getattr]
+    types = [HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar,
+             (checkpoint_getattr, "builtins.getattr")]
     # numpy scalars pickle their bytes through codecs.encode (a pure text-to-bytes function);
     # torch >= 2.5 allows it by default, torch 2.4 does not
     types.append(codecs.encode)
     # numpy 2 pickles dtypes through their concrete classes (np.dtypes.Float64DType, ...)
     types += [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
     return types + deepspeed_checkpoint_safe_globals()
+
+
+class RefusedGetattrError(pickle.UnpicklingError):
+    """A checkpoint's pickle asked ``getattr`` for something outside :func:`checkpoint_getattr`'s list."""
+
+
+# Enum classes whose members a checkpoint may name through getattr (Python pickles an Enum member
+# as ``getattr(EnumClass, "NAME")`` in some versions); filled by :func:`allow_checkpoint_enum`.
+_CHECKPOINT_ENUMS: set = set()
+# HistoryBuffer's own statistics methods, the ones mmengine registers in every buffer
+_HISTORY_BUFFER_METHODS = ("min", "max", "current", "mean")
+
+
+def allow_checkpoint_enum(cls) -> None:
+    """Let :func:`checkpoint_getattr` resolve the members of the Enum class ``cls``."""
+    import enum
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
+        raise TypeError(f"{cls!r} is not an Enum class; only Enum members may be named through getattr")
+    _CHECKPOINT_ENUMS.add(cls)
+
+
+def checkpoint_getattr(obj, name):
+    """What ``builtins.getattr`` means inside a checkpoint we load: a member of an allowed Enum
+    class, or one of HistoryBuffer's statistics methods, looked up in the class's own dict (no
+    descriptor, no ``__getattr__`` runs). Anything else raises :class:`RefusedGetattrError`:
+    a generic getattr walks from any allowed object to ``__globals__``, ``__builtins__`` and
+    ``eval``. The message names the type and attribute only, never the object's content."""
+    if isinstance(obj, type) and isinstance(name, str):
+        if obj in _CHECKPOINT_ENUMS and name in obj.__members__:
+            return obj.__members__[name]
+        if (name in _HISTORY_BUFFER_METHODS and obj.__name__ == "HistoryBuffer"
+                and obj.__module__ == "mmengine.logging.history_buffer"):
+            return vars(obj)[name]
+    what = getattr(type(obj), "__qualname__", "?") if not isinstance(obj, type) else f"class {obj.__qualname__}"
+    raise RefusedGetattrError(
+        f"the pickle asks for attribute {str(name)[:60]!r} of a {what} through getattr; a checkpoint may only name "
+        "members of known Enum classes and HistoryBuffer's statistics methods that way, so this file was refused "
+        "(a generic getattr can reach any function, eval included)")
 
 
 def deepspeed_checkpoint_safe_globals() -> list:
@@ -119,6 +161,7 @@ def deepspeed_checkpoint_safe_globals() -> list:
         from deepspeed.utils.tensor_fragment import fragment_address
     except ImportError:  # DeepSpeed is optional
         return types
+    allow_checkpoint_enum(ZeroStageEnum)
     return types + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
@@ -139,42 +182,56 @@ def unsafe_globals_in_checkpoint(path: str) -> list[str]:
     """The globals a torch checkpoint file references beyond what ``torch.load(weights_only=True)``
     allows, listed without running anything from it. torch >= 2.5 has this as
     ``torch.serialization.get_unsafe_globals_in_checkpoint``; for torch 2.4 the pickle's opcodes
-    are read here the same way (GLOBAL, and STACK_GLOBAL with its two strings from the stack or memo).
+    are read here the same way (:func:`checkpoint_globals`).
     Raises ``ValueError`` for a file that is not a torch zip checkpoint."""
     own = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
     if own is not None:
         return own(path)
+    from torch import _weights_only_unpickler as wu
+    allowed = set(wu._get_allowed_globals()) | set(wu._get_user_allowed_globals())
+    return sorted(g for g in checkpoint_globals(path) if g not in allowed)
+
+
+def checkpoint_globals(path: str) -> set[str]:
+    """Every global (``module.name``) the pickle of a torch zip checkpoint references, read from its
+    opcodes (GLOBAL, and STACK_GLOBAL with its two strings from the stack or memo) without
+    unpickling anything; one that this reader cannot name is listed as
+    ``<a global this reader cannot name>``. Only the archive's ``data.pkl`` is read, not its tensors.
+    Raises ``ValueError`` for a file that is not a torch zip checkpoint."""
     import pickletools
     import zipfile
-
-    from torch import _weights_only_unpickler as wu
     try:
         with zipfile.ZipFile(path) as z:
             pkl = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
             data = z.read(pkl)
     except (zipfile.BadZipFile, StopIteration) as e:
         raise ValueError(f"{path} is not a torch zip checkpoint ({e})") from e
-    allowed = set(wu._get_allowed_globals()) | set(wu._get_user_allowed_globals())
-    found, pushed, memo = [], [], {}  # pushed: the values of the last push ops (None: not a string)
-    for op, arg, _ in pickletools.genops(data):
-        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-            pushed.append(arg)
-        elif op.name == "MEMOIZE":
-            memo[len(memo)] = pushed[-1] if pushed else None
-        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[arg] = pushed[-1] if pushed else None
-        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
-            pushed.append(memo.get(arg))
-        elif op.name == "GLOBAL":
-            found.append(_py3_global(*arg.split(" ", 1)))
-            pushed.append(None)
-        elif op.name == "STACK_GLOBAL":
-            if len(pushed) >= 2 and isinstance(pushed[-2], str) and isinstance(pushed[-1], str):
-                found.append(_py3_global(pushed[-2], pushed[-1]))
+    found, pushed, memo = set(), [], {}  # pushed: the values of the last push ops (None: not a string)
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                pushed.append(arg)
+            elif op.name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = pushed[-1] if pushed else None
+            elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed.append(memo.get(arg))
+            elif op.name == "GLOBAL":
+                found.add(_py3_global(*arg.split(" ", 1)))
+                pushed.append(None)
+            elif op.name == "STACK_GLOBAL":
+                if len(pushed) >= 2 and isinstance(pushed[-2], str) and isinstance(pushed[-1], str):
+                    found.add(_py3_global(pushed[-2], pushed[-1]))
+                else:
+                    found.add("<a global this reader cannot name>")
+                pushed.append(None)
+            elif op.name in ("EXT1", "EXT2", "EXT4", "INST", "OBJ"):  # names a class another way
+                found.add(f"<a class named by opcode {op.name}>")
+                pushed.append(None)
             else:
-                found.append("<a global this reader cannot name>")
-            pushed.append(None)
-        else:
-            pushed.append(None)
-        del pushed[:-2]
-    return sorted({g for g in found if g not in allowed})
+                pushed.append(None)
+            del pushed[:-2]
+    except ValueError as e:  # pickletools: a truncated or malformed opcode stream
+        raise ValueError(f"{path} holds a malformed pickle ({e})") from e
+    return found

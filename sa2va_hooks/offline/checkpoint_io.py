@@ -1,13 +1,17 @@
 """Reading training checkpoints safely, and what the hooks recorded in them.
 
-Safe by default: ``torch.load(weights_only=True)`` with exactly the types mmengine checkpoints
-need (see ``compat.mmengine_checkpoint_safe_globals``). A file that needs anything else is
-refused before any of it runs; ``allow_pickle=True`` is the explicit, logged opt-in.
+Safe by default: a ``.pth`` file through ``torch.load(weights_only=True)`` with exactly the types
+mmengine checkpoints need (see ``compat.mmengine_checkpoint_safe_globals``; its ``getattr`` is a
+guarded one); a DeepSpeed directory through our own restricted unpickler and consolidation
+(``zero_checkpoint``). A file that needs anything else is refused before any of it runs;
+``allow_pickle=True`` is the explicit, logged opt-in. Only regular files are opened (a FIFO would
+block forever), and nothing outside a DeepSpeed directory is followed from inside it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -17,14 +21,12 @@ import torch
 from ..compat import allow_mmengine_checkpoint_globals, unsafe_globals_in_checkpoint
 from ..core.fingerprint import Fingerprint, FingerprintSet
 from ..records import BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY
+from .zero_checkpoint import (NotRegularFileError, UnsafeCheckpointError, ZeroCheckpointError,  # noqa: F401
+                              consolidate, regular_file, resolve_tag_dir)
 
 SIDECAR_SUFFIX = ".fingerprints.json"
 # 0.19 removed deepspeed.runtime.fp16.onebit, which mmengine 0.10.x imports: training breaks
 DEEPSPEED_REQUIREMENT = "deepspeed>=0.18.9,<0.19"
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """The checkpoint needs arbitrary code to unpickle; it was not loaded."""
 
 
 def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
@@ -32,6 +34,8 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
     path = Path(path)
     if path.is_dir():
         return load_deepspeed_dir(path, allow_pickle=allow_pickle, log=log)
+    if os.path.lexists(path):
+        regular_file(path, what="checkpoint")  # a FIFO would block the first read forever
     if not path.is_file():
         sidecar = Path(str(path).rstrip("/") + SIDECAR_SUFFIX)
         if sidecar.is_file():
@@ -52,7 +56,7 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
-            f"checkpoint {path} needs types outside the safe list to load ({_unsafe_globals(path)}); nothing in it "
+            f"checkpoint {path} needs types outside the safe list to load ({_unsafe_globals(path, e)}); nothing in it "
             "was run. If you trust the file, pass --allow-pickle (the bypass is recorded in the manifest).") from e
 
 
@@ -124,85 +128,37 @@ def _check_checkpoint_file(path: Path) -> None:
                                   f"{head.hex(' ')}, neither a zip archive nor a pickle): is it the right file?")
 
 
-def _unsafe_globals(path: Path) -> str:
+def _unsafe_globals(path: Path, error: Exception) -> str:
+    """What made torch's weights_only loader refuse ``path``: the globals outside its list, or, when
+    all are listed, the argument our ``getattr`` refused (torch puts it after 'WeightsUnpickler error:')."""
     try:
         names = unsafe_globals_in_checkpoint(str(path))
     except (RuntimeError, ValueError, pickle.UnpicklingError, OSError) as e:
         return f"could not list them: {e}"
-    return ", ".join(names) or "none listed"
-
-
-# What the pickles of an mmengine + DeepSpeed checkpoint directory may reference (besides torch's
-# own tensor rebuilders): mmengine's message_hub and config types, numpy arrays and DeepSpeed's
-# own optimizer bookkeeping. DeepSpeed's consolidation unpickles these files fully, so every
-# file is checked against this list first, without running anything from it.
-_DEEPSPEED_DIR_GLOBALS = {
-    "mmengine.logging.history_buffer.HistoryBuffer", "mmengine.config.config.ConfigDict",
-    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray.scalar",
-    "numpy.core.multiarray.scalar", "numpy.dtype", "numpy.ndarray", "builtins.getattr", "builtins.set",
-    "collections.OrderedDict", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-}
-
-
-def _check_pickles(tag_dir: Path, allow_pickle: bool, log: Callable[[str], None]) -> None:
-    """Refuse a DeepSpeed directory whose files reference anything outside the known list, before
-    DeepSpeed's own loader (which uses full pickle) touches them."""
-    if allow_pickle:
-        log(f"WARNING: --allow-pickle: the files of {tag_dir} are loaded with full pickle; code inside them can run. "
-            "This is recorded in the export manifest.")
-        return
-    for f in sorted(tag_dir.glob("*.pt")):
-        try:
-            names = unsafe_globals_in_checkpoint(str(f))
-        except (RuntimeError, ValueError, pickle.UnpicklingError, OSError) as e:
-            raise UnsafeCheckpointError(f"cannot inspect {f} before loading it ({e}); it is not a readable torch "
-                                        "checkpoint file. Nothing in it was run.") from e
-        unknown = sorted(set(names) - _DEEPSPEED_DIR_GLOBALS)
-        if unknown:
-            raise UnsafeCheckpointError(
-                f"{f} needs types outside the safe list to load ({', '.join(unknown)}); nothing in it was run. If you "
-                "trust the directory, pass --allow-pickle (the bypass is recorded in the manifest).")
-
-
-def _model_states_file(tag_dir: Path) -> Path:
-    """ZeRO-1/2 write ``mp_rank_00_model_states.pt``; ZeRO-3 one ``zero_pp_rank_{r}_mp_rank_00_model_states.pt``
-    per rank, each holding the same client state (mmengine's meta and message_hub)."""
-    for pattern in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (tag_dir / pattern).is_file():
-            return tag_dir / pattern
-    found = sorted(p.name for p in tag_dir.glob("*model_states.pt"))
-    raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model-states file (mp_rank_00_model_states.pt or "
-                            f"zero_pp_rank_0_mp_rank_00_model_states.pt); found {found or 'none'}. Pass the iter_N.pth "
-                            "directory that mmengine + DeepSpeed wrote.")
+    if names:
+        return ", ".join(names)
+    said = str(error).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    return said[0][:400] if said else "none listed"
 
 
 def load_deepspeed_dir(path: Path, *, allow_pickle: bool = False, log: Callable[[str], None] = print) -> dict:
     """A DeepSpeed checkpoint directory as mmengine's DeepSpeedStrategy writes it (``iter_N.pth/``,
-    saved with ``tag=iter_N.pth`` and no ``latest`` file), consolidated to fp32 by DeepSpeed's own
-    utility, with mmengine's ``meta`` and ``message_hub`` from its model-states file."""
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError as e:
-        raise ImportError(f"{path} is a directory, i.e. a DeepSpeed checkpoint; consolidating it needs DeepSpeed's "
-                          f"own zero_to_fp32 utility. Install it with `pip install '{DEEPSPEED_REQUIREMENT}'` (or "
-                          "`pip install -e .[deepspeed]`) and run again.") from e
-    path = path.resolve()
-    if (path / "latest").is_file():  # DeepSpeed's own layout: a parent dir with 'latest' naming the tag
-        tag_dir = path / (path / "latest").read_text().strip()
-    else:  # mmengine's layout: the directory is the tag
-        tag_dir = path
-    states = _model_states_file(tag_dir)
-    _check_pickles(tag_dir, allow_pickle, log)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    extra = torch.load(states, map_location="cpu", weights_only=False)  # its globals were checked above
+    saved with ``tag=iter_N.pth`` and no ``latest`` file) or as DeepSpeed does (``latest`` naming the
+    tag directory), consolidated to fp32 by our own reader (``zero_checkpoint``: DeepSpeed's
+    ``zero_to_fp32`` unpickles with full pickle), with mmengine's ``meta`` and ``message_hub`` from
+    its rank-0 model-states file. DeepSpeed itself is not needed."""
+    root = path.resolve()
+    tag_dir = resolve_tag_dir(root)
+    if allow_pickle:
+        log(f"WARNING: --allow-pickle: the files of {tag_dir} are loaded with full pickle; code inside them can run. "
+            "This is recorded in the export manifest.")
+    state, extra = consolidate(tag_dir, allow_pickle=allow_pickle, log=log)
     out: dict[str, Any] = {"state_dict": state}
     out.update({k: extra[k] for k in ("meta", "message_hub") if k in extra})
     missing = [k for k in ("meta", "message_hub") if k not in extra]
     if missing:
-        log(f"WARNING: {states.name} holds no {' or '.join(missing)}: this DeepSpeed checkpoint was not written by "
-            "mmengine's DeepSpeedStrategy, so the run's seed and recorded fingerprints are unknown")
+        log(f"WARNING: the model-states file of {tag_dir} holds no {' or '.join(missing)}: this DeepSpeed checkpoint "
+            "was not written by mmengine's DeepSpeedStrategy, so the run's seed and recorded fingerprints are unknown")
     return out
 
 
@@ -239,11 +195,39 @@ def recorded_fingerprints(ckpt: Mapping[str, Any], path: str | Path) -> Recorded
     if record is None and hub_record is not None and hub_record.get("iter") == meta.get("iter"):
         record, source = hub_record, "checkpoint message_hub"
     sidecar = Path(str(path).rstrip("/") + SIDECAR_SUFFIX)
-    if record is None and sidecar.is_file():
-        record, source = json.loads(sidecar.read_text()), f"sidecar {sidecar}"
+    if record is None and os.path.lexists(sidecar):
+        record, source = read_sidecar(sidecar), f"sidecar {sidecar}"
     baseline = info.get(BASELINE_KEY)
     baseline = {k: Fingerprint.from_json(v) for k, v in baseline.items()} if baseline else None
     if record is None:
         return Recorded(None, info.get(FROZEN_ROOT_KEY), baseline, "none", meta.get("iter"), meta.get("epoch"))
     return Recorded(FingerprintSet.from_json(record["trained"]), record.get("frozen_root") or info.get(FROZEN_ROOT_KEY),
                     baseline, source, record.get("iter", meta.get("iter")), record.get("epoch", meta.get("epoch")))
+
+
+class SidecarFormatError(ValueError):
+    """A file given or found as a fingerprint sidecar is not one."""
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """The record of FingerprintHook's sidecar ``<checkpoint>.fingerprints.json``: a JSON object with
+    ``trained`` (``{"root", "count", "tensors"}``) and ``checkpoint``. A regular file only (a FIFO
+    would block the read forever); an error names the file and what was expected, never its content."""
+    path = Path(path)
+    regular_file(path, what="fingerprint sidecar")
+    expected = ("FingerprintHook writes a JSON object with 'checkpoint' and 'trained' (root, count and the tensors' "
+                "fingerprints) beside each checkpoint, as <checkpoint>.fingerprints.json")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SidecarFormatError(f"{path} is not a fingerprint sidecar: it is not UTF-8 text. {expected}.") from e
+    except json.JSONDecodeError as e:
+        raise SidecarFormatError(f"{path} is not a fingerprint sidecar: it is not valid JSON ({e.msg} at line "
+                                 f"{e.lineno} column {e.colno}). {expected}. Was it truncated, or is it another "
+                                 "file?") from e
+    trained = record.get("trained") if isinstance(record, dict) else None
+    if not (isinstance(trained, dict) and isinstance(trained.get("tensors"), dict) and "root" in trained):
+        got = (f"a JSON object with keys {sorted(record)[:10]}" if isinstance(record, dict)
+               else f"JSON of type {type(record).__name__}")
+        raise SidecarFormatError(f"{path} is not a fingerprint sidecar: it holds {got}. {expected}.")
+    return record
