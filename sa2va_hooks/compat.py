@@ -137,9 +137,10 @@ def checkpoint_getattr(obj, name):
     if isinstance(obj, type) and isinstance(name, str):
         if obj in _CHECKPOINT_ENUMS and name in obj.__members__:
             return obj.__members__[name]
-        if (name in _HISTORY_BUFFER_METHODS and obj.__name__ == "HistoryBuffer"
-                and obj.__module__ == "mmengine.logging.history_buffer"):
-            return vars(obj)[name]
+        if name in _HISTORY_BUFFER_METHODS:
+            from mmengine.logging.history_buffer import HistoryBuffer
+            if obj is HistoryBuffer:
+                return vars(obj)[name]
     what = getattr(type(obj), "__qualname__", "?") if not isinstance(obj, type) else f"class {obj.__qualname__}"
     raise RefusedGetattrError(
         f"the pickle asks for attribute {str(name)[:60]!r} of a {what} through getattr; a checkpoint may only name "

@@ -230,8 +230,12 @@ def test_fingerprint_command_on_checkpoint_sidecar_and_snapshot(trained_run, cap
     assert snap["root"] == ExportManifest.load(work / "hf" / "iter_6").root_digest
 
 
-def test_deepspeed_directory_without_deepspeed_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", None)  # as if DeepSpeed were absent
+def test_a_deepspeed_directory_without_its_files_says_what_it_lacks(tmp_path, monkeypatch):
+    """Reading a DeepSpeed directory needs no DeepSpeed (issue 19: our own consolidation); an empty one
+    is named, with what it should hold."""
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if DeepSpeed were absent
     (tmp_path / "iter_6.pth").mkdir()
-    with pytest.raises(ImportError, match=r"DeepSpeed checkpoint.*pip install 'deepspeed>=0\.18\.9,<0\.19'"):
+    with pytest.raises(ValueError, match=r"iter_6\.pth holds no DeepSpeed optimizer files .*found no \*\.pt file.*"
+                                         r"pass a complete ZeRO checkpoint directory"):
         export_checkpoint(DEMO_CONFIG, tmp_path / "iter_6.pth", tmp_path / "off", log=lambda m: None)
+    assert not (tmp_path / "off").exists()
