@@ -152,7 +152,7 @@ def load_deepspeed_dir(path: Path, *, allow_pickle: bool = False, log: Callable[
     if allow_pickle:
         log(f"WARNING: --allow-pickle: the files of {tag_dir} are loaded with full pickle; code inside them can run. "
             "This is recorded in the export manifest.")
-    state, extra = consolidate(tag_dir, allow_pickle=allow_pickle, log=log)
+    state, extra = consolidate(tag_dir, allow_pickle=allow_pickle)
     out: dict[str, Any] = {"state_dict": state}
     out.update({k: extra[k] for k in ("meta", "message_hub") if k in extra})
     missing = [k for k in ("meta", "message_hub") if k not in extra]

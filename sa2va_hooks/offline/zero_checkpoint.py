@@ -52,7 +52,7 @@ import stat
 import types
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -380,8 +380,7 @@ def zero_files(tag_dir: Path) -> tuple[list[Path], list[Path]]:
     return list(optim.values()), models
 
 
-def consolidate(tag_dir: Path, *, allow_pickle: bool = False,
-                log: Callable[[str], None] = print) -> tuple[OrderedDict, dict]:
+def consolidate(tag_dir: Path, *, allow_pickle: bool = False) -> tuple[OrderedDict, dict]:
     """The fp32 state dict of a ZeRO-1/2/3 checkpoint, and the rank-0 model-states dict (whose
     client state holds mmengine's ``meta`` and ``message_hub``). Every file is checked (regular,
     inside, allowed globals) before the first one is unpickled."""
