@@ -86,10 +86,10 @@ def test_when_busy_skip_skips_and_says_so_wait_exports_every_checkpoint(tiny_bas
             raise TimeoutError(f"nobody waited for the export to {self.out_dir}")
         return real_run(self)
 
-    def noting_wait(bg, runner, why):
+    def noting_wait(bg, runner, why, timeout=None):
         if bg.busy:
             event(bg.job.out_dir).set()
-        return real_wait(bg, runner, why)
+        return real_wait(bg, runner, why, timeout)
 
     ex.ExportTask._run, BackgroundExports.wait = held_run, noting_wait
     try:
@@ -137,23 +137,42 @@ train_tiny(sys.argv[1], sys.argv[2], max_iters=60, save_interval=1,
 """
 
 
+def _published(work: Path) -> list[Path]:
+    hf = work / "hf"
+    return [p for p in hf.iterdir() if "." not in p.name] if hf.is_dir() else []
+
+
+def _staging(work: Path) -> list[Path]:
+    hf = work / "hf"
+    return [p for p in hf.iterdir() if ".incomplete-" in p.name] if hf.is_dir() else []
+
+
+# kill points, each a state of the run: after its first publish; while an export is staged (after a
+# publish, so the kill lands mid-export with a published snapshot beside it); after three publishes
+_KILL_AT = (lambda w: len(_published(w)) >= 1,
+            lambda w: len(_published(w)) >= 1 and bool(_staging(w)),
+            lambda w: max((int(p.name.split("_")[1]) for p in _published(w)), default=0) >= 3)
+
+
 def test_a_kill_during_background_exports_leaves_no_torn_snapshot(tiny_base, tmp_path):
-    """SIGKILL at several moments while exports run in the background (one per iteration): every
-    final name verifies; the next start removes the leftovers and says so."""
-    for n, delay in enumerate((0.5, 1.3, 2.1)):
+    """SIGKILL at several states of a run exporting in the background (one export per iteration):
+    every final name verifies; the next start removes the leftovers and says so. The test waits for
+    each state (polling), never for a fixed delay."""
+    for n, reached in enumerate(_KILL_AT):
         work = tmp_path / f"run{n}"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(work), str(tiny_base)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # the state first (a published snapshot: a final name, not a staging one), then a kill at a
-        # varying point after it; the clock only varies the kill point, it decides no result
-        deadline = time.time() + 600
-        while time.time() < deadline and not [p for p in (work / "hf").glob("iter_*") if "." not in p.name]:
-            time.sleep(0.05)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        final = [p for p in (work / "hf").iterdir() if "." not in p.name]
+        err = tmp_path / f"run{n}.stderr"
+        with open(err, "wb") as stderr:
+            proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(work), str(tiny_base)], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
+            try:
+                while not reached(work):
+                    assert proc.poll() is None, f"the run ended before the kill point: {err.read_text()[-3000:]}"
+                    time.sleep(0.01)
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+        final = _published(work)
         assert final, "no export was published before the kill"
         for snap in final:
             assert verify_snapshot(snap) == [], snap

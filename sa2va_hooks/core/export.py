@@ -23,7 +23,6 @@ import shutil
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
@@ -43,6 +42,7 @@ from .dist import RankFailedError, RankFailure, RankGroup, agree, describe
 from .sharding import (ShardedTensorError, UnsupportedShardingError, check_full, gathered, is_partitioned,
                             iter_whole_parameters, logical_shape, needs_gather, refuse_unsupported_sharding)
 from .snapshot import Capture, ModelChangedError, SnapshotBuffers, live, substituted
+from .workers import Workers
 from .writer import (ShardPlan, ShardWriter, TensorSlot, assign_shards, check_free_space, file_entries, is_regular_file,
                           link_shard, os_error_words, plan_shard_groups, publish, safetensors_header, staging_dir_for,
                           write_index, write_json)
@@ -320,7 +320,8 @@ class ExportTask:
                  group: RankGroup | None = None, link_from: str | Path | None = None,
                  capture: Capture | None = None) -> None:
         self.model, self.out_dir = model, Path(out_dir)
-        self.group = group or RankGroup.current()
+        # first, before anything can raise: every rank opens the same session, in the same order
+        self.group = (group or RankGroup.current()).session(self.out_dir.name)
         self.dt = parse_dtype(dtype)
         self.conv = converter
         refuse_unsupported_sharding(model)
@@ -391,26 +392,28 @@ class ExportTask:
             trained, staging, work, queue = self._front
             try:
                 error = work.consume(staging, queue, self.readback)
-            except BaseException:
-                if group.is_main:
-                    shutil.rmtree(staging, ignore_errors=True)
-                raise
+            except Exception as e:  # noqa: BLE001 - taken to the agreement: no rank may skip it
+                error = e
             return self._conclude(trained, staging, work, error)
         trained = self.trained if self.trained is not None else trained_fingerprints(self.model, group)
         previous = _Previous.load(self.link_from)
         staging = _open_staging(out_dir, self.plan, group)
+        work = None
         try:
             work = _RankWork(self.model, self.export_plan.entries, self.plan, self.dt, trained, self.baseline, group,
                              self.progress, previous)
             error = work.run(staging, self.readback)
-        except BaseException:
-            if group.is_main:
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
+        except Exception as e:  # noqa: BLE001 - taken to the agreement: no rank may skip it
+            error = e
+            if work is not None:
+                work.close()
         return self._conclude(trained, staging, work, error)
 
-    def _conclude(self, trained, staging: Path, work: "_RankWork", error: BaseException | None) -> ExportManifest:
-        """Every rank: agree on success, then rank 0 finishes and publishes."""
+    def _conclude(self, trained, staging: Path, work: "_RankWork | None", error: BaseException | None
+                  ) -> ExportManifest:
+        """Every rank: agree on success, then rank 0 finishes, publishes and tells the others. That
+        last step is one-way: once rank 0 has published it reports success whatever became of the
+        other ranks since they sent their records (it never waits for them again)."""
         group, out_dir = self.group, self.out_dir
         try:
             if error is None:
@@ -419,14 +422,18 @@ class ExportTask:
             parts = group.all_gather((work.tensors, work.effect, work.storage()))
             provenance = {"background": self.capture.background, **self.provenance, "ranks": group.world,
                           "shard_writers": {f: work.owners[f] for f, _ in self.plan.files}}
-            manifest_json, failure = None, None
+            result = None
             if group.is_main:
                 try:
-                    manifest_json = self._finish(parts, staging, trained, provenance).to_json()
+                    result = ("published", self._finish(parts, staging, trained, provenance).to_json())
                 except Exception as e:  # noqa: BLE001 - every rank must learn of it, below
-                    failure = e
-            agree(group, failure, f"publishing {out_dir}")
-            return ExportManifest.from_json(group.broadcast(manifest_json))
+                    if group.world == 1:
+                        raise
+                    result = ("failed", describe(e))
+            status, payload = group.broadcast(result)
+            if status != "published":
+                raise RankFailedError([RankFailure(0, payload)], f"publishing {out_dir}")
+            return ExportManifest.from_json(payload)
         except BaseException:
             if group.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -455,6 +462,7 @@ class ExportTask:
         write_json(staging / MANIFEST_FILE, manifest.to_json())
         _verify_staged(staging, self.out_dir)
         self.capture.check_unchanged("the export")
+        self.group.raise_if_abandoned()  # a rank that gave up has logged a failure: do not contradict it
         publish(staging, self.out_dir, overwrite=self.overwrite)
         return manifest
 
@@ -726,7 +734,7 @@ class _RankWork:
         self.written = self.linked = 0
         self.linked_from: dict[str, str] = {}
         self._link_errors: set = set()  # errnos already logged by _link_failed
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sa2va_hooks-hash")
+        self._hasher = Workers(1, "sa2va_hooks-hash")
         self._pending: tuple | None = None
 
     def storage(self) -> dict:
@@ -750,11 +758,19 @@ class _RankWork:
             error = self._write(staging, fname, slots, own, error)
             if own and error is None:
                 mine.append(fname)
-        self.bar.close()
+        self.close()
+        return self._read_back(staging, mine, error, readback)
+
+    def close(self) -> None:
+        """Release the helper thread and the staging buffer; never raises (cleanup must not keep
+        a rank from the agreement that follows)."""
         self._drain()
         self._hasher.shutdown()
-        self.stager.close()
-        return self._read_back(staging, mine, error, readback)
+        for close in (self.bar.close, self.stager.close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - see above; the export's own error is what gets reported
+                logging.getLogger("sa2va_hooks").debug("cleanup after an export failed", exc_info=True)
 
     def _read_back(self, staging: Path, mine: list[str], error: BaseException | None,
                    readback: bool) -> BaseException | None:
@@ -933,8 +949,7 @@ class _RankWork:
                     writer = None
             finally:
                 queue.release(slot.nbytes)
-        self.bar.close()
-        self._hasher.shutdown()
+        self.close()
         return self._read_back(staging, mine, error or queue.error, readback)
 
     def _drain(self) -> None:

@@ -18,7 +18,6 @@ import contextlib
 import contextvars
 import dataclasses
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Mapping
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from .fingerprint import Fingerprint, digest_tensor, dtype_name, tensor_stats, tensor_stats_pending
 from .sharding import UnsupportedShardingError, clean_name, iter_whole_parameters, needs_gather
+from .workers import Workers
 
 _SUBSTITUTE: contextvars.ContextVar[Mapping[int, torch.Tensor] | None] = contextvars.ContextVar(
     "sa2va_hooks_substitute", default=None)
@@ -242,5 +242,5 @@ def fingerprint_capture(capture: Capture, workers: int | None = None) -> dict[st
 
     if not names:
         return {}
-    with ThreadPoolExecutor(max_workers=min(len(names), workers or min(8, os.cpu_count() or 1))) as pool:
+    with Workers(min(len(names), workers or min(8, os.cpu_count() or 1)), "sa2va_hooks-fingerprint") as pool:
         return dict(zip(names, pool.map(one, names)))

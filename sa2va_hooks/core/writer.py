@@ -267,12 +267,16 @@ class ShardWriter:
             self._f.close()
 
     def abort(self) -> None:
-        """Stop writing (the staging directory is removed by the caller); never raises."""
-        try:
-            self._flusher.close()
-        except OSError:
-            pass
-        self._f.close()
+        """Stop writing (the staging directory is removed by the caller); never raises. Closing
+        flushes Python's write buffer first, and on a full disk (ENOSPC) or past a file-size limit
+        (EFBIG) that flush fails again: the error is already being reported, and the descriptor is
+        closed anyway (``BufferedWriter.close`` closes the raw file after a failed flush). Raising
+        here would skip the caller's agreement with the other ranks and leave them waiting."""
+        for close in (self._flusher.close, self._f.close):
+            try:
+                close()
+            except (OSError, ValueError):
+                pass
 
 
 def write_shard(path: Path, slots: Sequence[TensorSlot], produce: Callable[[TensorSlot], torch.Tensor]) -> int:

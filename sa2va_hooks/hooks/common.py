@@ -13,7 +13,7 @@ from mmengine.model import is_model_wrapper
 from torch import nn
 
 from ..core.fingerprint import Fingerprint
-from ..core.dist import RankGroup
+from ..core.dist import DEFAULT_TIMEOUT_S, RankGroup
 from ..core.sharding import is_fsdp_module
 from ..core.snapshot import Capture, SnapshotBuffers
 from ..export import frozen_root, trained_fingerprints
@@ -185,21 +185,27 @@ class BackgroundExports:
         self.capture_iter: int | None = None
         self.job = None  # ExportJob in flight or finished
         self.group: RankGroup | None = None
+        self.timeout_s = DEFAULT_TIMEOUT_S  # the longest training waits for an export, and a rank for another
 
     @property
     def busy(self) -> bool:
         return self.job is not None and self.job.running
 
-    def wait(self, runner, why: str) -> float:
-        """Wait for the export in flight; returns the seconds waited (logged when noticeable)."""
+    def wait(self, runner, why: str, timeout: float | None = None) -> bool:
+        """Wait for the export in flight, at most ``timeout`` seconds; True when none is running
+        any more. The wait is logged when there was one."""
         if not self.busy:
-            return 0.0
+            return True
         t0 = time.perf_counter()
-        self.job.wait()
+        done = self.job.wait(timeout)
         waited = time.perf_counter() - t0
-        runner.logger.info(f"[sa2va_hooks] waited {waited:.2f}s for the background export to {self.job.out_dir} to "
-                           f"finish ({why})")
-        return waited
+        if done:
+            runner.logger.info(f"[sa2va_hooks] waited {waited:.2f}s for the background export to {self.job.out_dir} "
+                               f"to finish ({why})")
+        else:
+            runner.logger.error(f"[sa2va_hooks] the background export to {self.job.out_dir} is still running after "
+                                f"{waited:.0f}s ({why}); training does not wait longer for it")
+        return done
 
 
 def background_exports(runner) -> BackgroundExports:

@@ -104,7 +104,8 @@ class FingerprintHook(Hook):
             return trained_fingerprints(model)  # collective
         if bg.busy and bg.when_busy == "skip":  # the buffers are in use, and this export will be skipped
             return trained_fingerprints(model, group=_one_process())
-        bg.wait(runner, f"its buffers are needed for the capture at iteration {it}")
+        if not bg.wait(runner, f"its buffers are needed for the capture at iteration {it}", bg.timeout_s):
+            return trained_fingerprints(model, group=_one_process())  # the buffers are still in use
         bg.capture, bg.capture_iter = None, None
         capture = bg.buffers.capture(model, stats=True)
         trained = FingerprintSet.of(fingerprint_capture(capture))

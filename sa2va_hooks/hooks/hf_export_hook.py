@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -24,7 +25,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
 from ..compat import allow_mmengine_checkpoint_globals
-from ..core.dist import RankGroup, agree
+from ..core.dist import DEFAULT_TIMEOUT_S, RankGroup, agree
 from ..core.manifest import MANIFEST_FILE
 from ..core.sharding import needs_gather
 from ..core.writer import clean_leftovers, parse_size, remove_snapshot
@@ -65,14 +66,19 @@ class HFExportHook(Hook):
             gather, in the training thread, can read those parameters.
         when_busy: what a checkpoint does while the previous background export is still
             running: ``"wait"`` for it (then export this one), or ``"skip"`` this export. Logged
-            either way.
+            either way. Training never waits longer than ``timeout_s``: past it this checkpoint's
+            export is skipped, saying which rank's export is still running.
+        timeout_s: the longest a rank's background export waits for another rank at one step
+            (a stuck or dead rank is named, the export abandoned on every rank, nothing
+            published), and the longest training waits for an export in flight. Default 600 s.
     """
 
     priority = "LOWEST"  # after CheckpointHook, so the checkpoint path is known
 
     def __init__(self, out_dir: str | None = None, interval: int | None = None, converter: Any = "auto",
                  dtype: Any = None, max_shard_size: int | str = "5GB", keep_last: int | None = None,
-                 tokenizer: Any = None, background: bool = True, when_busy: str = "wait") -> None:
+                 tokenizer: Any = None, background: bool = True, when_busy: str = "wait",
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         allow_mmengine_checkpoint_globals()  # so that mmengine can resume from our checkpoints
         if interval is not None and interval < 1:
             raise ValueError(f"HFExportHook interval must be a positive number of iterations, got {interval}")
@@ -80,6 +86,9 @@ class HFExportHook(Hook):
             raise ValueError(f"HFExportHook keep_last must be at least 1 (or None to keep all), got {keep_last}")
         if when_busy not in ("wait", "skip"):
             raise ValueError(f"HFExportHook when_busy must be 'wait' or 'skip', got {when_busy!r}")
+        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise ValueError(f"HFExportHook timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        self.timeout_s = float(timeout_s)
         self.background = background
         self.when_busy = when_busy
         self.out_dir = out_dir
@@ -106,6 +115,28 @@ class HFExportHook(Hook):
         if isinstance(self.tokenizer, dict):
             self.tokenizer = build_callable_cfg(self.tokenizer)
         self._converter = self._resolve_converter(runner)
+        self._catch_up_after_resume(runner)
+
+    def _catch_up_after_resume(self, runner) -> None:
+        """A run stopped while an export was in flight (killed, crashed, preempted) left that
+        checkpoint without a snapshot. On resume the model holds exactly the resumed checkpoint's
+        weights, so a missing snapshot of it is exported now (every rank is here); an earlier
+        checkpoint without one is named in the log with the command that exports it."""
+        if self.interval is not None or runner.iter <= 0:
+            return
+        root = Path(self.out_dir) if self.out_dir else Path(runner.work_dir) / "hf"
+        have = {int(m.group(1)) for p in (root.iterdir() if root.is_dir() else ())
+                if (m := _ITER_DIR.match(p.name)) and (p / MANIFEST_FILE).is_file()}
+        if runner.iter not in have:
+            runner.logger.warning(f"[sa2va_hooks] resumed at iteration {runner.iter}, whose checkpoint has no "
+                                  f"snapshot in {root} (its export did not finish before the run stopped): "
+                                  "exporting it now, from the resumed weights")
+            self._export_at(runner, {"iter": runner.iter, "epoch": runner.epoch})
+        newest = max(have, default=-1)
+        for ckpt in _checkpoints_between(runner, newest, runner.iter):
+            runner.logger.warning(
+                f"[sa2va_hooks] checkpoint {ckpt} has no snapshot in {root} (the run stopped before its export "
+                f"finished). Export it with: python tools/export.py CONFIG {ckpt} --out {root / ckpt.stem}")
 
     def _resolve_converter(self, runner):
         """The converter, resolved and checked once, before the first step: a missing hf_code_dir, a
@@ -157,10 +188,11 @@ class HFExportHook(Hook):
         reserve_staging(model, self.dtype)
         bg.enabled = self.background
         bg.when_busy = self.when_busy
+        bg.timeout_s = self.timeout_s
         if not bg.enabled:
             return
         if bg.group is None:
-            bg.group = RankGroup.background()
+            bg.group = RankGroup.background(self.timeout_s)
         if needs_gather(model):
             runner.logger.info("[sa2va_hooks] parameters are partitioned (DeepSpeed ZeRO-3 or FSDP): at each export "
                                "the training thread gathers them (collective) and copies them to the host; the "
@@ -176,7 +208,10 @@ class HFExportHook(Hook):
         """After the last iteration: wait for the export in flight, so the run ends with its
         snapshot published (or its failure logged), and no thread outlives the run."""
         bg = background_exports(runner)
-        bg.wait(runner, "training ended")
+        if not bg.wait(runner, "training ended", bg.timeout_s):
+            runner.logger.error(f"[sa2va_hooks] the process waits for the export to {bg.job.out_dir} at exit (it is "
+                                "not a daemon thread); if it is stopped first, that checkpoint has no snapshot: "
+                                "export it with tools/export.py")
         bg.capture, bg.capture_iter = None, None
 
     # -- the export ---------------------------------------------------------------------------
@@ -196,8 +231,8 @@ class HFExportHook(Hook):
             self._failed(runner, point, out, e)
 
     def _failed(self, runner, point: dict, out: Path, e: BaseException) -> None:
-        runner.logger.error(f"[sa2va_hooks] HF export of iteration {point['iter']} to {out} FAILED; training "
-                            f"continues and earlier snapshots are untouched. Cause: {type(e).__name__}: {e}")
+        runner.logger.error(f"[sa2va_hooks] HF export of iteration {point['iter']} to {out} FAILED; {_training_state()} "
+                            f"and earlier snapshots are untouched. Cause: {type(e).__name__}: {e}")
         runner.logger.debug("".join(traceback.format_exception(e)))
 
     def _arguments(self, runner, point: dict) -> dict:
@@ -221,13 +256,13 @@ class HFExportHook(Hook):
         """Capture now (or take FingerprintHook's capture of this very checkpoint), agree on every
         rank that the capture and the plan succeeded, then let a thread do the rest."""
         bg = background_exports(runner)
+        if self.when_busy == "wait":
+            bg.wait(runner, f"one export at a time; iteration {point['iter']} is due", bg.timeout_s)
         group = RankGroup.current()
-        if self.when_busy == "skip" and any(group.all_gather(bg.busy)):
-            runner.logger.warning(f"[sa2va_hooks] HF export of iteration {point['iter']} SKIPPED: the export to "
-                                  f"{bg.job.out_dir if bg.job else 'an earlier snapshot'} is still running "
-                                  "(HFExportHook(when_busy='skip')).")
+        busy = [r for r, b in enumerate(group.all_gather(bg.busy)) if b]  # collective: all skip, or none
+        if busy:
+            self._skip(runner, point, busy)
             return
-        bg.wait(runner, f"one export at a time; iteration {point['iter']} is due")
         if needs_gather(unwrapped_model(runner)):
             return self._start_gathered(runner, out, point)
         t0 = time.perf_counter()
@@ -249,6 +284,18 @@ class HFExportHook(Hook):
         bg.job = job.start()
         runner.logger.info(f"[sa2va_hooks] export of iter {point['iter']} to {out} started in the background; "
                            f"training paused {paused:.3f}s for it")
+
+    def _skip(self, runner, point: dict, busy: list[int]) -> None:
+        running = background_exports(runner).job
+        where = f"the export to {running.out_dir}" if running is not None and running.running else "an earlier export"
+        ranks = ", ".join(map(str, busy))
+        if self.when_busy == "skip":
+            runner.logger.warning(f"[sa2va_hooks] HF export of iteration {point['iter']} SKIPPED: {where} is still "
+                                  f"running on rank(s) {ranks} (HFExportHook(when_busy='skip')).")
+        else:
+            runner.logger.error(f"[sa2va_hooks] HF export of iteration {point['iter']} SKIPPED: {where} is still "
+                                f"running on rank(s) {ranks} after {self.timeout_s:g}s (HFExportHook(timeout_s=...)); "
+                                "training does not wait longer. Export this checkpoint later with tools/export.py.")
 
     def _start_gathered(self, runner, out: Path, point: dict) -> None:
         """ZeRO-3 / FSDP: the thread that writes starts first; then this (training) thread enters
@@ -278,7 +325,10 @@ class HFExportHook(Hook):
         if job.error is not None:
             self._failed(runner, point, job.out_dir, job.error)
             return
-        self._report(runner, job.out_dir, point, job.manifest, f"in the background in {job.seconds:.2f}s")
+        how = f"in the background in {job.seconds:.2f}s"
+        if not threading.main_thread().is_alive():
+            how += " (training had already ended: the export was finished before the process exits)"
+        self._report(runner, job.out_dir, point, job.manifest, how)
 
     def _report(self, runner, out: Path, point: dict, manifest, how: str) -> None:
         effect = manifest.training_effect
@@ -329,3 +379,24 @@ class HFExportHook(Hook):
         for _, p in snaps[:-self._keep]:
             if p != keep:
                 remove_snapshot(p)
+
+
+def _training_state() -> str:
+    """What training is doing while an export's outcome is logged: an export thread can outlive
+    a crashed or interrupted training loop (it is finished before the process exits)."""
+    if threading.main_thread().is_alive():
+        return "training continues"
+    return "training has already ended (its main thread exited: an exception or an interrupt)"
+
+
+def _checkpoints_between(runner, after: int, before: int) -> list[Path]:
+    """mmengine's ``iter_N.pth`` (a file, or a DeepSpeed directory) in the checkpoint directory
+    with ``after < N < before``."""
+    last = runner.message_hub.get_info("last_ckpt")
+    folder = Path(last).parent if last else Path(runner.work_dir)
+    found = []
+    for p in (folder.iterdir() if folder.is_dir() else ()):
+        m = re.match(r"^iter_(\d+)\.pth$", p.name)
+        if m and after < int(m.group(1)) < before:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
