@@ -10,7 +10,6 @@ import json
 import os
 import stat
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping
 
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from .fingerprint import Fingerprint, compare_fingerprints, digest_tensor, root_digest
 from .manifest import (MANIFEST_FILE, ExportManifest, JSONFileError, ManifestError, NotRegularFileError, file_kind,
                        is_regular_file, open_regular, read_json_file, sha256_file)
+from .workers import Workers
 from .writer import _ST_DTYPES, INDEX_FILE, SINGLE_FILE
 
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
@@ -85,7 +85,7 @@ def hash_safetensors_file(path: Path, workers: int | None = None) -> dict[str, s
     if workers == 1:
         return hash_part(names)
     out: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with Workers(workers, "sa2va_hooks-verify") as pool:  # not an executor: works during interpreter shutdown
         for got in pool.map(hash_part, parts):
             out.update(got)
     return {n: out[n] for n in names}
