@@ -87,6 +87,8 @@ def test_disk_full_during_training_export_fails_loudly_and_training_goes_on(smal
                         hooks=[dict(type="HFExportHook", out_dir=str(disk), dtype="bf16")])
     assert runner.iter == 6  # training went on
     log = "\n".join(p.read_text() for p in (tmp_path / "work").glob("*/*.log"))
-    assert "HF export of iteration 6" in log and "FAILED" in log and "No space left on device" in log
+    failed = [line for line in log.splitlines() if "HF export of iteration 6" in line and "FAILED" in line]
+    assert len(failed) == 1 and "No space left on device" in failed[0]
+    assert f"{disk}/iter_6.incomplete-" in failed[0].split("Cause:")[1]  # the file (or directory) it happened on
     assert sorted(p.name for p in disk.iterdir()) == ["iter_3"]
     assert verify_snapshot(disk / "iter_3") == []

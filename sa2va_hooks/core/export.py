@@ -45,7 +45,7 @@ from .snapshot import Capture, ModelChangedError, SnapshotBuffers, live, substit
 from .workers import Workers
 from .writer import (ShardPlan, ShardWriter, TensorSlot, assign_shards, check_free_space, file_entries, is_regular_file,
                           link_shard, os_error_words, plan_shard_groups, publish, safetensors_header, staging_dir_for,
-                          write_index, write_json)
+                          with_path, write_index, write_json)
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -472,11 +472,14 @@ class ExportTask:
                               notes=list(self.export_plan.notes),
                               file_dtypes={n: st.out_dtype(self.dt) for n, st in self.export_plan.entries.items()})
         cfg = self.conv.hf_config(self.model, ctx)
-        if isinstance(cfg, dict):
-            write_json(staging / "config.json", cfg)
-        else:
-            cfg.save_pretrained(str(staging))
-        self.conv.save_extras(self.model, staging, ctx)
+        try:
+            if isinstance(cfg, dict):
+                write_json(staging / "config.json", cfg)
+            else:
+                cfg.save_pretrained(str(staging))
+            self.conv.save_extras(self.model, staging, ctx)
+        except OSError as e:  # transformers' writers name no file on ENOSPC: at least the directory
+            raise with_path(e, staging) from None
         return ctx.notes
 
 

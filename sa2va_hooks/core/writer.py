@@ -153,11 +153,14 @@ def fsync_path(path: Path) -> None:
 
 
 def write_json(path: Path, obj: object) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk's ENOSPC from write() names no file
+        raise with_path(e, path) from None
 
 
 def safetensors_header(slots: Sequence[TensorSlot]) -> bytes:
