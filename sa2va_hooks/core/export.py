@@ -363,7 +363,7 @@ class ExportTask:
             raise
         work = _RankWork(self.model, self.export_plan.entries, self.plan, self.dt, trained, self.baseline, self.group,
                          self.progress)
-        queue = _ByteQueue(budget)
+        queue = _ByteQueue(budget, getattr(self.group, "timeout_s", None))
         if self._abandoned:
             queue.abandon()
         self._front = (trained, staging, work, queue)
@@ -517,8 +517,8 @@ class _ByteQueue:
     """Tensors handed from the training thread to the writer thread, holding at most ``budget``
     bytes at a time (a single tensor larger than that still passes, alone)."""
 
-    def __init__(self, budget: int) -> None:
-        self.budget, self.used = budget, 0
+    def __init__(self, budget: int, timeout_s: float | None = None) -> None:
+        self.budget, self.used, self.timeout_s = budget, 0, timeout_s
         self.items: list = []
         self.closed, self.error = False, None
         self.abandoned = self.before_close = False
@@ -534,8 +534,14 @@ class _ByteQueue:
 
     def put(self, item, nbytes: int) -> None:
         with self.cond:
-            while self.used and self.used + nbytes > self.budget and not self.abandoned:
-                self.cond.wait()
+            room = lambda: not self.used or self.used + nbytes <= self.budget or self.abandoned  # noqa: E731
+            if not self.cond.wait_for(room, self.timeout_s):
+                # the writer is stuck (a hung filesystem): training does not wait longer for it
+                self.error = TimeoutError(f"the export's writer took nothing for {self.timeout_s:g} s (a stuck "
+                                          "filesystem?); the training thread stopped handing it tensors")
+                self.abandoned = self.closed = True
+                self.items.clear()
+                self.cond.notify_all()
             if self.abandoned:  # the writer is gone: never block the training thread on it
                 return
             self.items.append(item)
@@ -550,7 +556,7 @@ class _ByteQueue:
 
     def close(self, error: BaseException | None = None) -> None:
         with self.cond:
-            self.closed, self.error = True, error
+            self.closed, self.error = True, self.error or error
             self.cond.notify_all()
 
     def __iter__(self):
