@@ -48,6 +48,7 @@ def _drop_cwd_from_path() -> None:
 
 
 _drop_cwd_from_path()
+
 __version__ = "0.1.0"
 
 from .environment import check_bitsandbytes  # noqa: E402

@@ -363,10 +363,12 @@ def test_pytest_keeps_its_cwd_on_sys_path(tmp_path):
     """The cwd is dropped only when sa2va_hooks is the -m target: under ``python -m pytest`` a test that
     imports sa2va_hooks can still import a module from the directory pytest was started in."""
     (tmp_path / "helper_in_cwd.py").write_text("VALUE = 7\n")
-    (tmp_path / "test_probe.py").write_text(
-        "import sa2va_hooks\n\ndef test_probe():\n    import helper_in_cwd\n    assert helper_in_cwd.VALUE == 7\n")
+    (tmp_path / "probe").mkdir()  # the test file elsewhere, so that only -m's cwd entry can find the helper
+    (tmp_path / "probe" / "test_probe.py").write_text(
+        "import os, sys\nimport sa2va_hooks\n\ndef test_probe():\n    assert sys.path[0] == os.getcwd()\n"
+        "    import helper_in_cwd\n    assert helper_in_cwd.VALUE == 7\n")
     rc, out = _run("-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path), "--import-mode=append",
-                   "test_probe.py", cwd=tmp_path)
+                   "probe/test_probe.py", cwd=tmp_path)
     assert rc == 0 and "1 passed" in out, out
 
 

@@ -8,7 +8,6 @@ training-effect summary that says, in numbers, whether training reached the expo
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
