@@ -61,6 +61,14 @@ def _checkpoint_hook(runner) -> CheckpointHook | None:
     return next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
 
 
+def checkpoint_dir(runner) -> Path:
+    """Where this run's CheckpointHook writes (its ``out_dir``, set in its ``before_train``, which
+    runs before HFExportHook's), else the work dir."""
+    hook = _checkpoint_hook(runner)
+    out = getattr(hook, "out_dir", None) if hook is not None else None
+    return Path(out) if isinstance(out, (str, Path)) else Path(runner.work_dir)
+
+
 def max_keep_ckpts(runner) -> int | None:
     """CheckpointHook's ``max_keep_ckpts`` when it removes older checkpoints (> 0), else None."""
     hook = _checkpoint_hook(runner)

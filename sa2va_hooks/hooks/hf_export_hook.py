@@ -31,8 +31,9 @@ from ..core.sharding import needs_gather
 from ..core.writer import clean_leftovers, parse_size, remove_snapshot
 from ..converters.base import converter_for_run
 from ..export import FrontFailedError, export_hf, prepare_background_export, prepare_gathered_export, reserve_staging
-from .common import (CURRENT_TRAINED_KEY, background_exports, build_callable_cfg, checkpoint_due, checkpoint_point,
-                     config_sha256, ensure_baseline, has_checkpoint_schedule, process_state, unwrapped_model)
+from .common import (CURRENT_TRAINED_KEY, background_exports, build_callable_cfg, checkpoint_dir, checkpoint_due,
+                     checkpoint_point, config_sha256, ensure_baseline, has_checkpoint_schedule, process_state,
+                     unwrapped_model)
 from .common import snapshot_keep_last
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
@@ -121,8 +122,11 @@ class HFExportHook(Hook):
         """A run stopped while an export was in flight (killed, crashed, preempted) left that
         checkpoint without a snapshot. On resume the model holds exactly the resumed checkpoint's
         weights, so a missing snapshot of it is exported now (every rank is here); an earlier
-        checkpoint without one is named in the log with the command that exports it."""
-        if self.interval is not None or runner.iter <= 0:
+        checkpoint without one is named in the log with the command that exports it. Only for
+        checkpoints of this run's own checkpoint directory: a run started from another run's
+        checkpoint did not miss its export."""
+        ckpt_dir = checkpoint_dir(runner)
+        if self.interval is not None or runner.iter <= 0 or not (ckpt_dir / f"iter_{runner.iter}.pth").exists():
             return
         root = Path(self.out_dir) if self.out_dir else Path(runner.work_dir) / "hf"
         have = {int(m.group(1)) for p in (root.iterdir() if root.is_dir() else ())
@@ -133,7 +137,7 @@ class HFExportHook(Hook):
                                   "exporting it now, from the resumed weights")
             self._export_at(runner, {"iter": runner.iter, "epoch": runner.epoch})
         newest = max(have, default=-1)
-        for ckpt in _checkpoints_between(runner, newest, runner.iter):
+        for ckpt in _checkpoints_between(ckpt_dir, newest, runner.iter):
             runner.logger.warning(
                 f"[sa2va_hooks] checkpoint {ckpt} has no snapshot in {root} (the run stopped before its export "
                 f"finished). Export it with: python tools/export.py CONFIG {ckpt} --out {root / ckpt.stem}")
@@ -389,11 +393,9 @@ def _training_state() -> str:
     return "training has already ended (its main thread exited: an exception or an interrupt)"
 
 
-def _checkpoints_between(runner, after: int, before: int) -> list[Path]:
-    """mmengine's ``iter_N.pth`` (a file, or a DeepSpeed directory) in the checkpoint directory
-    with ``after < N < before``."""
-    last = runner.message_hub.get_info("last_ckpt")
-    folder = Path(last).parent if last else Path(runner.work_dir)
+def _checkpoints_between(folder: Path, after: int, before: int) -> list[Path]:
+    """mmengine's ``iter_N.pth`` (a file, or a DeepSpeed directory) in ``folder`` with
+    ``after < N < before``."""
     found = []
     for p in (folder.iterdir() if folder.is_dir() else ()):
         m = re.match(r"^iter_(\d+)\.pth$", p.name)
