@@ -351,6 +351,7 @@ def test_a_fifo_sidecar_is_refused_without_blocking(tmp_path):
     (json.dumps({"model": "x", "epochs": 3}), "is not a fingerprint sidecar: it holds a JSON object with keys "
                                               "['epochs', 'model']"),
     (json.dumps([1, 2]), "is not a fingerprint sidecar: it holds JSON of type list"),
+    ("[" * 100000 + "]" * 100000, "is not a fingerprint sidecar: its JSON is nested too deeply to read"),
 ])
 def test_fingerprint_of_a_json_that_is_no_sidecar_says_so(tmp_path, capsys, content, words):
     path = tmp_path / "garbage.json"

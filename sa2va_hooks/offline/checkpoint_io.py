@@ -221,6 +221,9 @@ def read_sidecar(path: str | Path) -> dict:
         record = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise SidecarFormatError(f"{path} is not a fingerprint sidecar: it is not UTF-8 text. {expected}.") from e
+    except RecursionError as e:
+        raise SidecarFormatError(f"{path} is not a fingerprint sidecar: its JSON is nested too deeply to read. "
+                                 f"{expected}.") from e
     except json.JSONDecodeError as e:
         raise SidecarFormatError(f"{path} is not a fingerprint sidecar: it is not valid JSON ({e.msg} at line "
                                  f"{e.lineno} column {e.colno}). {expected}. Was it truncated, or is it another "
