@@ -1,0 +1,132 @@
+"""Behaviour pinned before the refactor of the export path (issue 17): a few tiny models are
+exported and every file's bytes (as sha256) and the root digest are compared with what the code
+wrote before the refactor, kept in ``tests/golden/<stack>.json``.
+
+Cases: a causal LM with LoRA and a tied head; the tiny Sa2VA; a 2-rank DeepSpeed ZeRO-3 export on
+the CPU (2 gloo processes). Every weight comes from a fixed seed, so the bytes are a function of
+the code alone. The manifest is compared without the fields that record versions or times
+(``provenance.versions``, ``provenance.created``, ``provenance.training_paused_s``), and the golden
+files are per stack because ``config.json`` records the transformers version.
+
+To re-pin after an intended change of the written bytes (say why in the commit):
+``SA2VA_GOLDEN_WRITE=1 SA2VA_STACK=<stack> python -m pytest tests/test_golden.py`` on each stack.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_qwen2, train_like
+from sa2va_hooks import export_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = ROOT / "tests" / "golden"
+STACK = os.environ.get("SA2VA_STACK", "latest")
+VOLATILE = ("versions", "created", "training_paused_s")
+
+ZERO3 = r'''
+import os, sys
+sys.path.insert(0, os.environ["SA2VA_TESTS"])
+from dist_launch import _cpu_workarounds
+_cpu_workarounds()
+import deepspeed, torch
+from conftest import tiny_qwen2, train_like
+from peft import LoraConfig, get_peft_model
+from sa2va_hooks import export_hf
+
+model = get_peft_model(tiny_qwen2(seed=11, tie=True), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+train_like(model, seed=12)
+params = [p for p in model.parameters() if p.requires_grad]
+cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=torch.optim.SGD(params, lr=0.1),
+                                  config=cfg)
+export_hf(engine.module, sys.argv[1], dtype="bf16", max_shard_size=30000)
+'''
+
+
+def _causal_lm_tied(out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(tiny_qwen2(seed=7, tie=True), LoraConfig(r=4, lora_alpha=8,
+                                                                    target_modules=["q_proj", "v_proj", "up_proj"]))
+    train_like(model, seed=8)
+    export_hf(model, out, dtype="bf16", max_shard_size=20000)
+    return out
+
+
+def _tiny_sa2va(out: Path, base: Path) -> Path:
+    import torch
+
+    from sa2va_demo.tiny_sa2va import TinySa2VA
+    torch.manual_seed(0)
+    model = TinySa2VA(base_dir=str(base))
+    train_like(model, seed=9)
+    export_hf(model, out, converter="tiny_sa2va", dtype="fp32")
+    return out
+
+
+def _zero3(out: Path, work: Path) -> Path:
+    pytest.importorskip("deepspeed", reason="the ZeRO-3 case needs DeepSpeed")
+    script = work / "zero3.py"
+    script.write_text(ZERO3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SA2VA_TESTS": str(ROOT / "tests"), "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1"}
+    port = 29000 + os.getpid() % 900
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), str(out)], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def _pinned(snapshot: Path) -> dict:
+    """What is pinned of a snapshot: sha256 of every file's bytes, the manifest's without its
+    volatile fields, and the root digest."""
+    files = {}
+    for path in sorted(p for p in snapshot.rglob("*") if p.is_file()):
+        rel = path.relative_to(snapshot).as_posix()
+        data = path.read_bytes()
+        if rel == "export_manifest.json":
+            manifest = json.loads(data)
+            for key in VOLATILE:
+                manifest.get("provenance", {}).pop(key, None)
+            data = json.dumps(manifest, sort_keys=True).encode()
+        files[rel] = hashlib.sha256(data).hexdigest()
+    root = json.loads((snapshot / "export_manifest.json").read_text())["root_digest"]
+    return {"root_digest": root, "files": files}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_base) -> dict[str, dict]:
+    work = tmp_path_factory.mktemp("golden")
+    return {"causal_lm_lora_tied": _pinned(_causal_lm_tied(work / "causal_lm")),
+            "tiny_sa2va": _pinned(_tiny_sa2va(work / "tiny_sa2va", tiny_base)),
+            "zero3_two_ranks": _pinned(_zero3(work / "zero3", work))}
+
+
+def test_every_file_and_root_digest_equal_the_pinned_ones(exported):
+    golden = GOLDEN_DIR / f"{STACK}.json"
+    if os.environ.get("SA2VA_GOLDEN_WRITE") == "1":
+        GOLDEN_DIR.mkdir(exist_ok=True)
+        golden.write_text(json.dumps(exported, indent=1, sort_keys=True) + "\n")
+        pytest.skip(f"wrote {golden}: this run pinned, it compared nothing")
+    assert golden.is_file(), f"no pinned files for the stack {STACK!r} ({golden}); see this module's docstring"
+    want = json.loads(golden.read_text())
+    problems = []
+    for case in sorted(set(want) | set(exported)):
+        a, b = want.get(case), exported.get(case)
+        if a is None or b is None:
+            problems.append(f"{case}: {'not pinned' if a is None else 'not exported'}")
+            continue
+        if a["root_digest"] != b["root_digest"]:
+            problems.append(f"{case}: root digest {b['root_digest']} != pinned {a['root_digest']}")
+        for name in sorted(set(a["files"]) | set(b["files"])):
+            if a["files"].get(name) != b["files"].get(name):
+                problems.append(f"{case}/{name}: {'missing' if name not in b['files'] else 'extra' if name not in a['files'] else 'bytes differ'}")
+    assert problems == [], "\n".join(problems)
