@@ -174,7 +174,8 @@ def test_load_of_a_directory_without_manifest_names_the_manifest(tmp_path):
         ExportManifest.load(tmp_path)
 
 
-@pytest.mark.parametrize("text", [json.dumps(VALID)[:40], "", "\xff\xfe", "[" * 100_000 + "]" * 100_000])
+@pytest.mark.parametrize("text", [json.dumps(VALID)[:40], "", "\xff\xfe", "[" * 100_000 + "]" * 100_000],
+                         ids=["truncated", "empty", "not-utf8", "nested-too-deeply"])
 def test_load_of_a_damaged_manifest_is_a_manifest_error_naming_it(tmp_path, text):
     (tmp_path / MANIFEST_FILE).write_bytes(text.encode("latin-1"))
     with pytest.raises(ManifestError) as e:
