@@ -17,6 +17,7 @@ from typing import Sequence
 from . import __version__
 from .core.compare import TensorDir, compare_tensors, diff_dirs, plot_rel_delta
 from .core.fingerprint import FingerprintSet, compare_fingerprints, digest_tensor, fingerprint_state, root_digest
+from .core.errors import exit_code
 from .core.manifest import ExportManifest
 from .core.verify import verify_snapshot
 from .environment import doctor
@@ -221,4 +222,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)

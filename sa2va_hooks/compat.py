@@ -28,6 +28,7 @@ from __future__ import annotations
 import pickle
 
 import torch
+from .core.errors import BadInputError, BadTypeError, BadValueError
 
 try:
     from peft.utils.other import AuxiliaryTrainingWrapper
@@ -109,7 +110,7 @@ def mmengine_checkpoint_safe_globals() -> list:
     return types + deepspeed_checkpoint_safe_globals()
 
 
-class RefusedGetattrError(pickle.UnpicklingError):
+class RefusedGetattrError(BadInputError, pickle.UnpicklingError):
     """A checkpoint's pickle asked ``getattr`` for something outside :func:`checkpoint_getattr`'s list."""
 
 
@@ -124,7 +125,7 @@ def allow_checkpoint_enum(cls) -> None:
     """Let :func:`checkpoint_getattr` resolve the members of the Enum class ``cls``."""
     import enum
     if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
-        raise TypeError(f"{cls!r} is not an Enum class; only Enum members may be named through getattr")
+        raise BadTypeError(f"{cls!r} is not an Enum class; only Enum members may be named through getattr")
     _CHECKPOINT_ENUMS.add(cls)
 
 
@@ -206,7 +207,7 @@ def checkpoint_globals(path: str) -> set[str]:
             pkl = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
             data = z.read(pkl)
     except (zipfile.BadZipFile, StopIteration) as e:
-        raise ValueError(f"{path} is not a torch zip checkpoint ({e})") from e
+        raise BadValueError(f"{path} is not a torch zip checkpoint ({e})") from e
     found, pushed, memo = set(), [], {}  # pushed: the values of the last push ops (None: not a string)
     try:
         for op, arg, _ in pickletools.genops(data):
@@ -234,5 +235,5 @@ def checkpoint_globals(path: str) -> set[str]:
                 pushed.append(None)
             del pushed[:-2]
     except ValueError as e:  # pickletools: a truncated or malformed opcode stream
-        raise ValueError(f"{path} holds a malformed pickle ({e})") from e
+        raise BadValueError(f"{path} holds a malformed pickle ({e})") from e
     return found

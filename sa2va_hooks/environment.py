@@ -19,13 +19,14 @@ import importlib.util
 
 from packaging.requirements import Requirement
 from packaging.version import Version
+from .core.errors import BadInputError, InternalError, MissingDependencyError
 
 # bitsandbytes < 0.45.1 imports ``triton.ops`` as soon as triton is installed; triton 3.2
 # (torch >= 2.6) removed that module. xtuner 0.2.0 pins bitsandbytes 0.45.0.
 BNB_TRITON_OPS_FIXED = Version("0.45.1")
 
 
-class IncompatibleDependencyError(ImportError):
+class IncompatibleDependencyError(BadInputError, ImportError):
     """An installed package that this package (or PEFT under it) cannot work with."""
 
 
@@ -145,12 +146,12 @@ def _check_export() -> str:
         export_hf(pm, f"{tmp}/out")
         problems = verify_snapshot(f"{tmp}/out")
         if problems:
-            raise RuntimeError(f"verify failed: {problems[:3]}")
+            raise InternalError(f"verify failed: {problems[:3]}")
         with torch.no_grad():
             got = AutoModelForCausalLM.from_pretrained(f"{tmp}/out").eval()(input_ids=ids).logits
     diff = float((got - want).abs().max())
     if diff > 1e-5:
-        raise RuntimeError(f"reloaded logits differ from PEFT's merge by {diff:.2e}")
+        raise InternalError(f"reloaded logits differ from PEFT's merge by {diff:.2e}")
     return f"tiny Qwen2 + LoRA exported, verified, reloaded; logits equal PEFT's merge (max diff {diff:.1e})"
 
 
@@ -160,13 +161,13 @@ def _check_hooks() -> str:
     from . import hooks  # noqa: F401 - registers them
     missing = [h for h in ("FingerprintHook", "HFExportHook") if HOOKS.get(h) is None]
     if missing:
-        raise RuntimeError(f"not registered in mmengine's HOOKS: {missing}")
+        raise InternalError(f"not registered in mmengine's HOOKS: {missing}")
     return "FingerprintHook and HFExportHook registered in mmengine's HOOKS"
 
 
 def _check_xtuner() -> str:
     if importlib.util.find_spec("xtuner") is None:
-        raise ModuleNotFoundError("xtuner is not installed (optional: only for xtuner configs)")
+        raise MissingDependencyError("xtuner is not installed (optional: only for xtuner configs)")
     from xtuner.model import SupervisedFinetune  # noqa: F401
     return "xtuner.model.SupervisedFinetune imports"
 
@@ -174,9 +175,9 @@ def _check_xtuner() -> str:
 def _check_deepspeed() -> str:
     got = _version("deepspeed")
     if got is None:
-        raise ModuleNotFoundError("deepspeed is not installed (optional: pip install 'deepspeed>=0.18.9,<0.19')")
+        raise MissingDependencyError("deepspeed is not installed (optional: pip install 'deepspeed>=0.18.9,<0.19')")
     if Version(got) >= Version("0.19"):
-        raise RuntimeError(f"deepspeed {got}: mmengine 0.10.x imports deepspeed.runtime.fp16.onebit, which 0.19 "
+        raise InternalError(f"deepspeed {got}: mmengine 0.10.x imports deepspeed.runtime.fp16.onebit, which 0.19 "
                            "removed; pip install 'deepspeed>=0.18.9,<0.19'")
     from mmengine._strategy import DeepSpeedStrategy  # noqa: F401
     return f"deepspeed {got} and mmengine's DeepSpeedStrategy import"
@@ -184,10 +185,10 @@ def _check_deepspeed() -> str:
 
 def _check_bnb() -> str:
     if _version("bitsandbytes") is None:
-        raise ModuleNotFoundError("bitsandbytes is not installed (optional: only for QLoRA bases)")
+        raise MissingDependencyError("bitsandbytes is not installed (optional: only for QLoRA bases)")
     problem = bitsandbytes_problem()
     if problem:
-        raise RuntimeError(problem)
+        raise InternalError(problem)
     importlib.import_module("bitsandbytes")
     return f"bitsandbytes {_version('bitsandbytes')} imports"
 

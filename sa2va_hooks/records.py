@@ -3,6 +3,8 @@ the hooks (which write them) and the offline tools (which read them), with no mm
 ``sa2va_hooks.offline`` never depends on ``sa2va_hooks.hooks``."""
 from __future__ import annotations
 
+from .core.errors import BadTypeError
+
 BASELINE_KEY = "sa2va_hooks/baseline"  # trainable fingerprints before training (resumed with the run)
 FROZEN_ROOT_KEY = "sa2va_hooks/frozen_root"  # root digest of the frozen parameters at the first start
 META_KEY = "sa2va_hooks"  # key inside checkpoint["meta"] (classic Runner, which calls before_save_checkpoint)
@@ -18,6 +20,6 @@ def build_callable_cfg(cfg: dict):
     if hasattr(factory, "build"):  # mmengine LazyObject from a lazy-import config
         factory = factory.build()
     if not callable(factory):
-        raise TypeError(f"cannot build {cfg!r}: its 'type' must be a class or function (e.g. "
+        raise BadTypeError(f"cannot build {cfg!r}: its 'type' must be a class or function (e.g. "
                         f"AutoTokenizer.from_pretrained), got {factory!r}")
     return factory(**kwargs)

@@ -54,8 +54,8 @@ def main(argv=None) -> int:
     quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
         with quiet:
-            from sa2va_hooks.offline import (CheckpointMismatchError, FingerprintMismatchError,
-                                             PretrainedMostlyUnusedError, export_checkpoint)
+            from sa2va_hooks.core.errors import MismatchError, exit_code
+            from sa2va_hooks.offline import export_checkpoint
     except ImportError as e:  # e.g. a bitsandbytes that PEFT cannot use: the message says why and what to do
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -66,16 +66,11 @@ def main(argv=None) -> int:
                                     overwrite=args.overwrite, verify=not args.no_verify,
                                     allow_pickle=args.allow_pickle, strict_pretrained=args.strict_pretrained,
                                     progress=not args.json, hf_code_dir=args.hf_code_dir, log=say)
-    except (CheckpointMismatchError, FingerprintMismatchError, PretrainedMostlyUnusedError) as e:
+    except Exception as e:  # noqa: BLE001 - top of a CLI: say what happened, exit by the error's category
         if args.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # noqa: BLE001 - top of a CLI: say what happened, exit non-zero
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {e}" if isinstance(e, MismatchError) else f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return exit_code(e)
     m = res.manifest
     if args.json:
         print(json.dumps({"out": str(res.out_dir), "root_digest": m.root_digest, "converter": m.converter,

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Sequence
 from torch import nn
 
 from ..core.export import SnapshotContext  # noqa: F401 - converters take it from here
+from ..core.errors import BadInputError, DuplicateRegistrationError, UnknownConverterError
 
 
 class _NameRegistry:
@@ -34,7 +35,7 @@ class _NameRegistry:
         def register(cls: type) -> type:
             key = name or cls.__name__
             if key in self.module_dict and not force:
-                raise KeyError(f"{key} is already registered in {self.name}")
+                raise DuplicateRegistrationError(f"{key} is already registered in {self.name}")
             self.module_dict[key] = cls
             return cls
         return register(module) if module is not None else register
@@ -55,7 +56,7 @@ CONVERTERS = Registry("sa2va_hooks converter", scope="sa2va_hooks")
 LEGACY_RENAMED_SUBSTRINGS = ("gamma", "beta")
 
 
-class ConversionError(ValueError):
+class ConversionError(BadInputError, ValueError):
     """The model cannot be mapped to the target layout without losing or inventing weights."""
 
 
@@ -273,7 +274,7 @@ def resolve_converter(spec: Any, model: nn.Module) -> Converter:
         return detect_converter(model)(**kwargs)
     cls = CONVERTERS.get(spec)
     if cls is None:
-        raise KeyError(f"unknown converter {spec!r}; known converters: {', '.join(sorted(CONVERTERS.module_dict))}. "
+        raise UnknownConverterError(f"unknown converter {spec!r}; known converters: {', '.join(sorted(CONVERTERS.module_dict))}. "
                        "Register your own with @CONVERTERS.register_module().")
     return cls(**kwargs)
 

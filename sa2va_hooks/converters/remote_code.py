@@ -16,9 +16,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 from pathlib import Path
+from ..core.errors import BadInputError
 
 
-class RemoteCodeError(ValueError):
+class RemoteCodeError(BadInputError, ValueError):
     """The remote-code directory does not define what the snapshot's config.json must name."""
 
 

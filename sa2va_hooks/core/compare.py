@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .manifest import MANIFEST_FILE, ManifestError, NotRegularFileError, file_kind, manifest_problems, read_json_file
+from .errors import BadValueError, MissingFileError
 
 
 def _regular(path: Path) -> Path:
@@ -33,8 +34,8 @@ def _regular(path: Path) -> Path:
     return path
 
 
-def _safetensors_error(path: Path, e: Exception) -> ValueError:
-    return ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is damaged or not "
+def _safetensors_error(path: Path, e: Exception) -> BadValueError:
+    return BadValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it is damaged or not "
                       "a safetensors file. Re-export it, or remove it from the directory.")
 
 
@@ -45,10 +46,10 @@ class TensorDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
-            raise FileNotFoundError(f"{self.path} is not a directory; diff compares export or HF model directories")
+            raise MissingFileError(f"{self.path} is not a directory; diff compares export or HF model directories")
         self.files = sorted(self.path.glob("*.safetensors"))
         if not self.files:
-            raise FileNotFoundError(f"{self.path} has no *.safetensors files; convert .bin checkpoints first or pass "
+            raise MissingFileError(f"{self.path} has no *.safetensors files; convert .bin checkpoints first or pass "
                                     "an export directory")
         self.where: dict[str, Path] = {}
         for f in self.files:

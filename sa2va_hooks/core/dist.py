@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import torch.distributed as dist
+from .errors import BadValueError, ExportFailedError
 
 # How long a background export's rank waits for the others at one step, unless the caller says:
 # long enough for rank 0's load check of a large model, short next to gloo's 30 minutes.
@@ -92,7 +93,7 @@ class StoreGroup:
     def __init__(self, rank: int, world: int, timeout_s: float = DEFAULT_TIMEOUT_S, store: Any = None,
                  prefix: str = "sa2va_hooks/export") -> None:
         if timeout_s <= 0:
-            raise ValueError(f"the background export timeout must be positive seconds, got {timeout_s}")
+            raise BadValueError(f"the background export timeout must be positive seconds, got {timeout_s}")
         self.rank, self.world, self.timeout_s = rank, world, float(timeout_s)
         self.store = store if store is not None else dist.distributed_c10d._get_default_store()
         self.prefix = prefix
@@ -202,7 +203,7 @@ class RankFailure:
         return f"rank {self.rank}: {self.error}"
 
 
-class RankFailedError(RuntimeError):
+class RankFailedError(ExportFailedError, RuntimeError):
     """One or more ranks failed their part of a collective piece of work; every rank raises this
     with the same message, so every rank's log names the rank and the cause."""
 

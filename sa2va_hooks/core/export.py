@@ -46,6 +46,7 @@ from .workers import Workers
 from .writer import (ShardPlan, ShardWriter, TensorSlot, assign_shards, check_free_space, file_entries, is_regular_file,
                           link_shard, os_error_words, plan_shard_groups, publish, safetensors_header, staging_dir_for,
                           with_path, write_index, write_json)
+from .errors import BadValueError, ExportFailedError, InternalError, MismatchError
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
            "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -79,7 +80,7 @@ class Converter(Protocol):
     def save_extras(self, model: nn.Module, out_dir: Path, ctx: SnapshotContext) -> None: ...
 
 
-class ExportVerificationError(RuntimeError):
+class ExportVerificationError(MismatchError, RuntimeError):
     """What was read back from disk is not what was computed in memory."""
 
 
@@ -91,7 +92,7 @@ def parse_dtype(dtype: Any) -> torch.dtype | None:
     try:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto' (keep as in memory)") \
+        raise BadValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto' (keep as in memory)") \
             from None
 
 
@@ -509,7 +510,7 @@ def _file_records(staging: Path) -> dict[str, dict]:
             for rel, size in file_entries(staging, exclude=[MANIFEST_FILE]).items()}
 
 
-class FrontFailedError(RuntimeError):
+class FrontFailedError(ExportFailedError, RuntimeError):
     """The training-thread half of an export failed; the training thread reported it already."""
 
 
@@ -606,7 +607,7 @@ class ExportJob:
         if self.error is not None:
             raise self.error
         if self.manifest is None:
-            raise RuntimeError(f"the export to {self.out_dir} was never started")
+            raise InternalError(f"the export to {self.out_dir} was never started")
         return self.manifest
 
     def _main(self) -> None:

@@ -27,11 +27,12 @@ from torch import nn
 
 from .manifest import MANIFEST_FILE
 from .writer import INDEX_FILE
+from .errors import MismatchError
 
 _AUTO_MODEL_KEYS = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForVision2Seq")
 
 
-class SnapshotLoadError(RuntimeError):
+class SnapshotLoadError(MismatchError, RuntimeError):
     """The snapshot's config and code would not load its tensors as they were written."""
 
 

@@ -16,6 +16,7 @@ import stat
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
+from .errors import BadInputError, MissingFileError, NotRegularFileError  # noqa: F401 - NotRegularFileError re-exported
 
 MANIFEST_FILE = "export_manifest.json"
 MANIFEST_FORMAT = "sa2va_hooks.export_manifest/v1"
@@ -30,18 +31,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
-
-
-class NotRegularFileError(OSError):
-    """A path that must be a plain file is a symlink, a directory, a FIFO, a socket or a device. It
-    is never opened: a FIFO blocks the reader forever, a symlink reads what lies outside the snapshot."""
-
-    def __init__(self, path: str | Path, kind: str, advice: str = "") -> None:
-        super().__init__(f"{path} is {kind}, not a regular file{advice}")
-        self.filename, self.kind = str(path), kind
-
-    def __str__(self) -> str:  # OSError's would be "[Errno None] None: 'path'" once filename is set
-        return self.args[0]
 
 
 def file_kind(mode: int) -> str:
@@ -84,7 +73,7 @@ def open_regular(path: str | Path, *, follow_symlinks: bool = False):
         raise
 
 
-class JSONFileError(ValueError):
+class JSONFileError(BadInputError, ValueError):
     """A JSON file from a snapshot (manifest, index, config) that cannot be parsed: bad input."""
 
 
@@ -148,7 +137,7 @@ class TrainingEffect:
         return d
 
 
-class ManifestError(ValueError):
+class ManifestError(BadInputError, ValueError):
     """A manifest that cannot be read or does not follow the format: bad input, not a mismatch."""
 
 
@@ -270,10 +259,10 @@ class ExportManifest:
     def load(cls, snapshot_dir: str | Path) -> "ExportManifest":
         path = Path(snapshot_dir) / MANIFEST_FILE
         if not Path(snapshot_dir).is_dir():
-            raise FileNotFoundError(f"{snapshot_dir} is not a directory: give the snapshot directory "
+            raise MissingFileError(f"{snapshot_dir} is not a directory: give the snapshot directory "
                                     f"(the one holding {MANIFEST_FILE}).")
         if not os.path.lexists(path):
-            raise FileNotFoundError(f"{path} does not exist: {snapshot_dir} is not a sa2va_hooks export, or it is "
+            raise MissingFileError(f"{path} does not exist: {snapshot_dir} is not a sa2va_hooks export, or it is "
                                     "incomplete. Re-export it, or use `diff` (which also reads plain HF directories).")
         try:
             d = read_json_file(path)

@@ -34,6 +34,7 @@ from ..compat import AuxiliaryTrainingWrapper, active_saved_copies
 from .sharding import is_fsdp_module
 from .sharding import logical_shape as sharded_shape
 from .snapshot import live, read
+from .errors import BadInputError
 
 ROLE_FROZEN = "frozen"
 ROLE_TRAINABLE = "trainable"  # a parameter trained directly (projector, head, mask decoder)
@@ -41,11 +42,11 @@ ROLE_LORA = "lora_merged"  # a base weight with one or more LoRA deltas added
 ROLE_SAVED_COPY = "modules_to_save"  # PEFT's trained copy of a whole module
 
 
-class UnsupportedModuleError(TypeError):
+class UnsupportedModuleError(BadInputError, TypeError):
     """A module holds trained state that this exporter cannot merge faithfully."""
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(BadInputError, FloatingPointError):
     """A tensor of the export is NaN or Inf: in memory (training diverged) or after the cast to
     the export dtype (the values do not fit it). Nothing is published."""
 

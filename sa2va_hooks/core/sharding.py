@@ -29,13 +29,14 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from .errors import BadInputError
 
 
-class ShardedTensorError(ValueError):
+class ShardedTensorError(BadInputError, ValueError):
     """A tensor is a shard or a placeholder, not the whole logical tensor."""
 
 
-class UnsupportedShardingError(TypeError):
+class UnsupportedShardingError(BadInputError, TypeError):
     """The model is sharded by an engine whose gather sa2va_hooks does not implement."""
 
 

@@ -26,12 +26,13 @@ from torch import nn
 from .fingerprint import Fingerprint, digest_tensor, dtype_name, tensor_stats, tensor_stats_pending
 from .sharding import UnsupportedShardingError, clean_name, iter_whole_parameters, needs_gather
 from .workers import Workers
+from .errors import ExportFailedError
 
 _SUBSTITUTE: contextvars.ContextVar[Mapping[int, torch.Tensor] | None] = contextvars.ContextVar(
     "sa2va_hooks_substitute", default=None)
 
 
-class ModelChangedError(RuntimeError):
+class ModelChangedError(ExportFailedError, RuntimeError):
     """A tensor that a background export reads from the live model was written meanwhile."""
 
 

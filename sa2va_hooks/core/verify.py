@@ -21,6 +21,7 @@ from .manifest import (MANIFEST_FILE, ExportManifest, JSONFileError, ManifestErr
                        is_regular_file, open_regular, read_json_file, sha256_file)
 from .workers import Workers
 from .writer import _ST_DTYPES, INDEX_FILE, SINGLE_FILE
+from .errors import BadInputError, BadTypeError, BadValueError
 
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 # what sa2va_hooks writes into every shard's __metadata__ (and transformers needs to load it)
@@ -28,7 +29,7 @@ SHARD_METADATA = {"format": "pt"}
 _ST_BYTES = {name: dtype.itemsize for dtype, name in _ST_DTYPES.items()}  # derived from the writer's table
 
 
-class SnapshotInputError(ValueError):
+class SnapshotInputError(BadInputError, ValueError):
     """What was given to verify is not a snapshot it can check (no directory, no manifest, a damaged
     manifest): bad input, exit 2, as opposed to a snapshot that differs from its manifest (exit 1)."""
 
@@ -41,20 +42,20 @@ def read_safetensors_header(path: Path) -> tuple[bytes, dict]:
         size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise ValueError(f"{size} bytes: shorter than the 8-byte header length")
+            raise BadValueError(f"{size} bytes: shorter than the 8-byte header length")
         (n,) = struct.unpack("<Q", prefix)
         if n > min(size - 8, _MAX_HEADER):
-            raise ValueError(f"header length {n} does not fit the file's {size} bytes (not a safetensors file, "
+            raise BadValueError(f"header length {n} does not fit the file's {size} bytes (not a safetensors file, "
                              "or a damaged one)")
         raw = f.read(n)
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"header is not JSON ({e})") from e
+        raise BadValueError(f"header is not JSON ({e})") from e
     except RecursionError:
-        raise ValueError("header nests JSON too deeply to parse (damaged or hostile)") from None
+        raise BadValueError("header nests JSON too deeply to parse (damaged or hostile)") from None
     if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
+        raise BadValueError("header is not a JSON object")
     return prefix + raw, header
 
 
@@ -187,7 +188,7 @@ def _check_index(root: Path, manifest: ExportManifest) -> list[str]:
     try:
         weight_map, total = index["weight_map"], index["metadata"]["total_size"]
         if not isinstance(weight_map, dict):
-            raise TypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
+            raise BadTypeError(f"weight_map is a {type(weight_map).__name__}, not an object")
     except (KeyError, TypeError) as e:
         return [f"corrupt {INDEX_FILE}: {type(e).__name__}: {e}"]
     problems = [f"index maps {k} to {weight_map.get(k)}, manifest says {v}"

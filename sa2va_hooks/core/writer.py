@@ -33,6 +33,7 @@ import torch
 
 from .fingerprint import tensor_bytes
 from .manifest import NotRegularFileError, file_kind, is_regular_file  # noqa: F401 - is_regular_file for export
+from .errors import BadTypeError, BadValueError, DiskSpaceError, InternalError, OutputExistsError
 
 # safetensors' dtype names (the format's spec)
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -48,13 +49,18 @@ _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 def parse_size(size: int | str) -> int:
-    """'5GB' -> 5e9 bytes, '2GiB' -> 2**31, as transformers' max_shard_size does."""
-    if isinstance(size, int):
+    """'5GB' -> 5e9 bytes, '2GiB' -> 2**31, exactly as transformers' ``max_shard_size`` reads it,
+    including its one surprise: a lower-case final ``b`` means bits ('5Gb' and '5gb' are 5e9 / 8
+    bytes), so that a size copied from a transformers call gives the same shards here."""
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper())
-    if not m:
-        raise ValueError(f"max_shard_size {size!r} is not a size; use an int of bytes or e.g. '5GB', '500MiB'.")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or "B"])
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]I?)?B)?\s*", size.upper()) if isinstance(size, str) else None
+    if not m or float(m.group(1)) <= 0:
+        raise BadValueError(f"max_shard_size {size!r} is not a size; use a positive int of bytes or e.g. '5GB', "
+                            "'500MiB'.")
+    n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2) or "B"])
+    bits = m.group(2) is not None and "I" not in m.group(2) and m.group(2) != "B" and size.rstrip().endswith("b")
+    return n // 8 if bits else n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +175,7 @@ def safetensors_header(slots: Sequence[TensorSlot]) -> bytes:
     offset = 0
     for s in slots:
         if s.dtype not in _ST_DTYPES:
-            raise TypeError(f"tensor '{s.name}' has dtype {s.dtype}, which safetensors cannot store")
+            raise BadTypeError(f"tensor '{s.name}' has dtype {s.dtype}, which safetensors cannot store")
         header[s.name] = {"dtype": _ST_DTYPES[s.dtype], "shape": list(s.shape),
                           "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
@@ -241,10 +247,10 @@ class ShardWriter:
     def append(self, slot: TensorSlot, t: torch.Tensor) -> None:
         want = self.slots[self._next]
         if slot != want:
-            raise RuntimeError(f"tensor '{slot.name}' written out of plan order into {self.path.name} (expected "
+            raise InternalError(f"tensor '{slot.name}' written out of plan order into {self.path.name} (expected "
                                f"'{want.name}'); this is a bug in sa2va_hooks, please report it.")
         if tuple(t.shape) != slot.shape or t.dtype != slot.dtype:
-            raise RuntimeError(f"tensor '{slot.name}' came out as {t.dtype}{list(t.shape)} but was planned "
+            raise InternalError(f"tensor '{slot.name}' came out as {t.dtype}{list(t.shape)} but was planned "
                                f"as {slot.dtype}{list(slot.shape)}; this is a converter bug, please report it.")
         _write_bytes(self._f, tensor_bytes(t))
         self._next += 1
@@ -258,7 +264,7 @@ class ShardWriter:
         """Flush and fsync; returns the file size. Every planned tensor must have been appended."""
         if self._next != len(self.slots):
             self.abort()
-            raise RuntimeError(f"{self.path.name} closed after {self._next} of {len(self.slots)} planned tensors")
+            raise InternalError(f"{self.path.name} closed after {self._next} of {len(self.slots)} planned tensors")
         try:
             self._f.flush()
             self._flusher.close()
@@ -344,7 +350,7 @@ def check_free_space(directory: Path, need_bytes: int, advice: str = "Free some 
     need = need_bytes + free_space_margin(need_bytes)
     free = shutil.disk_usage(directory).free
     if free < need:
-        raise OSError(errno.ENOSPC, f"not enough free space in {directory}: the export needs {_mib(need)} "
+        raise DiskSpaceError(errno.ENOSPC, f"not enough free space in {directory}: the export needs {_mib(need)} "
                                     f"({_mib(need_bytes)} of tensors and a {_mib(need - need_bytes)} margin) and "
                                     f"{_mib(free)} are free. {advice}", str(directory))
 
@@ -448,12 +454,12 @@ def _publishing_lock(parent: Path):
 
 def _publish_locked(staging: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"snapshot directory {out_dir} already exists (published by another export, or "
+        raise OutputExistsError(f"snapshot directory {out_dir} already exists (published by another export, or "
                               "earlier); pass overwrite=True (--overwrite) to replace it, or choose another "
                               "output directory.")
     if out_dir.exists():
         if not out_dir.is_dir() or out_dir.is_symlink():
-            raise FileExistsError(f"{out_dir} exists and is not a snapshot directory; refusing to replace it. "
+            raise OutputExistsError(f"{out_dir} exists and is not a snapshot directory; refusing to replace it. "
                                   "Remove it or choose another output directory.")
         if exchange(staging, out_dir):
             fsync_path(out_dir.parent)

@@ -35,6 +35,7 @@ from .common import (CURRENT_TRAINED_KEY, background_exports, build_callable_cfg
                      checkpoint_point, config_sha256, ensure_baseline, has_checkpoint_schedule, process_state,
                      unwrapped_model)
 from .common import snapshot_keep_last
+from ..core.errors import BadValueError
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 
@@ -82,13 +83,13 @@ class HFExportHook(Hook):
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         allow_mmengine_checkpoint_globals()  # so that mmengine can resume from our checkpoints
         if interval is not None and interval < 1:
-            raise ValueError(f"HFExportHook interval must be a positive number of iterations, got {interval}")
+            raise BadValueError(f"HFExportHook interval must be a positive number of iterations, got {interval}")
         if keep_last is not None and keep_last < 1:
-            raise ValueError(f"HFExportHook keep_last must be at least 1 (or None to keep all), got {keep_last}")
+            raise BadValueError(f"HFExportHook keep_last must be at least 1 (or None to keep all), got {keep_last}")
         if when_busy not in ("wait", "skip"):
-            raise ValueError(f"HFExportHook when_busy must be 'wait' or 'skip', got {when_busy!r}")
+            raise BadValueError(f"HFExportHook when_busy must be 'wait' or 'skip', got {when_busy!r}")
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-            raise ValueError(f"HFExportHook timeout_s must be a positive number of seconds, got {timeout_s!r}")
+            raise BadValueError(f"HFExportHook timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
         self.background = background
         self.when_busy = when_busy

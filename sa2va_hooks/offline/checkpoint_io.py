@@ -23,6 +23,7 @@ from ..core.fingerprint import Fingerprint, FingerprintSet
 from ..records import BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY
 from .zero_checkpoint import (NotRegularFileError, UnsafeCheckpointError, ZeroCheckpointError,  # noqa: F401
                               consolidate, regular_file, resolve_tag_dir)
+from ..core.errors import BadInputError, BadValueError, MissingFileError
 
 SIDECAR_SUFFIX = ".fingerprints.json"
 # 0.19 removed deepspeed.runtime.fp16.onebit, which mmengine 0.10.x imports: training breaks
@@ -39,11 +40,11 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
     if not path.is_file():
         sidecar = Path(str(path).rstrip("/") + SIDECAR_SUFFIX)
         if sidecar.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"checkpoint {path} does not exist, but its fingerprint sidecar {sidecar} does: the checkpoint was "
                 "removed (CheckpointHook removes older checkpoints when max_keep_ckpts is set) or moved. The sidecar "
                 f"holds only fingerprints, no weights. {_what_instead(path, sidecar)}")
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the .pth file CheckpointHook wrote "
+        raise MissingFileError(f"checkpoint {path} does not exist; pass the .pth file CheckpointHook wrote "
                                 "(or a DeepSpeed checkpoint directory).")
     _refuse_sidecar(path)
     _check_checkpoint_file(path)
@@ -60,7 +61,7 @@ def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
             "was run. If you trust the file, pass --allow-pickle (the bypass is recorded in the manifest).") from e
 
 
-class NotACheckpointError(ValueError):
+class NotACheckpointError(BadInputError, ValueError):
     """The file is not a torch checkpoint at all (empty, random bytes, another format)."""
 
 
@@ -168,7 +169,7 @@ def extract_state_dict(ckpt: Mapping[str, Any], path: str | Path = "checkpoint")
             return dict(ckpt[key])
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return dict(ckpt)
-    raise ValueError(f"{path} holds no state dict: its top-level keys are {sorted(ckpt)[:20]}; expected "
+    raise BadValueError(f"{path} holds no state dict: its top-level keys are {sorted(ckpt)[:20]}; expected "
                      "'state_dict' (mmengine), 'module' (DeepSpeed) or a plain mapping of tensors.")
 
 
@@ -205,7 +206,7 @@ def recorded_fingerprints(ckpt: Mapping[str, Any], path: str | Path) -> Recorded
                     baseline, source, record.get("iter", meta.get("iter")), record.get("epoch", meta.get("epoch")))
 
 
-class SidecarFormatError(ValueError):
+class SidecarFormatError(BadInputError, ValueError):
     """A file given or found as a fingerprint sidecar is not one."""
 
 

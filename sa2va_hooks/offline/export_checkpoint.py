@@ -26,13 +26,14 @@ from ..converters.base import converter_for_run
 from ..export import export_hf, frozen_root, trained_fingerprints
 from .checkpoint_io import extract_state_dict, load_checkpoint, recorded_fingerprints
 from .load_plan import apply_load_plan, full_state, plan_load
+from ..core.errors import MismatchError, OutputExistsError
 
 
-class FingerprintMismatchError(RuntimeError):
+class FingerprintMismatchError(MismatchError, RuntimeError):
     """The model rebuilt offline does not hold what training recorded."""
 
 
-class PretrainedMostlyUnusedError(RuntimeError):
+class PretrainedMostlyUnusedError(MismatchError, RuntimeError):
     """Most of pretrained_pth did not fit the model (and --strict-pretrained was given)."""
 
 
@@ -182,9 +183,9 @@ def _check_out_first(out: Path, overwrite: bool, log: Callable[[str], None]) -> 
     directory, so nothing is computed for an export that cannot be published."""
     clean_leftovers(out.parent, owns=lambda name: name == out.name, log=log)
     if out.exists() and (not out.is_dir() or out.is_symlink()):
-        raise FileExistsError(f"--out {out} exists and is not a snapshot directory; remove it or choose another path.")
+        raise OutputExistsError(f"--out {out} exists and is not a snapshot directory; remove it or choose another path.")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it (the old snapshot stays "
+        raise OutputExistsError(f"--out {out} already exists; pass --overwrite to replace it (the old snapshot stays "
                               "in place until the new one is complete), or choose another path.")
 
 

@@ -20,12 +20,13 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from ..core.errors import MismatchError
 
 FIX_DDP = "DDP 'module.' prefix removed"
 FIX_PEFT = "PEFT-style key without the adapter name mapped to the adapter's parameter"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(MismatchError, ValueError):
     """The checkpoint does not fit the model built from the config."""
 
 

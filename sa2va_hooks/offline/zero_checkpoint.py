@@ -57,17 +57,14 @@ from typing import Any
 import torch
 
 from ..compat import RefusedGetattrError, _py3_global, checkpoint_globals, numpy_multiarray
+from ..core.errors import BadInputError, MissingFileError, NotRegularFileError, UnsafePickleError
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(BadInputError, RuntimeError):
     """The checkpoint needs arbitrary code to unpickle, or points outside itself; it was not loaded."""
 
 
-class NotRegularFileError(ValueError):
-    """A path that should be a checkpoint file is a FIFO, device, socket or directory."""
-
-
-class ZeroCheckpointError(ValueError):
+class ZeroCheckpointError(BadInputError, ValueError):
     """The DeepSpeed checkpoint directory is incomplete or inconsistent."""
 
 
@@ -136,13 +133,13 @@ def _rebuild_from_type_checked(func, new_type, args, state):
     and the state plain attributes (ZeRO-3 pickles its ``ds_id`` this way)."""
     rebuilders = {getattr(torch._utils, n, None) for n in _TENSOR_REBUILDERS} - {None}
     if func not in rebuilders or new_type not in (torch.Tensor, torch.nn.Parameter):
-        raise pickle.UnpicklingError(
+        raise UnsafePickleError(
             f"the pickle rebuilds a tensor through {getattr(func, '__qualname__', type(func).__qualname__)!s:.60} as "
             f"{getattr(new_type, '__qualname__', '?')!s:.60}; only torch's own tensor rebuilders and plain "
             "Tensor/Parameter are allowed")
     if state is not None and not (isinstance(state, dict) and all(
             isinstance(k, str) and k.isidentifier() and not k.startswith("_") for k in state)):
-        raise pickle.UnpicklingError("the pickle sets tensor attributes other than plain public names")
+        raise UnsafePickleError("the pickle sets tensor attributes other than plain public names")
     return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
 
 
@@ -217,7 +214,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         allowed = allowed_globals()
         if full in allowed:
             return allowed[full]
-        raise pickle.UnpicklingError(f"the pickle names {full[:120]!r}, which is not on the list of types a DeepSpeed "
+        raise UnsafePickleError(f"the pickle names {full[:120]!r}, which is not on the list of types a DeepSpeed "
                                      "checkpoint may contain")
 
 
@@ -227,7 +224,7 @@ def _pickle_module() -> types.ModuleType:
     module.UnpicklingError = pickle.UnpicklingError
 
     def load(*args, **kwargs):  # torch's loader for pre-1.6 files; those are refused before loading
-        raise pickle.UnpicklingError("legacy (non-zip) torch files are not read from DeepSpeed checkpoints")
+        raise UnsafePickleError("legacy (non-zip) torch files are not read from DeepSpeed checkpoints")
     module.load = load
     return module
 
@@ -244,13 +241,13 @@ def regular_file(path: Path, inside: Path | None = None, what: str = "file") -> 
     try:
         st = os.stat(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{what} {path} does not exist (or is a symlink to nothing).") from e
+        raise MissingFileError(f"{what} {path} does not exist (or is a symlink to nothing).") from e
     if not stat.S_ISREG(st.st_mode):
         kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode)
                 else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
                 else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
-        raise NotRegularFileError(f"{what} {path} is {kind}, not a regular file; it was not opened (reading a FIFO "
-                                  "waits forever for a writer). Pass the path of a regular file.")
+        raise NotRegularFileError(path, kind, "; it was not opened (reading a FIFO waits forever for a writer). Pass "
+                                  "the path of a regular file.", what=what)
     if inside is not None and path.is_symlink():
         target = path.resolve()
         if not target.is_relative_to(inside.resolve()):
@@ -298,7 +295,7 @@ def resolve_tag_dir(root: Path) -> Path:
         raise UnsafeCheckpointError(f"{latest} names tag directory {tag_dir}, which resolves outside {root} (a symlink); "
                                     "it was not followed. Pass the tag directory itself if you trust it.")
     if not tag_dir.is_dir():
-        raise FileNotFoundError(f"{latest} names tag {tag!r}, but {tag_dir} is not a directory: the checkpoint was "
+        raise MissingFileError(f"{latest} names tag {tag!r}, but {tag_dir} is not a directory: the checkpoint was "
                                 "removed or not completely copied. Pass an existing tag directory.")
     return tag_dir
 
