@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from .manifest import MANIFEST_FILE, ManifestError, NotRegularFileError, file_kind, manifest_problems, read_json_file
 from .errors import BadValueError, MissingFileError
+from .vocab import SHORT_DTYPE_NAMES
 
 
 def _regular(path: Path) -> Path:
@@ -83,12 +84,12 @@ class TensorDir:
         return entry.get("role") if isinstance(entry, dict) else None
 
 
-_SHORT_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """bf16, fp16, fp32, fp64; other dtypes as torch names them (int64, float8_e4m3fn, ...)."""
-    return _SHORT_DTYPE.get(dtype, str(dtype).removeprefix("torch."))
+    name = str(dtype).removeprefix("torch.")
+    return SHORT_DTYPE_NAMES.get(name, name)
 
 
 @dataclasses.dataclass

@@ -47,9 +47,9 @@ from .writer import (ShardPlan, ShardWriter, TensorSlot, assign_shards, check_fr
                           link_shard, os_error_words, plan_shard_groups, publish, safetensors_header, staging_dir_for,
                           with_path, write_index, write_json)
 from .errors import BadValueError, ExportFailedError, InternalError, MismatchError
+from .vocab import EXPORT_DTYPES, KEEP_DTYPE
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_DTYPES = {spelling: getattr(torch, name) for spelling, name in EXPORT_DTYPES.items()}
 
 
 @dataclasses.dataclass
@@ -87,7 +87,7 @@ class ExportVerificationError(MismatchError, RuntimeError):
 def parse_dtype(dtype: Any) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if str(dtype).lower() in ("auto", "none", "keep"):
+    if str(dtype).lower() in KEEP_DTYPE:
         return None
     try:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]

@@ -19,6 +19,8 @@ from typing import Iterable, Mapping
 import torch
 import xxhash
 
+from .vocab import CHUNK_ELEMENTS
+
 DIGEST_ALGORITHM = "xxh3_128(name,dtype,shape,bytes);v1"
 ROOT_ALGORITHM = "xxh3_128(sorted name=digest lines);v1"
 
@@ -69,7 +71,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-_STATS_CHUNK = 1 << 24  # elements; bounds the fp64 working copy to 128 MiB however large the tensor
 
 
 def tensor_stats_pending(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +83,8 @@ def tensor_stats_pending(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if flat.dtype == torch.bool:
         n = flat.sum(dtype=torch.float64)
         return squares + n, total + n
-    for start in range(0, flat.numel(), _STATS_CHUNK):
-        c = flat[start:start + _STATS_CHUNK]
+    for start in range(0, flat.numel(), CHUNK_ELEMENTS):
+        c = flat[start:start + CHUNK_ELEMENTS]
         c = (c.abs() if c.is_complex() else c).to(torch.float64)
         squares += torch.dot(c, c)
         total += c.sum()

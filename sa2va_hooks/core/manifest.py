@@ -17,8 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 from .errors import BadInputError, MissingFileError, NotRegularFileError  # noqa: F401 - NotRegularFileError re-exported
+from .vocab import MANIFEST_FILE, STORABLE_DTYPES  # noqa: F401 - re-exported
 
-MANIFEST_FILE = "export_manifest.json"
 MANIFEST_FORMAT = "sa2va_hooks.export_manifest/v1"
 _VERSIONED = ("sa2va_hooks", "torch", "transformers", "peft", "safetensors", "mmengine", "xtuner", "deepspeed")
 
@@ -165,10 +165,6 @@ _TOP = {"format": (str, True), "converter": (str, True), "dtype": (str, True), "
         "root_digest": (str, True), "files": (dict, True), "trained": (dict, True), "training_effect": (dict, True),
         "provenance": (dict, False), "tied": (dict, False), "dropped": (dict, False), "renamed": (dict, False),
         "notes": (list, False), "readback_verified": (bool, False), "storage": (dict, False)}
-# torch's names (``str(dtype)`` without "torch.") of the dtypes the writer can store in safetensors; a test
-# holds this equal to writer._ST_DTYPES (kept here so that reading a manifest needs no torch)
-STORABLE_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
-                             "bool", "float8_e4m3fn", "float8_e5m2"})
 _TENSOR = {"file": _is_rel_file, "digest": _is_hex, "dtype": lambda v: isinstance(v, str) and v in STORABLE_DTYPES,
            "shape": _shape_ok}
 _FILE = {"size": _size_ok}

@@ -35,6 +35,7 @@ from .sharding import is_fsdp_module
 from .sharding import logical_shape as sharded_shape
 from .snapshot import live, read
 from .errors import BadInputError
+from .vocab import CHUNK_ELEMENTS
 
 ROLE_FROZEN = "frozen"
 ROLE_TRAINABLE = "trainable"  # a parameter trained directly (projector, head, mask decoder)
@@ -51,12 +52,11 @@ class NonFiniteError(BadInputError, FloatingPointError):
     the export dtype (the values do not fit it). Nothing is published."""
 
 
-_CHECK_CHUNK = 1 << 24  # elements: the temporaries of a check stay small for any tensor size
 
 
 def _chunks(t: torch.Tensor):
     flat = t.detach().reshape(-1)
-    return (flat[i:i + _CHECK_CHUNK] for i in range(0, flat.numel(), _CHECK_CHUNK))
+    return (flat[i:i + CHUNK_ELEMENTS] for i in range(0, flat.numel(), CHUNK_ELEMENTS))
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -317,7 +317,6 @@ def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: _M
     return SourceTensor(_join(name, pname), shape, dtype0, role, sources, produce, tuple(group.layer.parameters()))
 
 
-_NORM_CHUNK = 1 << 24  # elements: the fp64 working copies stay at 128 MiB for any layer size
 
 
 def _delta_norms(merged: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
@@ -325,9 +324,9 @@ def _delta_norms(merged: torch.Tensor, base: torch.Tensor) -> tuple[float, float
     m, b = merged.detach().reshape(-1), base.detach().reshape(-1)
     delta = torch.zeros((), dtype=torch.float64, device=m.device)
     norm = torch.zeros((), dtype=torch.float64, device=m.device)
-    for start in range(0, m.numel(), _NORM_CHUNK):
-        bc = b[start:start + _NORM_CHUNK].to(torch.float64)
-        dc = m[start:start + _NORM_CHUNK].to(torch.float64) - bc
+    for start in range(0, m.numel(), CHUNK_ELEMENTS):
+        bc = b[start:start + CHUNK_ELEMENTS].to(torch.float64)
+        dc = m[start:start + CHUNK_ELEMENTS].to(torch.float64) - bc
         delta += torch.dot(dc, dc)
         norm += torch.dot(bc, bc)
     return float(delta.sqrt()), float(norm.sqrt())

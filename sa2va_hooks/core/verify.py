@@ -22,10 +22,10 @@ from .manifest import (MANIFEST_FILE, ExportManifest, JSONFileError, ManifestErr
 from .workers import Workers
 from .writer import _ST_DTYPES, INDEX_FILE, SINGLE_FILE
 from .errors import BadInputError, BadTypeError, BadValueError
+from .vocab import SHARD_METADATA
 
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 # what sa2va_hooks writes into every shard's __metadata__ (and transformers needs to load it)
-SHARD_METADATA = {"format": "pt"}
 _ST_BYTES = {name: dtype.itemsize for dtype, name in _ST_DTYPES.items()}  # derived from the writer's table
 
 

@@ -34,15 +34,9 @@ import torch
 from .fingerprint import tensor_bytes
 from .manifest import NotRegularFileError, file_kind, is_regular_file  # noqa: F401 - is_regular_file for export
 from .errors import BadTypeError, BadValueError, DiskSpaceError, InternalError, OutputExistsError
+from .vocab import FLUSH_EVERY_BYTES, INDEX_FILE, SAFETENSORS_CODES, SHARD_METADATA, SINGLE_FILE  # noqa: F401 - re-exported
 
-# safetensors' dtype names (the format's spec)
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-_FLUSH_EVERY = 256 << 20
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+_ST_DTYPES = {getattr(torch, name): code for name, code in SAFETENSORS_CODES.items()}
 
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -171,7 +165,7 @@ def write_json(path: Path, obj: object) -> None:
 
 def safetensors_header(slots: Sequence[TensorSlot]) -> bytes:
     """The length-prefixed JSON header of a safetensors file holding ``slots`` in this order."""
-    header: dict = {"__metadata__": {"format": "pt"}}
+    header: dict = {"__metadata__": dict(SHARD_METADATA)}
     offset = 0
     for s in slots:
         if s.dtype not in _ST_DTYPES:
@@ -255,7 +249,7 @@ class ShardWriter:
         _write_bytes(self._f, tensor_bytes(t))
         self._next += 1
         self._pending += slot.nbytes
-        if self._pending >= _FLUSH_EVERY:
+        if self._pending >= FLUSH_EVERY_BYTES:
             self._f.flush()
             self._flusher.poke()
             self._pending = 0

@@ -20,6 +20,8 @@ from ..export import frozen_root, trained_fingerprints
 from ..records import (BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY,  # noqa: F401 - re-exported
                        build_callable_cfg)
 
+from ..core.vocab import SIDECAR_SUFFIX
+
 # trained fingerprints FingerprintHook computed at this iteration's checkpoint, handed to
 # HFExportHook so the same tensors are not hashed twice; process-local (process_state)
 CURRENT_TRAINED_KEY = "current_trained"
@@ -91,7 +93,6 @@ def snapshot_keep_last(runner, keep_last: int | None, at_checkpoints: bool) -> i
     return n
 
 
-SIDECAR_SUFFIX = ".fingerprints.json"  # FingerprintHook's sidecar: <checkpoint><suffix>, beside it
 
 
 def orphan_sidecars(runner, ckpt_dir: Path) -> list[tuple[Path, str]]:

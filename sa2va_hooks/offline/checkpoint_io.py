@@ -24,8 +24,8 @@ from ..records import BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META
 from .zero_checkpoint import (NotRegularFileError, UnsafeCheckpointError, ZeroCheckpointError,  # noqa: F401
                               consolidate, regular_file, resolve_tag_dir)
 from ..core.errors import BadInputError, BadValueError, MissingFileError
+from ..core.vocab import SIDECAR_SUFFIX
 
-SIDECAR_SUFFIX = ".fingerprints.json"
 # 0.19 removed deepspeed.runtime.fp16.onebit, which mmengine 0.10.x imports: training breaks
 DEEPSPEED_REQUIREMENT = "deepspeed>=0.18.9,<0.19"
 
