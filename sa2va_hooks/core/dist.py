@@ -169,7 +169,7 @@ class StoreGroup:
         missing = [int(k.rsplit("/", 1)[1]) for k in keys if not self.store.check([k])]
         why = f"rank(s) {', '.join(map(str, missing))} did not answer within {self.timeout_s:g} s (stuck, or dead)"
         self.abandon(why)
-        raise RankTimeoutError(missing, f"rank {self.rank}: {why}")
+        raise RankTimeoutError(missing, f"rank {self.rank}: {why}", self.rank)
 
     @contextlib.contextmanager
     def _contact(self):
@@ -216,11 +216,13 @@ class RankFailedError(ExportFailedError, RuntimeError):
 class RankTimeoutError(RankFailedError):
     """Some ranks did not reach a step of a background export in time; this rank gave up on it."""
 
-    def __init__(self, missing: list[int], why: str) -> None:
+    def __init__(self, missing: list[int], why: str, rank: int = 0) -> None:
         self.missing = missing
-        super().__init__([], "", detail=f"{why}; this rank gave up on the export and removed what it had staged. "
-                         "Nothing was published. Raise HFExportHook(timeout_s=...) if exports of this model "
-                         "legitimately take longer at one step (rank 0's load check of a very large model).")
+        outcome = ("this rank gave up on the export and removed what it had staged; nothing was published" if rank == 0
+                   else "this rank gave up on the export; rank 0 publishes nothing once a rank has given up (it "
+                   "checks before publishing), and removes the staging when it sees that")
+        super().__init__([], "", detail=f"{why}; {outcome}. Raise HFExportHook(timeout_s=...) if exports of this "
+                         "model legitimately take longer at one step (rank 0's load check of a very large model).")
 
 
 def describe(e: BaseException) -> str:
