@@ -8,6 +8,8 @@
 # - Then `pip install .` with dependency resolution, as a user installs into an existing environment.
 #   If that would change any package of the stack, the declared ranges (setup.py) do not admit it
 #   and this script fails, naming the packages.
+# - The latest stack's venv also gets the pinned development tools (DEV_TOOLS: ruff, which
+#   scripts/test.sh runs before pytest), installed when the pin changes (stamp .venv/.dev-tools).
 # The venv is .venv for the latest stack and .venv-<stack> for the others; it is rebuilt only when
 # the lock file changes. Safe to re-run.
 set -euo pipefail
@@ -29,6 +31,15 @@ if [ "$(cat "$VENV/.stack-lock" 2>/dev/null)" != "$STAMP" ]; then
   "$VENV/bin/python" -c "import torch, transformers, peft, mmengine" \
     || { echo "setup_env: the $STACK stack does not import; see the errors above" >&2; exit 1; }
   echo "$STAMP" > "$VENV/.stack-lock"
+fi
+# Development tools, outside the stack's lock (so that a new pin does not rebuild the stack); ruff.toml's
+# required-version must match.
+DEV_TOOLS="ruff==0.14.0"
+if [ "$STACK" = latest ] && [ "$(cat "$VENV/.dev-tools" 2>/dev/null)" != "$DEV_TOOLS" ]; then
+  echo "setup_env: installing $DEV_TOOLS into $VENV"
+  "$VENV/bin/pip" install "${PIP[@]}" --no-deps $DEV_TOOLS 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/ruff" --version >/dev/null || { echo "setup_env: could not install $DEV_TOOLS" >&2; exit 1; }
+  echo "$DEV_TOOLS" > "$VENV/.dev-tools"
 fi
 # sa2va_hooks itself, with dependency resolution: the ranges must admit this stack as it is
 before=$("$VENV/bin/pip" freeze --disable-pip-version-check | grep -v -i "^sa2va.hooks" | sort)
