@@ -223,7 +223,7 @@ def train(model, size: str, mode: str) -> dict:
         runner.train()
         total = time.perf_counter() - t
     runner.logger.removeHandler(collect)
-    times = [b - a for a, b in zip(timer.stamps, timer.stamps[1:])]
+    times = [b - a for a, b in zip(timer.stamps, timer.stamps[1:], strict=False)]
     ckpt = [i for i in range(len(times)) if (i + 1) % every == 0]
     after = [i for c in ckpt for i in range(c + 1, min(c + 1 + every // 2, len(times)))]
     normal = [i for i in range(every // 4, len(times)) if i not in ckpt and i not in after]

@@ -62,7 +62,7 @@ class BannerToFileRunner(Runner):
         try:
             super()._log_env(env_cfg)
         finally:
-            for h, level in zip(console, levels):
+            for h, level in zip(console, levels, strict=True):
                 h.setLevel(level)
 
 

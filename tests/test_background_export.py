@@ -138,7 +138,7 @@ def test_a_damaged_previous_shard_is_written_afresh_not_linked(tmp_path, caplog)
     with caplog.at_level("WARNING", logger="sa2va_hooks"):
         m = export_hf(pm, tmp_path / "b", max_shard_size="12KB", link_from=tmp_path / "a")
     assert frozen_file not in m.storage["linked_from"]
-    assert f"no longer holds what its manifest says" in caplog.text and frozen_file in caplog.text
+    assert "no longer holds what its manifest says" in caplog.text and frozen_file in caplog.text
     assert verify_snapshot(tmp_path / "b") == []
     assert os.stat(tmp_path / "b" / frozen_file).st_ino != os.stat(path).st_ino
     assert ExportManifest.load(tmp_path / "b").root_digest == first.root_digest

@@ -43,7 +43,7 @@ def test_plain_pretrained_model_exports_like_save_pretrained(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    for (k, a), (_, b) in zip(sorted(ours.state_dict().items()), sorted(ref.state_dict().items())):
+    for (k, a), (_, b) in zip(sorted(ours.state_dict().items()), sorted(ref.state_dict().items()), strict=True):
         assert torch.equal(a, b), k
     manifest = json.loads((tmp_path / "ours" / "export_manifest.json").read_text())
     assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}

@@ -124,7 +124,7 @@ def _same_after_cast(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -
     mask)."""
     if out.shape != ref.shape:
         return False
-    return all(torch.equal(a, b.to(dtype=dtype)) for a, b in zip(_chunks(out), _chunks(ref)))
+    return all(torch.equal(a, b.to(dtype=dtype)) for a, b in zip(_chunks(out), _chunks(ref), strict=True))
 
 
 def _plain(name: str, t: torch.Tensor, role: str, source: str) -> SourceTensor:

@@ -103,7 +103,7 @@ def index_fsdp(model: nn.Module) -> None:
                 f"FSDP unit {type(unit._fsdp_wrapped_module).__name__} was wrapped with use_orig_params=False: its "
                 "original parameters are not visible, so sa2va_hooks cannot fingerprint or export them. Use "
                 "use_orig_params=True (mmengine's MMFullyShardedDataParallel default, and required for LoRA).")
-        for p, shape in zip(params, flat._shapes):
+        for p, shape in zip(params, flat._shapes, strict=True):
             setattr(p, _FSDP_UNIT, unit)
             setattr(p, _FSDP_SHAPE, tuple(int(s) for s in shape))
 

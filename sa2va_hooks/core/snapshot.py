@@ -196,7 +196,7 @@ class SnapshotBuffers:
         # largest first: the hashing of the large tensors, which takes longest, starts first
         for name, t in sorted(items, key=lambda it: -it[1].numel() * it[1].element_size()):
             self._copy(name, t, by_id, by_name, ready)
-        found = dict(zip(trainable, stats_at())) if stats else {}
+        found = dict(zip(trainable, stats_at(), strict=True)) if stats else {}
         versions = {}
         for name, p in model.named_parameters():
             if id(p) not in by_id:
@@ -244,4 +244,4 @@ def fingerprint_capture(capture: Capture, workers: int | None = None) -> dict[st
     if not names:
         return {}
     with Workers(min(len(names), workers or min(8, os.cpu_count() or 1)), "sa2va_hooks-fingerprint") as pool:
-        return dict(zip(names, pool.map(one, names)))
+        return dict(zip(names, pool.map(one, names), strict=True))

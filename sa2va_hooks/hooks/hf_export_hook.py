@@ -13,7 +13,6 @@ failure on any rank is one error on every rank, with nothing published.
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 import time
 import traceback

@@ -406,7 +406,7 @@ def consolidate(tag_dir: Path, *, allow_pickle: bool = False) -> tuple[OrderedDi
     if stage not in (1, 2, 3):
         raise ZeroCheckpointError(f"{optim_files[0]} records ZeRO stage {stage}; only stages 1, 2 and 3 hold "
                                   "partitioned fp32 weights.")
-    for p, m in zip(model_files, models):
+    for p, m in zip(model_files, models, strict=True):
         if "param_shapes" not in m or "buffer_names" not in m:
             raise ZeroCheckpointError(f"{p} holds no param_shapes/buffer_names: it is not a DeepSpeed model-states "
                                       "file.")
@@ -464,7 +464,7 @@ def _zero12(state: OrderedDict, partitions: list[list[torch.Tensor]], model: dic
 def _slice(groups: list[torch.Tensor], starts: list[int], begin: int, length: int) -> torch.Tensor:
     """``length`` values from ``begin`` of the concatenation of ``groups`` (without concatenating them)."""
     parts, end = [], begin + length
-    for g, s in zip(groups, starts):
+    for g, s in zip(groups, starts, strict=True):
         lo, hi = max(begin, s), min(end, s + g.numel())
         if lo < hi:
             parts.append(g[lo - s:hi - s])
