@@ -218,7 +218,8 @@ def distributed(mode: str) -> None:
     runner = FlexibleRunner(
         model=model, work_dir=str(WORK / f"{mode}_wd"), train_dataloader=loader,
         train_cfg=dict(by_epoch=False, max_iters=12),
-        optim_wrapper=optim, strategy=strategy, launcher="pytorch", env_cfg=dict(dist_cfg=dict(backend="nccl" if CUDA else "gloo")),
+        optim_wrapper=optim, strategy=strategy, launcher="pytorch",
+        env_cfg=dict(dist_cfg=dict(backend="nccl" if CUDA else "gloo")),
         default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=10**6, save_last=False),
                            logger=dict(type="LoggerHook", interval=1)),
         custom_hooks=[clock, dict(type="HFExportHook", interval=4, dtype="bf16", max_shard_size="2GB", keep_last=1),

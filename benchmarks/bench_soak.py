@@ -64,7 +64,8 @@ def loop(name: str, export_one, n: int, emit) -> list[dict]:
         export_one(i)
         times.append(time.perf_counter() - t)
         if i % SAMPLE == 0 or i == 1:
-            row = {"loop": name, "export": i, **state(), "s_per_export": round(sum(times[-SAMPLE:]) / len(times[-SAMPLE:]), 4)}
+            row = {"loop": name, "export": i, **state(),
+                   "s_per_export": round(sum(times[-SAMPLE:]) / len(times[-SAMPLE:]), 4)}
             samples.append(row)
             emit(row)
     return samples

@@ -301,7 +301,8 @@ def summarize(size: str, params: int, nbytes: int, runs: dict, floor: dict, peft
         stalls = [round(c - base, 3) for c in r["ckpt_iter_s"]]
         export_s = [e["s"] for e in r["exports"].values()]
         row[mode] = {"stall_per_export_s": stalls, "stall_mean_s": round(statistics.mean(stalls), 3),
-                     "in_loop_s": r["in_loop_hooks_s"], "in_loop_mean_s": round(statistics.mean(r["in_loop_hooks_s"]), 4),
+                     "in_loop_s": r["in_loop_hooks_s"],
+                     "in_loop_mean_s": round(statistics.mean(r["in_loop_hooks_s"]), 4),
                      "in_loop_fingerprint_s": r["in_loop_fingerprint_s"],
                      "export_s": export_s, "first_export_s": export_s[0] if export_s else None,
                      "repeat_export_mean_s": round(statistics.mean(export_s[1:]), 2) if len(export_s) > 1 else None,

@@ -72,7 +72,8 @@ except ModuleNotFoundError as _e:  # the core, the converters, export_hf and the
 
     def __getattr__(name: str):
         if name in ("FingerprintHook", "HFExportHook"):
-            raise ImportError(f"sa2va_hooks.{name} needs mmengine, which is not installed: pip install 'mmengine>=0.10.6'")
+            raise ImportError(f"sa2va_hooks.{name} needs mmengine, which is not installed: "
+                              "pip install 'mmengine>=0.10.6'")
         raise AttributeError(f"module 'sa2va_hooks' has no attribute {name!r}")
 
 __all__ = ["CONVERTERS", "Converter", "ExportJob", "ExportManifest", "Fingerprint", "FingerprintSet", "FingerprintHook",

@@ -105,7 +105,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         frozen_differ = frozen & differ
         print(f"A and B differ in {len(trained & differ)} of {len(trained)} trained tensors; "
               f"{len(frozen - differ)} frozen tensors identical"
-              + (f"; {len(frozen_differ)} FROZEN tensors differ: {sorted(frozen_differ)[:10]}" if frozen_differ else ""))
+              + (f"; {len(frozen_differ)} FROZEN tensors differ: {sorted(frozen_differ)[:10]}"
+                 if frozen_differ else ""))
     print(f"A and B differ in {len(differ & common)} of {len(common)} common tensors; "
           f"{len(a.names() - b.names())} only in A, {len(b.names() - a.names())} only in B")
     pairs = Counter(d.dtypes for d in diffs if d.dtypes)
@@ -195,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir")
     v.add_argument("--checkpoint", help="also check the export's trained tensors against this checkpoint's record")
     v.add_argument("--allow-pickle", action="store_true", help="load a legacy checkpoint with full pickle")
-    v.add_argument("--load", action="store_true", help="also build the model class from config.json on the meta device "
-                                                       "and check it takes every tensor (runs the snapshot's remote code)")
+    v.add_argument("--load", action="store_true",
+                   help="also build the model class from config.json on the meta device "
+                        "and check it takes every tensor (runs the snapshot's remote code)")
     v.set_defaults(func=cmd_verify)
     d = sub.add_parser("diff", help="compare two snapshots (or HF model directories), optionally against a base")
     d.add_argument("a")

@@ -105,12 +105,14 @@ def _build_base(family: str, vocab: int) -> nn.Module:
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 1, 1]}
         import inspect
         # transformers < 4.51 keeps the LLM's settings at the top level only (no text_config)
-        nested = {"text_config": text} if "text_config" in inspect.signature(Qwen2_5_VLConfig.__init__).parameters else {}
+        has_text_config = "text_config" in inspect.signature(Qwen2_5_VLConfig.__init__).parameters
+        nested = {"text_config": text} if has_text_config else {}
         cfg = Qwen2_5_VLConfig(vision_config={**vision, "fullatt_block_indexes": [0]}, image_token_id=2,
                                video_token_id=3, vision_start_token_id=1, **nested, **text)
         return Qwen2_5_VLForConditionalGeneration(cfg)
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    text.update(head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    text.update(head_dim=8,
+                rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True})
     cfg = Qwen3VLConfig(text_config=text, vision_config={**vision, "deepstack_visual_indexes": [0],
                                                          "num_position_embeddings": 16},
                         image_token_id=2, video_token_id=3)

@@ -6,4 +6,5 @@ from .llava import LlavaConverter
 from .sa2va import Sa2VAConverter, Sa2VAQwenConverter
 
 __all__ = ["CONVERTERS", "ConversionError", "Converter", "SnapshotContext", "detect_converter",
-           "resolve_converter", "CausalLMConverter", "InternVLConverter", "LlavaConverter", "Sa2VAConverter", "Sa2VAQwenConverter"]
+           "resolve_converter", "CausalLMConverter", "InternVLConverter", "LlavaConverter", "Sa2VAConverter",
+           "Sa2VAQwenConverter"]

@@ -68,8 +68,8 @@ def written_dtype(ctx: SnapshotContext) -> Any:
         return ctx.dtype
     floating = {d for d in ctx.file_dtypes.values() if d.is_floating_point}
     if len(floating) > 1:
-        ctx.notes.append(f"the tensors are kept as in memory, in {sorted(str(d).removeprefix('torch.') for d in floating)}; "
-                         "config.json declares the widest")
+        kept = sorted(str(d).removeprefix("torch.") for d in floating)
+        ctx.notes.append(f"the tensors are kept as in memory, in {kept}; config.json declares the widest")
     return max(floating, key=lambda d: d.itemsize) if floating else None
 
 
@@ -274,8 +274,9 @@ def resolve_converter(spec: Any, model: nn.Module) -> Converter:
         return detect_converter(model)(**kwargs)
     cls = CONVERTERS.get(spec)
     if cls is None:
-        raise UnknownConverterError(f"unknown converter {spec!r}; known converters: {', '.join(sorted(CONVERTERS.module_dict))}. "
-                       "Register your own with @CONVERTERS.register_module().")
+        raise UnknownConverterError(f"unknown converter {spec!r}; known converters: "
+                                    f"{', '.join(sorted(CONVERTERS.module_dict))}. "
+                                    "Register your own with @CONVERTERS.register_module().")
     return cls(**kwargs)
 
 

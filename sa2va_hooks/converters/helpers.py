@@ -97,7 +97,8 @@ def set_llm_vocab(cfg: dict, rows: int | None, ctx: SnapshotContext, key: str = 
     sub["vocab_size"] = rows
 
 
-def copy_remote_code(code_dir: str | Path | None, out_dir: Path, ctx: SnapshotContext, *, required: bool = False) -> None:
+def copy_remote_code(code_dir: str | Path | None, out_dir: Path, ctx: SnapshotContext, *,
+                     required: bool = False) -> None:
     """Copy the remote-code ``.py`` files (not ``__init__.py``) of ``code_dir`` into the snapshot.
     ``required``: the user named the directory, so a missing one, or one with no code, is an error
     (a snapshot whose auto_map names code it lacks cannot load); otherwise, it is a best effort from
@@ -105,7 +106,8 @@ def copy_remote_code(code_dir: str | Path | None, out_dir: Path, ctx: SnapshotCo
     where = Path(code_dir) if code_dir else None
     code = sorted(f for f in where.glob("*.py") if f.name != "__init__.py") if where and where.is_dir() else []
     if required and not code:
-        raise ConversionError(f"hf_code_dir {code_dir} {'has no .py files' if where and where.is_dir() else 'does not exist'}"
+        what = "has no .py files" if where and where.is_dir() else "does not exist"
+        raise ConversionError(f"hf_code_dir {code_dir} {what}"
                               "; point it at the directory with the model's modeling_*.py and configuration_*.py.")
     for f in code:
         shutil.copy2(f, out_dir / f.name)

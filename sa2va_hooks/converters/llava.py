@@ -52,8 +52,8 @@ class LlavaConverter(Converter):
             vocab = tok.get_vocab() if tok is not None else {}
             if IMAGE_TOKEN not in vocab:
                 raise ConversionError(
-                    f"the LLaVA format needs an image token, and the tokenizer has no '{IMAGE_TOKEN}'. sa2va_hooks does "
-                    "not add it with an invented embedding row (as xtuner's to_huggingface_llava does); add the token "
+                    f"the LLaVA format needs an image token, and the tokenizer has no '{IMAGE_TOKEN}'. "
+                    "sa2va_hooks does not add it with an invented embedding row (as xtuner's to_huggingface_llava does); add the token "
                     "before training, or pass converter=dict(type='llava', image_token_index=ID) with an existing id.")
             index = vocab[IMAGE_TOKEN]
         if not 0 <= index < rows:
@@ -67,7 +67,8 @@ class LlavaConverter(Converter):
         vision = unwrap_hf(model.visual_encoder).config
         cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                           image_token_index=self._image_token_index(model, text.vocab_size),
-                          projector_hidden_act="gelu", vision_feature_layer=int(getattr(model, "visual_select_layer", -2)),
+                          projector_hidden_act="gelu",
+                          vision_feature_layer=int(getattr(model, "visual_select_layer", -2)),
                           vision_feature_select_strategy=self.select_strategy,
                           tie_word_embeddings=text.tie_word_embeddings)
         if ctx.dtype is not None:

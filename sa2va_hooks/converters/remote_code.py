@@ -42,7 +42,8 @@ class RemoteCode:
     classes: tuple[CodeClass, ...]
 
     def config_classes(self, model_type: str | None = None) -> list[CodeClass]:
-        return [c for c in self.classes if c.model_type is not None and (model_type is None or c.model_type == model_type)]
+        return [c for c in self.classes
+                if c.model_type is not None and (model_type is None or c.model_type == model_type)]
 
     def find(self, ref: str) -> CodeClass | None:
         return next((c for c in self.classes if c.ref == ref), None)
@@ -93,7 +94,8 @@ def read_remote_code(code_dir: str | Path) -> RemoteCode:
     directory = Path(code_dir)
     if not directory.is_dir():
         raise RemoteCodeError(f"hf_code_dir {directory} does not exist; point it at the directory with the model's "
-                              "modeling_*.py and configuration_*.py (for Sa2VA: its projects/sa2va/hf/<family> folder).")
+                              "modeling_*.py and configuration_*.py "
+                              "(for Sa2VA: its projects/sa2va/hf/<family> folder).")
     classes: list[CodeClass] = []
     for path in sorted(directory.glob("*.py")):
         if path.name == "__init__.py":
@@ -120,7 +122,8 @@ def _code_class(module: str, node: ast.ClassDef) -> CodeClass:
     config_class = assigned.get("config_class")
     return CodeClass(
         module=module, name=node.name, bases=tuple(_last_name(b) for b in node.bases),
-        model_type=model_type.value if isinstance(model_type, ast.Constant) and isinstance(model_type.value, str) else None,
+        model_type=(model_type.value if isinstance(model_type, ast.Constant) and isinstance(model_type.value, str)
+                    else None),
         config_class=_last_name(config_class) if config_class is not None else None)
 
 

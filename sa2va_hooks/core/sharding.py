@@ -115,7 +115,8 @@ def refuse_unsupported_sharding(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if type(p).__name__ == "FlatParameter" or type(getattr(p, "data", p)).__name__ == "DTensor":
             raise UnsupportedShardingError(
-                f"parameter '{name}' is a {type(p).__name__} shard ({'FSDP2/DTensor' if 'DTensor' in repr(type(p.data)) else 'FSDP flat parameter'}); "
+                f"parameter '{name}' is a {type(p).__name__} shard "
+                f"({'FSDP2/DTensor' if 'DTensor' in repr(type(p.data)) else 'FSDP flat parameter'}); "
                 "sa2va_hooks gathers DeepSpeed ZeRO-3 and FSDP (use_orig_params=True) shards, not this kind, and would "
                 "otherwise fingerprint and export one rank's slice. Train with DeepSpeed ZeRO-2/3, DDP or mmengine's "
                 "FSDPStrategy, or export offline from a full checkpoint.")

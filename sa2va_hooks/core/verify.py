@@ -235,9 +235,11 @@ def _tensor_headers(fname: str, header: dict, manifest: ExportManifest, data_siz
         if m is not None and m["file"] == fname:
             want = _ST_DTYPES.get(getattr(torch, m["dtype"], None), f"unknown dtype {m['dtype']!r}")
             if e.get("dtype") != want:
-                problems.append(f"mismatch dtype of {name} in {fname}: manifest says {want}, header says {e.get('dtype')}")
+                problems.append(f"mismatch dtype of {name} in {fname}: manifest says {want}, "
+                                f"header says {e.get('dtype')}")
             if e["shape"] != m["shape"]:
-                problems.append(f"mismatch shape of {name} in {fname}: manifest says {m['shape']}, header says {e['shape']}")
+                problems.append(f"mismatch shape of {name} in {fname}: manifest says {m['shape']}, "
+                                f"header says {e['shape']}")
         start, end = e["data_offsets"]
         count = 1
         for d in e["shape"]:

@@ -339,7 +339,9 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
-def check_free_space(directory: Path, need_bytes: int, advice: str = "Free some space, choose another output directory, or (in training) lower HFExportHook's keep_last.") -> None:
+def check_free_space(directory: Path, need_bytes: int,
+                     advice: str = "Free some space, choose another output directory, "
+                                   "or (in training) lower HFExportHook's keep_last.") -> None:
     """Refuse before writing a byte, rather than fail halfway with a half-written snapshot."""
     need = need_bytes + free_space_margin(need_bytes)
     free = shutil.disk_usage(directory).free

@@ -235,8 +235,8 @@ class HFExportHook(Hook):
             self._failed(runner, point, out, e)
 
     def _failed(self, runner, point: dict, out: Path, e: BaseException) -> None:
-        runner.logger.error(f"[sa2va_hooks] HF export of iteration {point['iter']} to {out} FAILED; {_training_state()} "
-                            f"and earlier snapshots are untouched. Cause: {type(e).__name__}: {e}")
+        runner.logger.error(f"[sa2va_hooks] HF export of iteration {point['iter']} to {out} FAILED; "
+                            f"{_training_state()} and earlier snapshots are untouched. Cause: {type(e).__name__}: {e}")
         runner.logger.debug("".join(traceback.format_exception(e)))
 
     def _arguments(self, runner, point: dict) -> dict:

@@ -183,7 +183,8 @@ def _check_out_first(out: Path, overwrite: bool, log: Callable[[str], None]) -> 
     directory, so nothing is computed for an export that cannot be published."""
     clean_leftovers(out.parent, owns=lambda name: name == out.name, log=log)
     if out.exists() and (not out.is_dir() or out.is_symlink()):
-        raise OutputExistsError(f"--out {out} exists and is not a snapshot directory; remove it or choose another path.")
+        raise OutputExistsError(f"--out {out} exists and is not a snapshot directory; "
+                                "remove it or choose another path.")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"--out {out} already exists; pass --overwrite to replace it (the old snapshot stays "
                               "in place until the new one is complete), or choose another path.")

@@ -292,8 +292,8 @@ def resolve_tag_dir(root: Path) -> Path:
             "pass the tag directory itself.")
     tag_dir = root / tag
     if not tag_dir.resolve().is_relative_to(root.resolve()):
-        raise UnsafeCheckpointError(f"{latest} names tag directory {tag_dir}, which resolves outside {root} (a symlink); "
-                                    "it was not followed. Pass the tag directory itself if you trust it.")
+        raise UnsafeCheckpointError(f"{latest} names tag directory {tag_dir}, which resolves outside {root} "
+                                    "(a symlink); it was not followed. Pass the tag directory itself if you trust it.")
     if not tag_dir.is_dir():
         raise MissingFileError(f"{latest} names tag {tag!r}, but {tag_dir} is not a directory: the checkpoint was "
                                 "removed or not completely copied. Pass an existing tag directory.")
@@ -326,8 +326,8 @@ def check_globals(path: Path) -> None:
     unknown = sorted(n for n in names if n not in allowed and not _is_storage_name(n))
     if unknown:
         raise UnsafeCheckpointError(
-            f"{path} needs types outside the safe list to load ({', '.join(u[:120] for u in unknown[:20])}); nothing in "
-            "it was run. If you trust the directory, pass --allow-pickle (the bypass is recorded in the manifest).")
+            f"{path} needs types outside the safe list to load ({', '.join(u[:120] for u in unknown[:20])}); "
+            "nothing in it was run. If you trust the directory, pass --allow-pickle (the bypass is recorded in the manifest).")
 
 
 def load_pt(path: Path, *, allow_pickle: bool = False) -> dict:
