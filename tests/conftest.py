@@ -20,7 +20,8 @@ def tiny_qwen2(vocab: int = 96, tie: bool = False, seed: int = 0):
 
 
 # The newest stack's PEFT (requirements/newest.txt). On it every PEFT feature must build; an older PEFT
-# (Sa2VA's `legacy` stack, 0.11.1; `latest` has 0.17.1) may lack some, and those cases skip with PEFT's own error as the reason.
+# (Sa2VA's `legacy` stack, 0.11.1; `latest` has 0.17.1) may lack some, and those cases skip with PEFT's own
+# error as the reason.
 NEWEST_TESTED_PEFT = "0.21"
 
 

@@ -36,7 +36,8 @@ def test_background_and_synchronous_hooks_write_the_same_snapshots(trained_run, 
     runner_bg, work_bg = trained_run  # the demo config: background export (the default)
     train_tiny(tmp_path, tiny_base, seed=0, data_seed=0, hooks=_hooks(background=False))
     for it in (3, 6):
-        bg, sync = ExportManifest.load(work_bg / "hf" / f"iter_{it}"), ExportManifest.load(tmp_path / "hf" / f"iter_{it}")
+        bg = ExportManifest.load(work_bg / "hf" / f"iter_{it}")
+        sync = ExportManifest.load(tmp_path / "hf" / f"iter_{it}")
         assert bg.provenance["background"] is True and sync.provenance["background"] is False
         assert bg.root_digest == sync.root_digest
         assert {n: t["digest"] for n, t in bg.tensors.items()} == {n: t["digest"] for n, t in sync.tensors.items()}
@@ -54,7 +55,8 @@ def test_training_is_bit_identical_with_the_background_hook_and_without_hooks(tr
     assert with_hooks.keys() == without.keys()
     changed = [n for n, p in without.items() if p.requires_grad and not torch.equal(p, with_hooks[n])]
     assert not changed, changed[:5]
-    assert any(not torch.equal(p, q) for (n, p), q in zip(without.items(), _fresh_trainables(tiny_base, without), strict=True))
+    fresh = _fresh_trainables(tiny_base, without)
+    assert any(not torch.equal(p, q) for (n, p), q in zip(without.items(), fresh, strict=True))
     assert all(torch.equal(p, with_hooks[n]) for n, p in without.items())
 
 

@@ -27,7 +27,8 @@ from sa2va_hooks.core.verify import verify_snapshot
 
 def _peft_model():
     from peft import LoraConfig, get_peft_model
-    pm = get_peft_model(tiny_qwen2(seed=3), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+    pm = get_peft_model(tiny_qwen2(seed=3), LoraConfig(r=4, lora_alpha=8,
+                                                       target_modules=["q_proj", "v_proj", "up_proj"],
                                                        modules_to_save=["lm_head"]))
     train_like(pm, seed=5)
     return pm

@@ -101,7 +101,8 @@ def test_unknown_converter_lists_known_ones(tmp_path):
 
 
 def test_auto_detection_failure_names_the_class(tmp_path):
-    with pytest.raises(ConversionError, match=r"no converter matches a model of class torch\.nn\.modules\.linear\.Linear"):
+    with pytest.raises(ConversionError,
+                       match=r"no converter matches a model of class torch\.nn\.modules\.linear\.Linear"):
         export_hf(torch.nn.Linear(2, 2), tmp_path / "out")
 
 

@@ -40,7 +40,8 @@ from conftest import tiny_qwen2, train_like
 from peft import LoraConfig, get_peft_model
 from sa2va_hooks import export_hf
 
-model = get_peft_model(tiny_qwen2(seed=11, tie=True), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+model = get_peft_model(tiny_qwen2(seed=11, tie=True),
+                       LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 train_like(model, seed=12)
 params = [p for p in model.parameters() if p.requires_grad]
 cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
@@ -128,5 +129,7 @@ def test_every_file_and_root_digest_equal_the_pinned_ones(exported):
             problems.append(f"{case}: root digest {b['root_digest']} != pinned {a['root_digest']}")
         for name in sorted(set(a["files"]) | set(b["files"])):
             if a["files"].get(name) != b["files"].get(name):
-                problems.append(f"{case}/{name}: {'missing' if name not in b['files'] else 'extra' if name not in a['files'] else 'bytes differ'}")
+                what = ("missing" if name not in b["files"] else "extra" if name not in a["files"]
+                        else "bytes differ")
+                problems.append(f"{case}/{name}: {what}")
     assert problems == [], "\n".join(problems)

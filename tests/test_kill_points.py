@@ -65,7 +65,8 @@ def _run(root: Path, staging: Path, mode: str, kill_at: tuple[str, int] | None) 
             if mode == "fallback":
                 writer.exchange = lambda a, b: False  # a filesystem without RENAME_EXCHANGE
             for owner, attr, label in [(writer, "fsync_path", "fsync"), (writer, "exchange", "exchange"),
-                                       (os, "rename", "rename"), (shutil, "rmtree", "rmtree"), (os, "unlink", "unlink")]:
+                                       (os, "rename", "rename"), (shutil, "rmtree", "rmtree"),
+                                       (os, "unlink", "unlink")]:
                 instrument(owner, attr, label)
             if mode == "prune":
                 writer.remove_snapshot(root / "iter_2")

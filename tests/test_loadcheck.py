@@ -92,16 +92,18 @@ def test_tied_lm_head_left_out_agrees_with_from_pretrained(tied_sa2va, tmp_path,
 def test_unknown_template_is_refused_listing_the_known_ones(tied_sa2va, tmp_path):
     """Refused before a byte is written (read from the remote code's table without running it), and
     the load check, run on a written snapshot whose config names it, refuses it too."""
-    with pytest.raises(ConversionError, match=r"nothing was written\):\n- template 'internvl2_5' is not one Sa2VA's HF "
-                                              r"code knows \(templates\.PROMPT_TEMPLATE in .*internlm2_chat, qwen_chat, "
-                                              r"tiny_chat\); set the config's top-level template"):
+    with pytest.raises(ConversionError,
+                       match=r"nothing was written\):\n- template 'internvl2_5' is not one Sa2VA's HF "
+                             r"code knows \(templates\.PROMPT_TEMPLATE in .*internlm2_chat, qwen_chat, "
+                             r"tiny_chat\); set the config's top-level template"):
         export_hf(tied_sa2va, tmp_path / "out", converter=dict(type="tiny_sa2va", template="internvl2_5"))
     assert not list(tmp_path.iterdir())
     manifest = export_hf(tied_sa2va, tmp_path / "ok", converter="tiny_sa2va")
     cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg, "template": "internvl2_5"}))
-    with pytest.raises(SnapshotLoadError, match=r"template 'internvl2_5' is not one the remote code knows "
-                                                r"\(templates\.PROMPT_TEMPLATE\): internlm2_chat, qwen_chat, tiny_chat"):
+    with pytest.raises(SnapshotLoadError,
+                       match=r"template 'internvl2_5' is not one the remote code knows "
+                             r"\(templates\.PROMPT_TEMPLATE\): internlm2_chat, qwen_chat, tiny_chat"):
         check_snapshot_loads(tmp_path / "ok", manifest.tensors, template_table="templates.PROMPT_TEMPLATE")
 
 

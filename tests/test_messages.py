@@ -44,8 +44,10 @@ def test_a_write_error_names_the_file(tmp_path):
     assert str(path) in str(e.value)
 
 
-@pytest.mark.parametrize("content,words", [(b"", "is empty (0 bytes)"),
-                                           (bytes(range(7, 200)), "is not a torch checkpoint (it starts with bytes 07 08")])
+@pytest.mark.parametrize("content,words", [
+    (b"", "is empty (0 bytes)"),
+    (bytes(range(7, 200)), "is not a torch checkpoint (it starts with bytes 07 08"),
+])
 def test_a_file_that_is_no_checkpoint_is_called_so(tmp_path, content, words):
     bad = tmp_path / "iter_3.pth"
     bad.write_bytes(content)

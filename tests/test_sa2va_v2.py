@@ -274,7 +274,8 @@ def test_v2_hook_without_hf_code_dir_stops_the_run_before_the_first_iteration(tm
     from mmengine.runner import Runner
     family_or_skip("qwen2_5_vl")
     runner = Runner.from_cfg(v2_run_config("qwen2_5_vl", tmp_path, hf_code_dir=None))
-    with pytest.raises(ConversionError, match=r"hf_code_dir='<your Sa2VA checkout>/projects/sa2va/hf/models_qwen2_5_vl'"):
+    with pytest.raises(ConversionError,
+                       match=r"hf_code_dir='<your Sa2VA checkout>/projects/sa2va/hf/models_qwen2_5_vl'"):
         runner.train()
     assert runner.iter == 0 and not list((tmp_path / "wd").glob("iter_*")) and not (tmp_path / "wd" / "hf").exists()
 

@@ -62,7 +62,8 @@ def resized_qwen():
     model, cls, inputs = qwen()
     # 4 tokens added for the fine-tune; transformers < 4.46 has no mean_resizing (and never mean-resizes)
     import inspect
-    kw = {"mean_resizing": False} if "mean_resizing" in inspect.signature(model.resize_token_embeddings).parameters else {}
+    has_mean_resizing = "mean_resizing" in inspect.signature(model.resize_token_embeddings).parameters
+    kw = {"mean_resizing": False} if has_mean_resizing else {}
     model.resize_token_embeddings(100, **kw)
     return model, cls, lambda: {"input_ids": torch.randint(0, 100, (2, 9), generator=G)}
 
@@ -79,7 +80,8 @@ CASES = {
     "linear_bf16": (qwen, lora(r=8, lora_alpha=16, target_modules="all-linear"), torch.bfloat16, torch.bfloat16),
     "linear_fp16": (qwen, lora(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]), torch.float16, torch.float16),
     "linear_fp32": (qwen, lora(r=4, lora_alpha=32, target_modules=["o_proj"]), torch.float32, torch.float32),
-    "rslora": (qwen, lora(r=8, lora_alpha=4, use_rslora=True, target_modules=ALL_LINEAR), torch.float32, torch.bfloat16),
+    "rslora": (qwen, lora(r=8, lora_alpha=4, use_rslora=True, target_modules=ALL_LINEAR),
+               torch.float32, torch.bfloat16),
     "rank_and_alpha_pattern": (qwen, lora(r=4, lora_alpha=8, target_modules=ALL_LINEAR,
                                           rank_pattern={"q_proj": 2, "down_proj": 6},
                                           alpha_pattern={"down_proj": 32}), torch.float32, torch.bfloat16),
@@ -110,9 +112,12 @@ CASES = {
     "partially_frozen": (qwen, "freeze_layer0", torch.float32, torch.bfloat16),
     "adalora": (qwen, lambda: AdaLoraConfig(init_r=6, target_r=4, target_modules=["q_proj", "v_proj"], total_step=10),
                 torch.float32, torch.bfloat16),
-    "loha": (qwen, lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), torch.float32, torch.bfloat16),
-    "lokr": (qwen, lambda: LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), torch.float32, torch.bfloat16),
-    "ia3": (qwen, lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "loha": (qwen, lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+             torch.float32, torch.bfloat16),
+    "lokr": (qwen, lambda: LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+             torch.float32, torch.bfloat16),
+    "ia3": (qwen, lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                    feedforward_modules=["down_proj"]),
             torch.float32, torch.bfloat16),
 }
 # Where the PeftModel itself cannot run forward, compare with PEFT's own merged fp32 model.

@@ -212,7 +212,8 @@ CASES = {
     "tokenizer_json_byte": ("sa2va", _file_byte("tokenizer.json"), 1, "tokenizer.json"),
     "tokenizer_config_byte": ("sa2va", _file_byte("tokenizer_config.json"), 1, "tokenizer_config.json"),
     # transformers 5 writes no special_tokens_map.json: the tokenizer file that is there
-    "tokenizer_file_deleted": ("sa2va", lambda d: next(d / n for n in ("special_tokens_map.json", "tokenizer_config.json")
+    "tokenizer_file_deleted": ("sa2va", lambda d: next(d / n
+                                                       for n in ("special_tokens_map.json", "tokenizer_config.json")
                                                        if (d / n).exists()).unlink(), 1, "missing file"),
     "remote_code_modeling_byte": ("sa2va", _file_byte("modeling_tiny_sa2va.py"), 1, "modeling_tiny_sa2va.py"),
     "remote_code_configuration_deleted": ("sa2va", _delete("configuration_tiny_sa2va.py"), 1,

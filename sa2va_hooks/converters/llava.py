@@ -53,8 +53,9 @@ class LlavaConverter(Converter):
             if IMAGE_TOKEN not in vocab:
                 raise ConversionError(
                     f"the LLaVA format needs an image token, and the tokenizer has no '{IMAGE_TOKEN}'. "
-                    "sa2va_hooks does not add it with an invented embedding row (as xtuner's to_huggingface_llava does); add the token "
-                    "before training, or pass converter=dict(type='llava', image_token_index=ID) with an existing id.")
+                    "sa2va_hooks does not add it with an invented embedding row (as xtuner's to_huggingface_llava "
+                    "does); add the token before training, or pass converter=dict(type='llava', "
+                    "image_token_index=ID) with an existing id.")
             index = vocab[IMAGE_TOKEN]
         if not 0 <= index < rows:
             raise ConversionError(f"image_token_index {index} is outside the {rows} embedding rows of the LLM; pass "

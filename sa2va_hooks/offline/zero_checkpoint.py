@@ -327,7 +327,8 @@ def check_globals(path: Path) -> None:
     if unknown:
         raise UnsafeCheckpointError(
             f"{path} needs types outside the safe list to load ({', '.join(u[:120] for u in unknown[:20])}); "
-            "nothing in it was run. If you trust the directory, pass --allow-pickle (the bypass is recorded in the manifest).")
+            "nothing in it was run. If you trust the directory, pass --allow-pickle "
+            "(the bypass is recorded in the manifest).")
 
 
 def load_pt(path: Path, *, allow_pickle: bool = False) -> dict:

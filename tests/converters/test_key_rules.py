@@ -100,7 +100,8 @@ def test_gamma_dropped_or_mapped_away_is_fine():
         key_rules = ((r"^drop\.", None), (r"^(.*)$", r"\1"))
         post_rules = ((r"\.gamma$", ".g_weight"),)
 
-    assert Away().map_keys(["drop.norm.gamma", "keep.gamma"]) == {"drop.norm.gamma": None, "keep.gamma": "keep.g_weight"}
+    assert Away().map_keys(["drop.norm.gamma", "keep.gamma"]) == {"drop.norm.gamma": None,
+                                                                  "keep.gamma": "keep.g_weight"}
 
 
 def test_two_keys_mapped_to_one_name_is_an_error_but_two_drops_are_not():
@@ -130,7 +131,8 @@ def test_every_problem_is_reported_at_once():
 # -- each family's table --------------------------------------------------------------------------------
 
 FAMILY_KEYS = [
-    (LlavaConverter, "llm.model.layers.0.self_attn.q_proj.weight", "language_model.model.layers.0.self_attn.q_proj.weight"),
+    (LlavaConverter, "llm.model.layers.0.self_attn.q_proj.weight",
+     "language_model.model.layers.0.self_attn.q_proj.weight"),
     (LlavaConverter, "llm.lm_head.weight", "language_model.lm_head.weight"),
     (LlavaConverter, "visual_encoder.vision_model.embeddings.patch_embedding.weight",
      "vision_tower.vision_model.embeddings.patch_embedding.weight"),

@@ -89,7 +89,8 @@ WRONG_TYPE = {"format": 1, "converter": None, "dtype": ["bf16"], "tensors": [], 
 MALFORMED = [  # (id, mutation, the field path the report must name)
     *[(f"missing-{k}", _del([k]), f"{k}: missing") for k in REQUIRED],
     *[(f"type-{k}", _set([k], v), f"{k}: expected ") for k, v in WRONG_TYPE.items()],
-    ("format-other", _set(["format"], "sa2va_hooks.export_manifest/v0"), "format: 'sa2va_hooks.export_manifest/v0' is not"),
+    ("format-other", _set(["format"], "sa2va_hooks.export_manifest/v0"),
+     "format: 'sa2va_hooks.export_manifest/v0' is not"),
     ("root-not-hex", _set(["root_digest"], "xyz"), "root_digest: 'xyz' is not a hex digest"),
     ("root-upper", _set(["root_digest"], "AB" * 32), f"root_digest: {'AB' * 32!r} is not a hex digest"),
     ("root-empty", _set(["root_digest"], ""), "root_digest: '' is not a hex digest"),
@@ -107,7 +108,8 @@ MALFORMED = [  # (id, mutation, the field path the report must name)
     ("tensor-dtype-missing", _del(["tensors", T, "dtype"]), f"tensors.{T}.dtype: missing"),
     ("tensor-dtype-unstorable", _set(["tensors", T, "dtype"], "complex64"),
      f"tensors.{T}.dtype: malformed value 'complex64' (not one of bfloat16, bool, float16"),
-    ("tensor-dtype-torch-prefix", _set(["tensors", T, "dtype"], "torch.float32"), f"tensors.{T}.dtype: malformed value"),
+    ("tensor-dtype-torch-prefix", _set(["tensors", T, "dtype"], "torch.float32"),
+     f"tensors.{T}.dtype: malformed value"),
     ("tensor-shape-missing", _del(["tensors", T, "shape"]), f"tensors.{T}.shape: missing"),
     ("tensor-shape-negative", _set(["tensors", T, "shape"], [4, -1]), f"tensors.{T}.shape: malformed value [4, -1]"),
     ("tensor-shape-bool", _set(["tensors", T, "shape"], [True]), f"tensors.{T}.shape: malformed value"),
@@ -123,7 +125,8 @@ MALFORMED = [  # (id, mutation, the field path the report must name)
     ("file-header-sha", _set(["files", F, "header_sha256"], None), f"files.{F}.header_sha256: malformed value None"),
     ("tied-not-string", _set(["tied"], {"lm_head.weight": 1}), "tied.lm_head.weight: expected a string, got int"),
     ("dropped-not-string", _set(["dropped"], {"x": None}), "dropped.x: expected a string, got NoneType"),
-    ("renamed-not-string", _set(["renamed"], {"a.gamma": ["a.g_weight"]}), "renamed.a.gamma: expected a string, got list"),
+    ("renamed-not-string", _set(["renamed"], {"a.gamma": ["a.g_weight"]}),
+     "renamed.a.gamma: expected a string, got list"),
 ]
 
 

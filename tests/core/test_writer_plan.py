@@ -239,7 +239,8 @@ def test_header_and_data_load_with_safetensors():
 
 
 def test_header_offsets_are_contiguous_in_plan_order():
-    slots = [TensorSlot("z", (3,), torch.float32), TensorSlot("a", (2, 2), torch.float16), TensorSlot("m", (), torch.bool)]
+    slots = [TensorSlot("z", (3,), torch.float32), TensorSlot("a", (2, 2), torch.float16),
+             TensorSlot("m", (), torch.bool)]
     _, header = _split_header(safetensors_header(slots))
     assert header.pop("__metadata__") == {"format": "pt"}
     assert list(header) == ["z", "a", "m"]
