@@ -26,7 +26,7 @@ def test_root_digest_ignores_order_but_not_content():
 
 
 def test_chunked_fp64_statistics_equal_a_direct_fp64_computation(monkeypatch):
-    monkeypatch.setattr(fp, "_STATS_CHUNK", 7)  # many chunks, a ragged last one
+    monkeypatch.setattr(fp, "CHUNK_ELEMENTS", 7)  # many chunks, a ragged last one
     g = torch.Generator().manual_seed(2)
     for t in [torch.randn(5, 9, generator=g), torch.randn(31, generator=g).to(torch.bfloat16), torch.tensor(2.5),
               torch.zeros(0, 3), torch.randint(-9, 9, (11,), generator=g), torch.rand(13, generator=g) > 0.5]:
