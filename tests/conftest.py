@@ -93,6 +93,16 @@ def train_like(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> No
                 p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
 
 
+def lora_qwen2():
+    """The tiny Qwen2 with LoRA on q/v/up and a saved copy of lm_head, trained-like (seeds 3 and 5): the
+    model the collective and rank-fault tests export on every rank and in one process."""
+    from peft import LoraConfig, get_peft_model
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], modules_to_save=["lm_head"])
+    pm = get_peft_model(tiny_qwen2(seed=3), lora)
+    train_like(pm, seed=5)
+    return pm
+
+
 def snapshot_params(model: torch.nn.Module) -> dict:
     return {n: (p.detach().clone(), p._version) for n, p in model.named_parameters()}
 

@@ -17,21 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
-from conftest import tiny_qwen2, train_like
+from conftest import lora_qwen2, tiny_qwen2
 from sa2va_hooks import export_hf
 from sa2va_hooks.core.dist import RankGroup
 from sa2va_hooks.core.fingerprint import digest_tensor, root_digest
 from sa2va_hooks.core.sharding import ShardedTensorError
 from sa2va_hooks.core.verify import verify_snapshot
-
-
-def _peft_model():
-    from peft import LoraConfig, get_peft_model
-    pm = get_peft_model(tiny_qwen2(seed=3), LoraConfig(r=4, lora_alpha=8,
-                                                       target_modules=["q_proj", "v_proj", "up_proj"],
-                                                       modules_to_save=["lm_head"]))
-    train_like(pm, seed=5)
-    return pm
 
 
 def _worker(rank: int, world: int, init: str, out: str, scenario: str, result_dir: str) -> None:
@@ -40,7 +31,7 @@ def _worker(rank: int, world: int, init: str, out: str, scenario: str, result_di
     try:
         if scenario == "private_dir" and rank == 1:
             _hide_directory(Path(out).parent)
-        pm = _peft_model()
+        pm = lora_qwen2()
         if scenario == "fail_rank1" and rank == 1:
             import sa2va_hooks.core.export as ex
 
@@ -92,7 +83,7 @@ def test_two_ranks_write_one_snapshot_equal_to_a_single_process_export(tmp_path)
     assert set(results[0]["writers"].values()) == {0, 1}, "both ranks write shards"
     snap = tmp_path / "hf" / "iter_1"
     assert verify_snapshot(snap) == []
-    single = export_hf(_peft_model(), tmp_path / "single", dtype="bf16", max_shard_size=20000,
+    single = export_hf(lora_qwen2(), tmp_path / "single", dtype="bf16", max_shard_size=20000,
                        group=RankGroup(0, 1))
     assert single.root_digest == results[0]["root"]
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["iter_1"]

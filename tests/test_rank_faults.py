@@ -22,21 +22,12 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import tiny_qwen2, train_like
+from conftest import lora_qwen2
 from sa2va_hooks import export_hf
 from sa2va_hooks.core.dist import RankGroup
 from sa2va_hooks.core.verify import verify_snapshot
 
 TIMEOUT_S = 4.0  # the export's own per-step timeout in the scenarios that need one
-
-
-def _peft_model():
-    from peft import LoraConfig, get_peft_model
-    pm = get_peft_model(tiny_qwen2(seed=3), LoraConfig(r=4, lora_alpha=8,
-                                                       target_modules=["q_proj", "v_proj", "up_proj"],
-                                                       modules_to_save=["lm_head"]))
-    train_like(pm, seed=5)
-    return pm
 
 
 def _wait_for(path: Path) -> None:
@@ -91,7 +82,7 @@ def _worker(rank: int, world: int, init: str, out: str, scenario: str, result_di
     results = Path(result_dir)
     outcome: dict = {"rank": rank}
     try:
-        pm = _peft_model()
+        pm = lora_qwen2()
         group = RankGroup.background(TIMEOUT_S)
         if rank == 1 and scenario in ("writer_raises", "stuck", "killed", "dies_after_records"):
             _Faults(scenario, results).install()
@@ -160,7 +151,7 @@ def _nothing_left(root: Path) -> list[str]:
 
 
 def _single_process_root(tmp_path: Path) -> str:
-    return export_hf(_peft_model(), tmp_path / "single", dtype="bf16", max_shard_size=20000).root_digest
+    return export_hf(lora_qwen2(), tmp_path / "single", dtype="bf16", max_shard_size=20000).root_digest
 
 
 def test_two_ranks_export_in_the_background_through_the_store(tmp_path):
