@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import pickle
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch.distributed as dist
 from .errors import BadValueError, ExportFailedError
@@ -22,11 +22,12 @@ DEFAULT_TIMEOUT_S = 600.0
 
 @dataclasses.dataclass(frozen=True)
 class RankGroup:
+    """The ranks over the default (training) process group; background exports use a
+    :class:`StoreGroup` instead, with the same methods."""
+
     rank: int
     world: int
-    # the process group the exchanges use; None is the default (training) group. A background
-    # export uses a gloo group of its own, so its exchanges never interleave with training's.
-    pg: Any = dataclasses.field(default=None, compare=False, repr=False)
+    timeout_s: ClassVar[float | None] = None  # the process group's own (the job's) timeout applies
 
     @classmethod
     def current(cls) -> "RankGroup":
@@ -59,7 +60,7 @@ class RankGroup:
         if self.world == 1:
             return [obj]
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj, group=self.pg)
+        dist.all_gather_object(out, obj)
         return out
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
@@ -67,7 +68,7 @@ class RankGroup:
         if self.world == 1:
             return obj
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src, group=self.pg)
+        dist.broadcast_object_list(box, src=src)
         return box[0]
 
 

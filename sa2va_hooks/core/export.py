@@ -364,7 +364,7 @@ class ExportTask:
             raise
         work = _RankWork(self.model, self.export_plan.entries, self.plan, self.dt, trained, self.baseline, self.group,
                          self.progress)
-        queue = _ByteQueue(budget, getattr(self.group, "timeout_s", None))
+        queue = _ByteQueue(budget, self.group.timeout_s)
         if self._abandoned:
             queue.abandon()
         self._front = (trained, staging, work, queue)
