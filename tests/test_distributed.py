@@ -20,8 +20,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,26 @@ def _launch(cwd: Path, mode: str, *, hooks: bool = True, env_extra: dict | None 
     return work, log
 
 
+_TORCH_ABORT = "terminate called without an active exception"
+
+
+def _reference_launch(cwd: Path, mode: str) -> Path:
+    """The launch without the hooks, the reference the hooked run is compared with. It is launched a
+    second time only when a rank died of a C++ ``std::terminate`` with the hooks off (so with none of
+    the product's code running): seen once, in CI on 2026-11-30 (DDP, rank 1, SIGABRT after the
+    checkpoint at iteration 6; 0 of 12 relaunches here did it again). A hooked run is never
+    relaunched: there an abort is the product's failure until shown otherwise."""
+    try:
+        return _launch(cwd, mode, hooks=False)[0]
+    except AssertionError as e:
+        if _TORCH_ABORT not in str(e):
+            raise
+        warnings.warn(f"{mode} without the hooks: a rank aborted in torch ({_TORCH_ABORT!r}); launched again",
+                      stacklevel=2)
+        shutil.rmtree(cwd / f"{mode}_nohooks", ignore_errors=True)
+        return _launch(cwd, mode, hooks=False)[0]
+
+
 @pytest.fixture(scope="module")
 def cwd(tmp_path_factory):
     from sa2va_demo.tiny_llm import make_tiny_llm
@@ -99,7 +121,7 @@ class _Runs(dict):
 
     def __missing__(self, mode: str):
         with_hooks = _launch(self.cwd, mode)
-        without, _ = _launch(self.cwd, mode, hooks=False)
+        without = _reference_launch(self.cwd, mode)
         self[mode] = (*with_hooks, without)
         return self[mode]
 
