@@ -405,13 +405,13 @@ def probe(size: str) -> dict:
         import sa2va_hooks.core.export as ex
         real = ex._RankWork._produce
 
-        def traced(self, slot, st, fname, record=True):  # peak above the allocation before the export
+        def traced(self, entry, record=True):  # peak above the allocation before the export
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             try:
-                return real(self, slot, st, fname, record)
+                return real(self, entry, record)
             finally:
-                peaks[f"{slot.name} ({st.role})"] = (torch.cuda.max_memory_allocated() - start[0]) / 2**30
+                peaks[f"{entry.name} ({entry.role})"] = (torch.cuda.max_memory_allocated() - start[0]) / 2**30
         start = [0]
         ex._RankWork._produce = traced
     if CUDA:

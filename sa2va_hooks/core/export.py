@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import datetime
 import logging
-import math
 import shutil
 import threading
 import time
@@ -30,20 +29,20 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from .fingerprint import (Fingerprint, FingerprintSet, digest_tensor, dtype_name,
-                               fingerprint_tensor, root_digest, tensor_stats)
+from .entry import ProducedTensor, TensorEntry, TensorRecord, nbytes_of
+from .fingerprint import Fingerprint, FingerprintSet, digest_tensor, fingerprint_tensor, root_digest, tensor_stats
 from .host import HostStager, reserve
 from .loadcheck import check_snapshot_loads
 from .manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
-from .merge import (ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, NonFiniteError, SourceTensor, WalkResult,
-                    non_finite_names, plan_merged_tensors)
+from .merge import (ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, NonFiniteError, WalkResult, non_finite_names,
+                    plan_merged_tensors)
 from .verify import check_shard_data, hash_safetensors_file, header_sha256, verify_snapshot
 from .dist import RankFailedError, RankFailure, RankGroup, agree, describe
 from .sharding import (ShardedTensorError, UnsupportedShardingError, check_full, gathered, is_partitioned,
                             iter_whole_parameters, logical_shape, needs_gather, refuse_unsupported_sharding)
 from .snapshot import Capture, ModelChangedError, SnapshotBuffers, live, substituted
 from .workers import Workers
-from .writer import (ShardPlan, ShardWriter, TensorSlot, assign_shards, check_free_space, file_entries, is_regular_file,
+from .writer import (ShardPlan, ShardWriter, assign_shards, check_free_space, file_entries, is_regular_file,
                           link_shard, os_error_words, plan_shard_groups, publish, safetensors_header, staging_dir_for,
                           with_path, write_index, write_json)
 from .errors import BadValueError, ExportFailedError, InternalError, MismatchError
@@ -131,8 +130,7 @@ def reserve_staging(model: nn.Module, dtype: Any = None) -> int:
     dt = parse_dtype(dtype)
     largest = 0
     for p in model.parameters():
-        size = dt.itemsize if dt is not None and p.is_floating_point() else p.element_size()
-        largest = max(largest, math.prod(logical_shape(p)) * size)
+        largest = max(largest, nbytes_of(logical_shape(p), dt if dt is not None and p.is_floating_point() else p.dtype))
     reserve(largest)
     return largest if torch.cuda.is_available() else 0
 
@@ -166,19 +164,21 @@ def _verify_staged(staging: Path, out_dir: Path) -> None:
                                       f"({len(problems)} problem(s)):\n" + "\n".join(problems[:20]))
 
 
-def _record(effect: TrainingEffect, name: str, role: str, merged, sources, trained: FingerprintSet,
-            baseline: Mapping[str, Fingerprint] | None) -> None:
+def _count_effect(effect: TrainingEffect, produced: ProducedTensor, trained: FingerprintSet,
+                  baseline: Mapping[str, Fingerprint] | None) -> None:
+    """Count one written tensor into what training did, by its final role."""
+    name, role = produced.entry.name, produced.role
     if role == ROLE_FROZEN:
         effect.frozen_tensors += 1
         return
     effect.trained_tensors += 1
-    differs = merged.differs_from_base
+    differs = produced.differs_from_base
     if role == ROLE_TRAINABLE and baseline is not None:
-        src = sources[0]
+        src = produced.entry.sources[0]
         if src in baseline and src in trained.tensors:
             differs = baseline[src].digest != trained.tensors[src].digest
-    if role == ROLE_LORA and merged.delta_rel_norm is not None:
-        effect.lora_rel_delta[name] = merged.delta_rel_norm
+    if role == ROLE_LORA and produced.delta_rel_norm is not None:
+        effect.lora_rel_delta[name] = produced.delta_rel_norm
     if differs is None:
         effect.trained_unknown_base.append(name)
     elif differs:
@@ -189,13 +189,14 @@ def _record(effect: TrainingEffect, name: str, role: str, merged, sources, train
 
 @dataclasses.dataclass(frozen=True)
 class ExportPlan:
-    """Everything decided before any tensor is produced. ``entries`` is the one tensor entry of the
-    pipeline: each exported tensor's plan (role, training-time ``sources``, shape, how to produce
-    it) under its HF name, in export order. The writer's slots and the manifest's records are
-    derived from it; its role is final unless the merge finds a frozen tensor changed by a tuner."""
+    """Everything decided before any tensor is produced. ``entries`` holds each exported tensor's
+    :class:`TensorEntry` under its HF name, in export order; ``shards`` holds the same entry objects,
+    in write order, each knowing its file. The produced tensors and the manifest's records are
+    derived from them; an entry's role is final unless the merge finds a frozen tensor changed by
+    a tuner (:meth:`ProducedTensor.of`)."""
 
-    entries: dict[str, SourceTensor]
-    shards: ShardPlan
+    entries: dict[str, TensorEntry]
+    shards: ShardPlan  # of TensorEntry
     tied: dict[str, str]  # training name not written (tied on load) -> the name written
     dropped: dict[str, str]  # training name -> why it is not exported
     renamed: dict[str, str]  # training name -> HF name, where they differ
@@ -208,12 +209,13 @@ def plan_export(model: nn.Module, conv: Converter, dt: torch.dtype | None, max_s
         ready(model)  # what the converter can tell before a byte is written (remote code, template, tokenizer)
     walk = _untie_for(conv, plan_merged_tensors(conv.hf_root(model)))
     names = conv.map_keys([st.name for st in walk.tensors])
-    entries = {names[st.name]: dataclasses.replace(st, name=names[st.name])
+    planned = {names[st.name]: TensorEntry.plan(names[st.name], st, dt)
                for st in walk.tensors if names[st.name] is not None}
-    _refuse_empty(entries)
-    slots = [(st.static, TensorSlot(n, st.shape, st.out_dtype(dt))) for n, st in entries.items()]
-    shards = plan_shard_groups([[s for static, s in slots if static], [s for static, s in slots if not static]],
-                               max_shard_size)
+    _refuse_empty(planned)
+    groups = [[e for e in planned.values() if e.frozen_only], [e for e in planned.values() if not e.frozen_only]]
+    shards = ShardPlan([(f, [e.in_file(f) for e in es]) for f, es in plan_shard_groups(groups, max_shard_size).files])
+    placed = {e.name: e for _, es in shards.files for e in es}
+    entries = {n: placed[n] for n in planned}  # export order; the very objects the shards hold
     notes = [f"adapter '{a}' is present on {len(mods)} module(s) (e.g. {mods[0]}) but not active, so it was not "
              "merged" for a, mods in sorted(walk.inactive.items())]
     if walk.dequantized:
@@ -362,8 +364,7 @@ class ExportTask:
             self._front = e
             self._front_ready.set()
             raise
-        work = _RankWork(self.model, self.export_plan.entries, self.plan, self.dt, trained, self.baseline, self.group,
-                         self.progress)
+        work = _RankWork(self.model, self.plan, trained, self.baseline, self.group, self.progress)
         queue = _ByteQueue(budget, self.group.timeout_s)
         if self._abandoned:
             queue.abandon()
@@ -401,8 +402,7 @@ class ExportTask:
         staging = _open_staging(out_dir, self.plan, group)
         work = None
         try:
-            work = _RankWork(self.model, self.export_plan.entries, self.plan, self.dt, trained, self.baseline, group,
-                             self.progress, previous)
+            work = _RankWork(self.model, self.plan, trained, self.baseline, group, self.progress, previous)
             error = work.run(staging, self.readback)
         except Exception as e:  # noqa: BLE001 - taken to the agreement: no rank may skip it
             error = e
@@ -471,7 +471,7 @@ class ExportTask:
         """The converter's config.json and extras (tokenizer, processor, remote code); returns the notes."""
         ctx = SnapshotContext(model=self.model, dtype=self.dt, names=set(self.export_plan.entries),
                               notes=list(self.export_plan.notes),
-                              file_dtypes={n: st.out_dtype(self.dt) for n, st in self.export_plan.entries.items()})
+                              file_dtypes={n: e.dtype for n, e in self.export_plan.entries.items()})
         cfg = self.conv.hf_config(self.model, ctx)
         try:
             if isinstance(cfg, dict):
@@ -491,7 +491,7 @@ def _merge_rank_parts(parts, ep: ExportPlan) -> tuple[dict[str, dict], TrainingE
     effect = TrainingEffect()
     storage = {"bytes_written": 0, "bytes_linked": 0, "linked_from": {}}
     for rank_tensors, rank_effect, rank_storage in parts:
-        tensors.update(rank_tensors)
+        tensors.update({n: r.to_json() for n, r in rank_tensors.items()})
         effect.absorb(rank_effect)
         storage["bytes_written"] += rank_storage["bytes_written"]
         storage["bytes_linked"] += rank_storage["bytes_linked"]
@@ -651,7 +651,7 @@ class _Previous:
         except (OSError, ValueError, TypeError, KeyError):
             return None  # unreadable: write everything, as with no previous snapshot
 
-    def same_shard(self, fname: str, slots, digests: Mapping[str, str]) -> bool:
+    def same_shard(self, fname: str, slots: Sequence[TensorEntry], digests: Mapping[str, str]) -> bool:
         prev = self.path / fname
         names = {n for n, t in self.tensors.items() if isinstance(t, dict) and t.get("file") == fname}
         if names != {s.name for s in slots} or not is_regular_file(prev):  # a symlink or FIFO: never opened
@@ -665,10 +665,10 @@ class _Previous:
         return prev.stat().st_size == len(header) + sum(s.nbytes for s in slots)
 
 
-def _refuse_empty(entries: Mapping[str, SourceTensor]) -> None:
+def _refuse_empty(entries: Mapping[str, TensorEntry]) -> None:
     """An empty tensor is never a trained weight: under ZeRO-3 it is what a partitioned
     parameter looks like outside a gather. Refuse before writing anything."""
-    empty = [n for n, st in entries.items() if 0 in st.shape]
+    empty = [n for n, e in entries.items() if 0 in e.shape]
     if empty:
         raise ShardedTensorError(f"{len(empty)} tensor(s) would be exported with no elements, e.g. {empty[:5]}; an "
                                  "export of empty tensors holds nothing that was trained, so none was written.")
@@ -730,14 +730,15 @@ class _RankWork:
     same shard's in the previous snapshot, that file is hard-linked and read back instead of
     written. Otherwise (or if the linked file does not read back right) it is written."""
 
-    def __init__(self, model, by_name, plan, dt, trained, baseline, group: RankGroup, progress: bool,
+    def __init__(self, model: nn.Module, plan: ShardPlan, trained: FingerprintSet,
+                 baseline: Mapping[str, Fingerprint] | None, group: RankGroup, progress: bool,
                  previous: "_Previous | None" = None) -> None:
-        self.by_name, self.plan, self.dt = by_name, plan, dt
+        self.plan = plan  # of TensorEntry
         self.trained, self.baseline, self.group = trained, baseline, group
         self.collective = needs_gather(model)
         self.previous = None if self.collective else previous  # linking never changes the gather order
         self.owners = assign_shards(plan, group.world)
-        self.tensors: dict[str, dict] = {}
+        self.tensors: dict[str, TensorRecord] = {}
         self.effect = TrainingEffect()
         self.stager = HostStager()
         self.bar = _progress(plan.total_size, progress and group.is_main)
@@ -745,7 +746,7 @@ class _RankWork:
         self.linked_from: dict[str, str] = {}
         self._link_errors: set = set()  # errnos already logged by _link_failed
         self._hasher = Workers(1, "sa2va_hooks-hash")
-        self._pending: tuple | None = None
+        self._pending: ProducedTensor | None = None  # staged last, its digest still running
 
     def storage(self) -> dict:
         return {"bytes_written": self.written, "bytes_linked": self.linked, "linked_from": dict(self.linked_from)}
@@ -753,19 +754,19 @@ class _RankWork:
     def run(self, staging: Path, readback: bool) -> BaseException | None:
         error: BaseException | None = None
         mine = []
-        for fname, slots in self.plan.files:
+        for fname, entries in self.plan.files:
             own = self.owners[fname] == self.group.rank
             if not (own or self.collective):
                 continue
-            if own and error is None and self._linkable(slots):
+            if own and error is None and self._linkable(entries):
                 try:
-                    if self._link(staging, fname, slots):
+                    if self._link(staging, fname, entries):
                         continue
                 except Exception as e:  # noqa: BLE001
                     error = e
                     self._drain()
                     continue
-            error = self._write(staging, fname, slots, own, error)
+            error = self._write(staging, fname, entries, own, error)
             if own and error is None:
                 mine.append(fname)
         self.close()
@@ -787,23 +788,23 @@ class _RankWork:
         """After this rank's writes: read its files back (unless something failed already)."""
         if error is None and readback:
             try:
-                _readback(staging, mine, {n: t for n, t in self.tensors.items() if t["file"] in mine})
+                _readback(staging, mine, {n: r.to_json() for n, r in self.tensors.items() if r.file in mine})
             except Exception as e:  # noqa: BLE001
                 error = e
         return error
 
-    def _linkable(self, slots) -> bool:
-        return self.previous is not None and all(self.by_name[s.name].static for s in slots)
+    def _linkable(self, entries: list[TensorEntry]) -> bool:
+        return self.previous is not None and all(e.frozen_only for e in entries)
 
-    def _link(self, staging: Path, fname: str, slots) -> bool:
+    def _link(self, staging: Path, fname: str, entries: list[TensorEntry]) -> bool:
         """Hash the shard's tensors; link the previous snapshot's file when they are equal."""
-        for slot in slots:
-            self._produce(slot, self.by_name[slot.name], fname)
+        for entry in entries:
+            self._produce(entry)
             self._settle()
-        digests = {s.name: self.tensors[s.name]["digest"] for s in slots}
+        digests = {e.name: self.tensors[e.name].digest for e in entries}
         src, dst = self.previous.path / fname, staging / fname
         try:
-            if not self.previous.same_shard(fname, slots, digests):
+            if not self.previous.same_shard(fname, entries, digests):
                 return False
             link_shard(src, dst)
             try:
@@ -837,21 +838,20 @@ class _RankWork:
                    f"instead (the export goes on; other shards that fail the same way are written too, logged at "
                    f"DEBUG)")
 
-    def _write(self, staging: Path, fname: str, slots, own: bool, error: BaseException | None):
+    def _write(self, staging: Path, fname: str, entries: list[TensorEntry], own: bool, error: BaseException | None):
         """Write one shard (or, under ZeRO-3, take part in its gathers only); returns the error."""
-        record = not any(s.name in self.tensors for s in slots)  # hashed already by a failed _link
+        record = not any(e.name in self.tensors for e in entries)  # hashed already by a failed _link
         writer = None
         if own and error is None:
             try:
-                writer = ShardWriter(staging / fname, slots)
+                writer = ShardWriter(staging / fname, entries)
             except Exception as e:  # noqa: BLE001
                 error = e
-        for slot in slots:
-            st = self.by_name[slot.name]
-            with gathered(st.gather if self.collective or own else ()):
+        for entry in entries:
+            with gathered(entry.gather if self.collective or own else ()):
                 if writer is not None and error is None:
                     try:
-                        writer.append(slot, self._produce(slot, st, fname, record))
+                        writer.append(entry, self._produce(entry, record))
                         self._settle()
                     except Exception as e:  # noqa: BLE001
                         error = e
@@ -866,37 +866,32 @@ class _RankWork:
                 writer.abort()
         return error
 
-    def _produce(self, slot: TensorSlot, st, fname: str, record: bool = True) -> torch.Tensor:
+    def _produce(self, entry: TensorEntry, record: bool = True) -> torch.Tensor:
         """Merge, check and stage one tensor. Its digest is computed on a helper thread while the
         caller writes the staged bytes (both only read them); :meth:`_settle` records it, and
         must be called before the next tensor is staged over this one."""
-        merged = st.materialize(self.dt)
-        check_full(slot.name, merged.tensor, slot.shape)
-        _check_finite(slot.name, merged.tensor, st, self.dt)
+        merged = entry.materialize()
+        check_full(entry.name, merged.tensor, entry.shape)
+        _check_finite(entry, merged.tensor)
         host = self.stager.to_host(merged.tensor)
         if not record:
             return host
         norm, total = tensor_stats(merged.tensor)
-        self._pending = (slot, st, fname, merged, norm, total, self._hasher.submit(digest_tensor, slot.name, host))
+        self._pending = ProducedTensor.of(entry, merged, host, norm, total,
+                                          digest=self._hasher.submit(digest_tensor, entry.name, host))
         return host
 
     def _settle(self) -> None:
         """Record the tensor staged last (waits for its digest)."""
         if self._pending is None:
             return
-        (slot, st, fname, merged, norm, total, digest), self._pending = self._pending, None
-        self._record_tensor(slot, st, fname, merged, norm, total, digest.result())
+        produced, self._pending = self._pending, None
+        self._record(produced, produced.digest.result())
 
-    def _record_tensor(self, slot: TensorSlot, st, fname: str, merged, norm: float, total: float,
-                       digest: str) -> None:
-        t = merged.tensor
-        fp = Fingerprint(name=slot.name, dtype=dtype_name(t.dtype), shape=tuple(int(s) for s in t.shape),
-                         digest=digest, norm=norm, sum=total)
-        role = merged.role or st.role
-        self.tensors[slot.name] = {**{k: v for k, v in fp.to_json().items() if k != "name"},
-                                   "file": fname, "role": role, "sources": list(st.sources)}
-        _record(self.effect, slot.name, role, merged, st.sources, self.trained, self.baseline)
-        self.bar.update(slot.nbytes)
+    def _record(self, produced: ProducedTensor, digest: str) -> None:
+        self.tensors[produced.entry.name] = produced.record(digest)
+        _count_effect(self.effect, produced, self.trained, self.baseline)
+        self.bar.update(produced.entry.nbytes)
 
     # -- gathered in the training thread, written in the background (ZeRO-3, FSDP) -------------
     def produce_into(self, queue: "_ByteQueue", before_close: Callable[[], None] = lambda: None) -> None:
@@ -905,14 +900,13 @@ class _RankWork:
         writer is behind). After a failure it keeps entering the gathers, queueing nothing."""
         error: BaseException | None = None
         try:
-            for fname, slots in self.plan.files:
+            for fname, entries in self.plan.files:
                 own = self.owners[fname] == self.group.rank
-                for slot in slots:
-                    st = self.by_name[slot.name]
-                    with gathered(st.gather):
+                for entry in entries:
+                    with gathered(entry.gather):
                         if own and error is None:
                             try:
-                                queue.put((fname, slot, st, *self._stage_copy(slot, st)), slot.nbytes)
+                                queue.put(self._stage_copy(entry), entry.nbytes)
                             except Exception as e:  # noqa: BLE001 - reported by the writer, collectively
                                 error = e
         finally:
@@ -920,36 +914,37 @@ class _RankWork:
             before_close()
             queue.close(error)
 
-    def _stage_copy(self, slot: TensorSlot, st):
+    def _stage_copy(self, entry: TensorEntry) -> ProducedTensor:
         """A private host copy of one merged tensor (the staging buffer is reused by the next
         tensor; a CPU result of the merge is already private), and its fp64 statistics, computed
         where it was made. The GPU tensor is dropped here, so the queue holds host memory only."""
-        merged = st.materialize(self.dt)
-        check_full(slot.name, merged.tensor, slot.shape)
-        _check_finite(slot.name, merged.tensor, st, self.dt)
+        merged = entry.materialize()
+        check_full(entry.name, merged.tensor, entry.shape)
+        _check_finite(entry, merged.tensor)
         host = self.stager.to_host(merged.tensor)
         if merged.tensor.device.type != "cpu":
             host = host.clone()
         norm, total = tensor_stats(merged.tensor)
-        return dataclasses.replace(merged, tensor=host), norm, total, host
+        return ProducedTensor.of(entry, merged, host, norm, total)
 
     def consume(self, staging: Path, queue: "_ByteQueue", readback: bool) -> BaseException | None:
         """Background thread: write the queued tensors into this rank's shards, in plan order,
         hashing each while it is written; then read the files back."""
         error: BaseException | None = None
         writer, mine = None, []
-        last = {fname: slots[-1] for fname, slots in self.plan.files}
+        last = {fname: entries[-1] for fname, entries in self.plan.files}
         files = dict(self.plan.files)
-        for fname, slot, st, meta, norm, total, host in queue:
+        for produced in queue:
+            entry = produced.entry
             try:
                 if error is None:
                     if writer is None:
-                        writer = ShardWriter(staging / fname, files[fname])
-                        mine.append(fname)
-                    digest = self._hasher.submit(digest_tensor, slot.name, host)
-                    writer.append(slot, host)
-                    self._record_tensor(slot, st, fname, meta, norm, total, digest.result())
-                    if slot is last[fname]:
+                        writer = ShardWriter(staging / entry.file, files[entry.file])
+                        mine.append(entry.file)
+                    digest = self._hasher.submit(digest_tensor, entry.name, produced.host)
+                    writer.append(entry, produced.host)
+                    self._record(produced, digest.result())
+                    if entry is last[entry.file]:
                         self.written += writer.close()
                         writer = None
             except Exception as e:  # noqa: BLE001
@@ -958,28 +953,29 @@ class _RankWork:
                     writer.abort()
                     writer = None
             finally:
-                queue.release(slot.nbytes)
+                queue.release(entry.nbytes)
         self.close()
         return self._read_back(staging, mine, error or queue.error, readback)
 
     def _drain(self) -> None:
         """Wait for a digest still running (after a failure), before its staging buffer is reused."""
         if self._pending is not None:
-            self._pending[-1].exception()
+            self._pending.digest.exception()
             self._pending = None
 
 
-def _check_finite(name: str, out: torch.Tensor, st, dt) -> None:
+def _check_finite(entry: TensorEntry, out: torch.Tensor) -> None:
     """Every exported tensor is checked after the cast (merged, saved copies, trained, frozen): a
     NaN or Inf is refused, saying whether memory or the cast to the export dtype produced it."""
+    name = entry.name
     if not non_finite_names([(name, out)]):
         return
-    in_memory = non_finite_names([(name, st.materialize(None).tensor)])
+    in_memory = non_finite_names([(name, entry.source.materialize(None).tensor)])
     cause = ("it is NaN/Inf in memory: training diverged, check the loss and the learning rate" if in_memory else
              f"it is finite in memory, but the cast to {str(out.dtype).removeprefix('torch.')} overflowed: export in "
              "a wider dtype (dtype='bf16' or 'fp32')")
-    raise NonFiniteError(f"tensor '{name}' ({st.role}) would be written with NaN or Inf values; {cause}. Nothing was "
-                         "published.")
+    raise NonFiniteError(f"tensor '{name}' ({entry.role}) would be written with NaN or Inf values; {cause}. Nothing "
+                         "was published.")
 
 
 def _changed_error(capture: Capture) -> BaseException | None:

@@ -27,10 +27,11 @@ import struct
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 
+from .entry import nbytes_of
 from .fingerprint import tensor_bytes
 from .manifest import NotRegularFileError, file_kind, is_regular_file  # noqa: F401 - is_regular_file for export
 from .errors import BadTypeError, BadValueError, DiskSpaceError, InternalError, OutputExistsError
@@ -57,23 +58,37 @@ def parse_size(size: int | str) -> int:
     return n // 8 if bits else n
 
 
+class Slot(Protocol):
+    """What the shard planning and writing read of a tensor: the export passes its
+    :class:`~sa2va_hooks.core.entry.TensorEntry` objects, the writer's own tests
+    :class:`TensorSlot`. The writer checks plan order by ``==``, identity for an entry."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorSlot:
+    """The least a tensor needs to be planned into a shard (the writer's tests use it)."""
+
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return nbytes_of(self.shape, self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardPlan:
-    files: list[tuple[str, list[TensorSlot]]]  # in write order
+    files: list[tuple[str, list[Slot]]]  # in write order
 
     @property
     def total_size(self) -> int:
@@ -84,11 +99,11 @@ class ShardPlan:
         return {s.name: f for f, slots in self.files for s in slots}
 
 
-def plan_shards(slots: Sequence[TensorSlot], max_shard_size: int | str) -> ShardPlan:
+def plan_shards(slots: Sequence[Slot], max_shard_size: int | str) -> ShardPlan:
     """Greedy, order-preserving split, as transformers does: a tensor larger than the limit
     gets a shard of its own rather than being refused."""
     limit = parse_size(max_shard_size)
-    groups: list[list[TensorSlot]] = [[]]
+    groups: list[list[Slot]] = [[]]
     size = 0
     for s in slots:
         if groups[-1] and size + s.nbytes > limit:
@@ -102,7 +117,7 @@ def plan_shards(slots: Sequence[TensorSlot], max_shard_size: int | str) -> Shard
     return ShardPlan([(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)])
 
 
-def plan_shard_groups(groups: Sequence[Sequence[TensorSlot]], max_shard_size: int | str) -> ShardPlan:
+def plan_shard_groups(groups: Sequence[Sequence[Slot]], max_shard_size: int | str) -> ShardPlan:
     """Shards that never mix groups: each group is split on its own, in its own order, and the
     files are numbered group after group. Exported with the frozen tensors as the first group,
     the frozen shards hold the same tensors in the same order at every export, so their bytes
@@ -163,7 +178,7 @@ def write_json(path: Path, obj: object) -> None:
         raise with_path(e, path) from None
 
 
-def safetensors_header(slots: Sequence[TensorSlot]) -> bytes:
+def safetensors_header(slots: Sequence[Slot]) -> bytes:
     """The length-prefixed JSON header of a safetensors file holding ``slots`` in this order."""
     header: dict = {"__metadata__": dict(SHARD_METADATA)}
     offset = 0
@@ -226,7 +241,7 @@ class ShardWriter:
     """One safetensors file, written tensor by tensor in planned order. The header comes from the
     plan, so nothing but the tensor being appended is held in memory."""
 
-    def __init__(self, path: Path, slots: Sequence[TensorSlot]) -> None:
+    def __init__(self, path: Path, slots: Sequence[Slot]) -> None:
         self.path, self.slots = path, list(slots)
         self._next = 0
         self._pending = 0
@@ -238,7 +253,7 @@ class ShardWriter:
             self.abort()
             raise
 
-    def append(self, slot: TensorSlot, t: torch.Tensor) -> None:
+    def append(self, slot: Slot, t: torch.Tensor) -> None:
         want = self.slots[self._next]
         if slot != want:
             raise InternalError(f"tensor '{slot.name}' written out of plan order into {self.path.name} (expected "
