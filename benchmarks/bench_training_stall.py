@@ -402,24 +402,20 @@ def probe(size: str) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     peaks: dict[str, float] = {}
     if CUDA:  # where the export's GPU memory goes: the peak while each tensor is produced
-        import sa2va_hooks.core.export as ex
-        real = ex._RankWork._produce
+        from sa2va_hooks.core.observer import ExportObserver
 
-        def traced(self, entry, record=True):  # peak above the allocation before the export
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                return real(self, entry, record)
-            finally:
-                peaks[f"{entry.name} ({entry.role})"] = (torch.cuda.max_memory_allocated() - start[0]) / 2**30
-        start = [0]
-        ex._RankWork._produce = traced
-    if CUDA:
+        class PeakPerTensor(ExportObserver):  # peak above the allocation before the export
+            def tensor_producing(self, entry) -> None:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+
+            def tensor_produced(self, entry) -> None:
+                peaks[f"{entry.name} ({entry.role})"] = (torch.cuda.max_memory_allocated() - start) / 2**30
+
         torch.cuda.synchronize()
-        start[0] = torch.cuda.memory_allocated()
-        export_hf(model, WORK / "probe_traced", dtype="bf16", trained=trained)
+        start = torch.cuda.memory_allocated()
+        export_hf(model, WORK / "probe_traced", dtype="bf16", trained=trained, observer=PeakPerTensor())
         shutil.rmtree(WORK / "probe_traced", ignore_errors=True)
-        ex._RankWork._produce = real
         row["gpu_peak_by_tensor_gib"] = {k: round(v, 3) for k, v in sorted(peaks.items(), key=lambda kv: -kv[1])[:6]}
     largest = max(p.numel() * 2 for p in model.parameters())  # bf16 export
     row["largest_tensor_gib"] = round(largest / 2**30, 3)

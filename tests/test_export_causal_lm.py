@@ -63,6 +63,36 @@ def test_sharded_export_follows_hf_index_conventions(tmp_path):
     assert verify_snapshot(tmp_path / "out") == []
 
 
+def test_observer_sees_every_tensor_and_file_written_then_linked(tmp_path):
+    from sa2va_hooks.core.observer import ExportObserver
+
+    class Events(ExportObserver):
+        def __init__(self):
+            self.events = []
+
+        def tensor_producing(self, entry):
+            self.events.append(("start", entry.name))
+
+        def tensor_produced(self, entry):
+            self.events.append(("end", entry.name))
+
+        def file_done(self, fname, nbytes, linked):
+            self.events.append(("file", fname, nbytes, linked))
+
+    pm = _peft_model()
+    first = Events()
+    m = export_hf(pm, tmp_path / "a", max_shard_size="12KB", observer=first)
+    ends = [e[1] for e in first.events if e[0] == "end"]
+    assert sorted(ends) == sorted(m.tensors) and len(ends) == len(set(ends))
+    starts = [e for e in first.events if e[0] != "file"]
+    assert starts[::2] == [("start", n) for n in ends] and starts[1::2] == [("end", n) for n in ends]
+    files = {e[1]: (e[2], e[3]) for e in first.events if e[0] == "file"}
+    assert files == {f: ((tmp_path / "a" / f).stat().st_size, False) for f in m.files if f.endswith(".safetensors")}
+    second = Events()
+    export_hf(pm, tmp_path / "b", max_shard_size="12KB", link_from=tmp_path / "a", observer=second)
+    assert any(e[0] == "file" and e[3] for e in second.events)  # the frozen shards were linked
+
+
 def test_failed_export_leaves_no_partial_snapshot_and_keeps_the_old_one(tmp_path):
     pm = _peft_model()
     export_hf(pm, tmp_path / "out")

@@ -30,11 +30,12 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .entry import ProducedTensor, TensorEntry, TensorRecord, nbytes_of
+from .observer import NO_OBSERVER, ExportObserver
 from .fingerprint import Fingerprint, FingerprintSet, digest_tensor, fingerprint_tensor, root_digest, tensor_stats
 from .host import HostStager, reserve
 from .loadcheck import check_snapshot_loads
 from .manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
-from .merge import (ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, NonFiniteError, WalkResult, non_finite_names,
+from .merge import (ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, MergedTensor, NonFiniteError, WalkResult, non_finite_names,
                     plan_merged_tensors)
 from .verify import check_shard_data, hash_safetensors_file, header_sha256, verify_snapshot
 from .dist import RankFailedError, RankFailure, RankGroup, agree, describe
@@ -246,7 +247,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Converter, dt
               baseline: Mapping[str, Fingerprint] | None = None, overwrite: bool = False,
               readback: bool = True, progress: bool = False,
               trained: FingerprintSet | None = None, group: RankGroup | None = None,
-              link_from: str | Path | None = None) -> ExportManifest:
+              link_from: str | Path | None = None, observer: ExportObserver | None = None) -> ExportManifest:
     """Merge, write and verify an HF snapshot of ``model`` without changing it.
 
     ``model`` may be a PreTrainedModel, a PeftModel, xtuner's SupervisedFinetune or a
@@ -259,6 +260,7 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Converter, dt
     at the same checkpoint), so they are not hashed twice. ``link_from`` names an earlier
     complete snapshot: each shard of frozen tensors whose tensors are digest for digest those
     of the same shard there is hard-linked instead of written (written, where it cannot be linked).
+    ``observer`` (an :class:`ExportObserver`) is told of each tensor produced and file completed.
 
     Collective when ``torch.distributed`` is initialised (``group`` defaults to every rank):
     every rank must call it. The shards are split between the ranks; each rank merges, hashes,
@@ -270,7 +272,8 @@ def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Converter, dt
     """
     return ExportTask(model, out_dir, converter=converter, dtype=dtype, max_shard_size=max_shard_size,
                       provenance=provenance, baseline=baseline, overwrite=overwrite, readback=readback,
-                      progress=progress, trained=trained, group=group, link_from=link_from).run()
+                      progress=progress, trained=trained, group=group, link_from=link_from,
+                      observer=observer).run()
 
 
 def start_export(model: nn.Module, out_dir: str | Path, *, capture: Capture | None = None,
@@ -321,7 +324,7 @@ class ExportTask:
                  baseline: Mapping[str, Fingerprint] | None = None, overwrite: bool = False,
                  readback: bool = True, progress: bool = False, trained: FingerprintSet | None = None,
                  group: RankGroup | None = None, link_from: str | Path | None = None,
-                 capture: Capture | None = None) -> None:
+                 capture: Capture | None = None, observer: ExportObserver | None = None) -> None:
         self.model, self.out_dir = model, Path(out_dir)
         # first, before anything can raise: every rank opens the same session, in the same order
         self.group = (group or RankGroup.current()).session(self.out_dir.name)
@@ -334,6 +337,7 @@ class ExportTask:
         self.provenance, self.baseline, self.trained = dict(provenance or {}), baseline, trained
         self.overwrite, self.readback, self.progress = overwrite, readback, progress
         self.link_from = Path(link_from) if link_from else None
+        self.observer = observer or NO_OBSERVER
         self._front_ready: threading.Event | None = None
         self._front: tuple | BaseException | None = None
         self._abandoned = False
@@ -364,7 +368,8 @@ class ExportTask:
             self._front = e
             self._front_ready.set()
             raise
-        work = _RankWork(self.model, self.plan, trained, self.baseline, self.group, self.progress)
+        work = _RankWork(self.model, self.plan, trained, self.baseline, self.group, self.progress,
+                         observer=self.observer)
         queue = _ByteQueue(budget, self.group.timeout_s)
         if self._abandoned:
             queue.abandon()
@@ -402,7 +407,8 @@ class ExportTask:
         staging = _open_staging(out_dir, self.plan, group)
         work = None
         try:
-            work = _RankWork(self.model, self.plan, trained, self.baseline, group, self.progress, previous)
+            work = _RankWork(self.model, self.plan, trained, self.baseline, group, self.progress, previous,
+                             self.observer)
             error = work.run(staging, self.readback)
         except Exception as e:  # noqa: BLE001 - taken to the agreement: no rank may skip it
             error = e
@@ -732,8 +738,9 @@ class _RankWork:
 
     def __init__(self, model: nn.Module, plan: ShardPlan, trained: FingerprintSet,
                  baseline: Mapping[str, Fingerprint] | None, group: RankGroup, progress: bool,
-                 previous: "_Previous | None" = None) -> None:
+                 previous: "_Previous | None" = None, observer: ExportObserver = NO_OBSERVER) -> None:
         self.plan = plan  # of TensorEntry
+        self.observer = observer
         self.trained, self.baseline, self.group = trained, baseline, group
         self.collective = needs_gather(model)
         self.previous = None if self.collective else previous  # linking never changes the gather order
@@ -821,7 +828,9 @@ class _RankWork:
                 f"{self.previous.path / fname} no longer holds what its manifest says (edited or damaged after it "
                 f"was published; `verify {self.previous.path}` will say so); writing {fname} afresh instead")
             return False
-        self.linked += dst.stat().st_size
+        size = dst.stat().st_size
+        self.linked += size
+        self.observer.file_done(fname, size, linked=True)
         self.linked_from[fname] = f"{self.previous.path.name}/{fname} (linked)"
         return True
 
@@ -859,7 +868,9 @@ class _RankWork:
         if writer is not None:
             if error is None:
                 try:
-                    self.written += writer.close()
+                    size = writer.close()
+                    self.written += size
+                    self.observer.file_done(fname, size, linked=False)
                 except Exception as e:  # noqa: BLE001
                     error = e
             else:
@@ -870,16 +881,24 @@ class _RankWork:
         """Merge, check and stage one tensor. Its digest is computed on a helper thread while the
         caller writes the staged bytes (both only read them); :meth:`_settle` records it, and
         must be called before the next tensor is staged over this one."""
-        merged = entry.materialize()
-        check_full(entry.name, merged.tensor, entry.shape)
-        _check_finite(entry, merged.tensor)
-        host = self.stager.to_host(merged.tensor)
-        if not record:
-            return host
-        norm, total = tensor_stats(merged.tensor)
-        self._pending = ProducedTensor.of(entry, merged, host, norm, total,
-                                          digest=self._hasher.submit(digest_tensor, entry.name, host))
+        merged, host, stats = self._stage(entry, record)
+        if stats is not None:
+            self._pending = ProducedTensor.of(entry, merged, host, *stats,
+                                              digest=self._hasher.submit(digest_tensor, entry.name, host))
         return host
+
+    def _stage(self, entry: TensorEntry, stats: bool) -> tuple[MergedTensor, torch.Tensor, tuple | None]:
+        """Merge, check and stage one tensor to the host, with its fp64 norm and sum (computed on
+        its device) when ``stats``. The observer sees the start and the end, failed or not."""
+        self.observer.tensor_producing(entry)
+        try:
+            merged = entry.materialize()
+            check_full(entry.name, merged.tensor, entry.shape)
+            _check_finite(entry, merged.tensor)
+            host = self.stager.to_host(merged.tensor)
+            return merged, host, tensor_stats(merged.tensor) if stats else None
+        finally:
+            self.observer.tensor_produced(entry)
 
     def _settle(self) -> None:
         """Record the tensor staged last (waits for its digest)."""
@@ -918,14 +937,10 @@ class _RankWork:
         """A private host copy of one merged tensor (the staging buffer is reused by the next
         tensor; a CPU result of the merge is already private), and its fp64 statistics, computed
         where it was made. The GPU tensor is dropped here, so the queue holds host memory only."""
-        merged = entry.materialize()
-        check_full(entry.name, merged.tensor, entry.shape)
-        _check_finite(entry, merged.tensor)
-        host = self.stager.to_host(merged.tensor)
+        merged, host, stats = self._stage(entry, True)
         if merged.tensor.device.type != "cpu":
             host = host.clone()
-        norm, total = tensor_stats(merged.tensor)
-        return ProducedTensor.of(entry, merged, host, norm, total)
+        return ProducedTensor.of(entry, merged, host, *stats)
 
     def consume(self, staging: Path, queue: "_ByteQueue", readback: bool) -> BaseException | None:
         """Background thread: write the queued tensors into this rank's shards, in plan order,
@@ -945,8 +960,10 @@ class _RankWork:
                     writer.append(entry, produced.host)
                     self._record(produced, digest.result())
                     if entry is last[entry.file]:
-                        self.written += writer.close()
+                        size = writer.close()
                         writer = None
+                        self.written += size
+                        self.observer.file_done(entry.file, size, linked=False)
             except Exception as e:  # noqa: BLE001
                 error = e
                 if writer is not None:
