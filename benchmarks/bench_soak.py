@@ -74,7 +74,7 @@ def loop(name: str, export_one, n: int, emit) -> list[dict]:
 def ours(model, root: Path):
     from sa2va_hooks import export_hf
     from sa2va_hooks.core.snapshot import SnapshotBuffers
-    from sa2va_hooks.core.writer import remove_snapshot
+    from sa2va_hooks.core.publish import remove_snapshot
     from sa2va_hooks.export import start_export
     buffers = SnapshotBuffers()
 

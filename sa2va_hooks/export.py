@@ -10,9 +10,12 @@ from typing import Any
 from torch import nn
 
 from .converters.base import resolve_converter
-from .core import export as _pipeline
-from .core.export import (ExportJob, ExportTask, ExportVerificationError, FrontFailedError, fingerprint_whole,
-                          frozen_root, parse_dtype, reserve_staging, trained_fingerprints)
+from .core import pipeline as _pipeline
+from .core.background import ExportJob, FrontFailedError
+from .core.finish import ExportVerificationError
+from .core.pipeline import ExportTask
+from .core.plan import parse_dtype, reserve_staging
+from .core.produce import fingerprint_whole, frozen_root, trained_fingerprints
 
 __all__ = ["ExportJob", "ExportTask", "ExportVerificationError", "FrontFailedError", "export_hf",
            "fingerprint_whole", "frozen_root", "parse_dtype", "prepare_background_export", "prepare_gathered_export",
@@ -22,7 +25,7 @@ __all__ = ["ExportJob", "ExportTask", "ExportVerificationError", "FrontFailedErr
 def export_hf(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto", **kwargs: Any):
     """Merge, write, load-check and verify an HF snapshot of ``model`` without changing it;
     returns its manifest. Collective under ``torch.distributed``."""
-    return _pipeline.export_hf(model, out_dir, converter=resolve_converter(converter, model), **kwargs)
+    return _pipeline.run_export(model, out_dir, converter=resolve_converter(converter, model), **kwargs)
 
 
 def start_export(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto", **kwargs: Any) -> ExportJob:
@@ -42,4 +45,4 @@ def prepare_gathered_export(model: nn.Module, out_dir: str | Path, *, converter:
                                              **kwargs)
 
 
-export_hf.__doc__ += "\n\n" + (_pipeline.export_hf.__doc__ or "")
+export_hf.__doc__ += "\n\n" + (_pipeline.run_export.__doc__ or "")

@@ -77,7 +77,7 @@ def _inject_failure() -> None:
         return
     import errno
 
-    import sa2va_hooks.core.export as ex
+    import sa2va_hooks.core.rank_writer as ex
     from sa2va_hooks.hooks import hf_export_hook
     real_writer, real_export = ex.ShardWriter, hf_export_hook.HFExportHook._export_at
     state = {"iter": None}

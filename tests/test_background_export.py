@@ -165,7 +165,7 @@ def test_gathered_in_front_written_behind_equals_synchronous_export(tmp_path):
 def test_gathered_export_failure_in_the_writer_publishes_nothing(tmp_path, monkeypatch):
     import errno
 
-    import sa2va_hooks.core.export as ex
+    import sa2va_hooks.core.rank_writer as ex
     from sa2va_hooks.core.dist import RankGroup
     pm = _peft()
 
@@ -185,7 +185,7 @@ def test_frozen_tensor_changed_while_the_background_thread_writes_is_refused(tmp
     before publishing), from another thread than the one exporting."""
     import threading
 
-    import sa2va_hooks.core.export as ex
+    import sa2va_hooks.core.finish as ex
     pm = _peft(targets=["q_proj", "v_proj"])
     frozen = pm.base_model.model.model.layers[0].mlp.up_proj.weight
     real = ex.write_index
@@ -208,7 +208,7 @@ def test_frozen_tensor_changed_while_the_background_thread_writes_is_refused(tmp
 def test_a_writer_thread_that_died_never_blocks_the_gathers(tmp_path, monkeypatch):
     """If the export's thread ends before taking the staged tensors, the training thread's
     gathers still run to the end (every rank must enter them) and return."""
-    import sa2va_hooks.core.export as ex
+    import sa2va_hooks.core.background as ex
     from sa2va_hooks.core.dist import RankGroup
     pm = _peft()
 

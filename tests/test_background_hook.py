@@ -74,7 +74,7 @@ def test_when_busy_skip_skips_and_says_so_wait_exports_every_checkpoint(tiny_bas
     'skip'), so every later checkpoint of the skip run finds it busy, on any machine speed."""
     import threading
 
-    import sa2va_hooks.core.export as ex
+    import sa2va_hooks.core.pipeline as ex
     from sa2va_hooks.hooks.common import BackgroundExports
     real_run, real_wait = ex.ExportTask._run, BackgroundExports.wait
     lock, waited_for = threading.Lock(), {}
@@ -112,7 +112,7 @@ def test_when_busy_skip_skips_and_says_so_wait_exports_every_checkpoint(tiny_bas
 
 
 def test_background_failure_is_logged_and_training_goes_on(tiny_base, tmp_path):
-    import sa2va_hooks.core.export as ex
+    import sa2va_hooks.core.pipeline as ex
     real = ex.ExportTask._run
 
     def failing_run(self):

@@ -33,7 +33,7 @@ def _worker(rank: int, world: int, init: str, out: str, scenario: str, result_di
             _hide_directory(Path(out).parent)
         pm = lora_qwen2()
         if scenario == "fail_rank1" and rank == 1:
-            import sa2va_hooks.core.export as ex
+            import sa2va_hooks.core.rank_writer as ex
 
             def refuse(path, slots):
                 raise OSError(28, "No space left on device (test, rank 1)", str(path))

@@ -48,7 +48,7 @@ def _snapshot_bytes(path: Path) -> int:
 
 def _disk_filled_after_the_check(monkeypatch) -> None:
     """The free-space check passes, as it does when another writer fills the disk after it."""
-    import sa2va_hooks.core.export as ex
+    import sa2va_hooks.core.publish as ex
     for module in (writer, ex):
         monkeypatch.setattr(module, "check_free_space", lambda *a, **k: None)
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_qwen2, train_like
 from sa2va_hooks import CONVERTERS, export_hf, verify_snapshot
 from sa2va_hooks.converters.base import ConversionError, Converter
-from sa2va_hooks.core.writer import INDEX_FILE, SINGLE_FILE
+from sa2va_hooks.core.vocab import INDEX_FILE, SINGLE_FILE
 
 
 def _peft_model():
@@ -160,7 +160,7 @@ def test_unmapped_key_is_an_error_not_a_silent_drop(tmp_path):
 
 def test_parameter_modified_during_export_blocks_publication(tmp_path, monkeypatch):
     """Simulates a training step on another thread while the export reads the model."""
-    import sa2va_hooks.core.export as ex
+    import sa2va_hooks.core.finish as ex
     from sa2va_hooks.core.snapshot import ModelChangedError
     pm = _peft_model()
     real = ex.write_index
@@ -179,7 +179,7 @@ def test_parameter_modified_during_export_blocks_publication(tmp_path, monkeypat
 def test_the_staged_snapshot_goes_through_verify_before_publishing(tmp_path, monkeypatch):
     """An index that disagrees with the shards (here: a wrong total_size written by a faulty
     writer) is found by verify's own checks on the staged snapshot, and nothing is published."""
-    import sa2va_hooks.core.export as ex
+    import sa2va_hooks.core.finish as ex
     from sa2va_hooks.core import writer
     real = writer.write_index
 

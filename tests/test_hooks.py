@@ -61,7 +61,7 @@ def test_resumed_run_reproduces_the_same_digests(trained_run, tiny_base, tmp_pat
 
 
 def test_failed_export_is_logged_and_training_goes_on(tiny_base, tmp_path, monkeypatch):
-    from sa2va_hooks.core import export as pipeline
+    from sa2va_hooks.core import pipeline
 
     def full_disk(self, *args, **kwargs):
         raise OSError(28, "No space left on device (injected by the test)")
@@ -127,7 +127,7 @@ def test_stale_staging_from_a_crash_is_removed_and_said(tiny_base, tmp_path):
 def test_disk_full_during_a_later_export_keeps_the_earlier_snapshot(tiny_base, tmp_path, monkeypatch):
     import errno
 
-    import sa2va_hooks.core.export as ex
+    import sa2va_hooks.core.rank_writer as ex
     from sa2va_hooks.core.verify import verify_snapshot
     real = ex.ShardWriter
     calls = {"n": 0}

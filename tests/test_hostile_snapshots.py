@@ -27,10 +27,10 @@ from peft import LoraConfig, get_peft_model
 from conftest import tiny_qwen2, train_like
 from sa2va_hooks import ExportManifest, export_hf, verify_snapshot
 from sa2va_hooks.cli import main as cli
-from sa2va_hooks.core import export as export_mod
+from sa2va_hooks.core import publish as export_mod
 from sa2va_hooks.core.fingerprint import dtype_name
 from sa2va_hooks.core.manifest import STORABLE_DTYPES, sha256_file
-from sa2va_hooks.core.writer import _ST_DTYPES
+from sa2va_hooks.core.shards import _ST_DTYPES
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = "export_manifest.json"

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 # training then fails at the start of iteration 2 with the given exception.
 _CRASHING_RUN = """
 import sys, threading, time
-import sa2va_hooks.core.export as ex
+import sa2va_hooks.core.rank_writer as ex
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from sa2va_demo.runs import train_tiny
@@ -72,7 +72,7 @@ def test_an_export_in_flight_finishes_when_training_crashes_or_is_interrupted(ti
 # Killed while the export of iteration 2 writes (a state: its first shard is being written).
 _KILLED_MID_EXPORT = """
 import os, sys
-import sa2va_hooks.core.export as ex
+import sa2va_hooks.core.rank_writer as ex
 from sa2va_demo.runs import train_tiny
 
 class DyingWriter(ex.ShardWriter):
@@ -118,7 +118,7 @@ def test_training_never_waits_longer_than_timeout_s_for_an_export(tiny_base, tmp
     with when_busy='wait', each later checkpoint waits timeout_s at most, then skips its export
     saying which rank's export is still running; training finishes, and the held export is then
     published."""
-    import sa2va_hooks.core.export as ex
+    import sa2va_hooks.core.pipeline as ex
     real_run = ex.ExportTask._run
     release = threading.Event()
 

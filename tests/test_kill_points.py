@@ -19,9 +19,9 @@ import pytest
 
 from conftest import tiny_qwen2
 from sa2va_hooks import export_hf, verify_snapshot
-from sa2va_hooks.core import writer
+from sa2va_hooks.core import publish as writer
 from sa2va_hooks.core.manifest import MANIFEST_FILE
-from sa2va_hooks.core.writer import clean_leftovers
+from sa2va_hooks.core.publish import clean_leftovers
 
 MODES = ("replace", "fallback", "prune")
 

@@ -20,7 +20,7 @@ class NoMmengine:  # as if mmengine were not installed
 sys.meta_path.insert(0, NoMmengine())
 import sa2va_hooks.core, sa2va_hooks.core.merge, sa2va_hooks.core.writer, sa2va_hooks.core.verify
 import sa2va_hooks.core.fingerprint, sa2va_hooks.core.snapshot, sa2va_hooks.core.manifest
-import sa2va_hooks.core.export, sa2va_hooks.core.loadcheck
+import sa2va_hooks.core.pipeline, sa2va_hooks.core.loadcheck
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from sa2va_hooks import export_hf, verify_snapshot
@@ -115,6 +115,6 @@ def test_the_export_pipeline_lives_in_core_and_the_facade_only_resolves_the_conv
     assert len(facade.splitlines()) < 60 and "class " not in facade
     ours = {m for m in _imports(PKG / "export.py") if m.startswith("sa2va_hooks")}
     assert all(m.startswith(("sa2va_hooks.core", "sa2va_hooks.converters.base")) for m in ours), ours
-    tree = ast.parse((PKG / "core" / "export.py").read_text())
+    tree = ast.parse((PKG / "core" / "pipeline.py").read_text())
     finish = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_finish")
     assert finish.end_lineno - finish.lineno < 30, "the finishing step should stay a short sequence of named steps"

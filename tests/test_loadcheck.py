@@ -17,7 +17,7 @@ from sa2va_hooks import export_hf
 from sa2va_hooks.converters.base import ConversionError
 from sa2va_hooks.core.loadcheck import SnapshotLoadError, check_snapshot_loads
 from sa2va_hooks.core.manifest import ExportManifest
-from sa2va_hooks.core.writer import SINGLE_FILE
+from sa2va_hooks.core.vocab import SINGLE_FILE
 from sa2va_demo.tiny_sa2va import TinySa2VA, TinySa2VAConverter, make_tiny_base
 
 
@@ -73,7 +73,7 @@ def test_tied_lm_head_left_out_agrees_with_from_pretrained(tied_sa2va, tmp_path,
         assert not list(tmp_path.iterdir())  # nothing published
         # independent: the snapshot written without the check, loaded as Sa2VA's model card loads it
         # (low_cpu_mem_usage=True: fresh tensors for the loaded keys), has an lm_head that is not embed_tokens
-        import sa2va_hooks.core.export as ex
+        import sa2va_hooks.core.finish as ex
         monkeypatch.setattr(ex, "check_snapshot_loads", lambda *a, **k: {})
         export_hf(tied_sa2va, tmp_path / "unchecked", converter=NoCopy())
         hf = AutoModel.from_pretrained(tmp_path / "unchecked", trust_remote_code=True, torch_dtype=torch.float32,

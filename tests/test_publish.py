@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sa2va_hooks import export_hf, verify_snapshot
-from sa2va_hooks.core import writer
+from sa2va_hooks.core import publish as writer
 from sa2va_hooks.core.manifest import MANIFEST_FILE
 
 

@@ -44,7 +44,7 @@ class _Faults:
         self.appended = 0
 
     def install(self) -> None:
-        import sa2va_hooks.core.export as ex
+        import sa2va_hooks.core.rank_writer as ex
         import sa2va_hooks.core.dist as dist_mod
         faults = self
         real_writer = ex.ShardWriter
@@ -220,7 +220,8 @@ def test_abort_after_a_full_disk_mid_shard_never_raises(tmp_path):
 
     import torch
 
-    from sa2va_hooks.core.writer import ShardWriter, TensorSlot
+    from sa2va_hooks.core.shards import TensorSlot
+    from sa2va_hooks.core.writer import ShardWriter
     from test_enospc import _mount_tmpfs
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, 64 << 10)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from sa2va_hooks.core.writer import TensorSlot, parse_size, plan_shards, write_shard
+from sa2va_hooks.core.shards import TensorSlot, parse_size, plan_shards
+from sa2va_hooks.core.writer import write_shard
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Sequence
 
 from torch import nn
 
-from ..core.export import SnapshotContext  # noqa: F401 - converters take it from here
+from ..core.plan import SnapshotContext  # noqa: F401 - converters take it from here
 from ..core.errors import BadInputError, DuplicateRegistrationError, UnknownConverterError
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .manifest import MANIFEST_FILE
-from .writer import INDEX_FILE
+from .vocab import INDEX_FILE
 from .errors import MismatchError
 
 _AUTO_MODEL_KEYS = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForVision2Seq")

@@ -20,7 +20,8 @@ from .fingerprint import Fingerprint, compare_fingerprints, digest_tensor, root_
 from .manifest import (MANIFEST_FILE, ExportManifest, JSONFileError, ManifestError, NotRegularFileError, file_kind,
                        is_regular_file, open_regular, read_json_file, sha256_file)
 from .workers import Workers
-from .writer import _ST_DTYPES, INDEX_FILE, SINGLE_FILE
+from .shards import _ST_DTYPES
+from .vocab import INDEX_FILE, SINGLE_FILE
 from .errors import BadInputError, BadTypeError, BadValueError
 from .vocab import SHARD_METADATA
 

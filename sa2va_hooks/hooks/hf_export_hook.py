@@ -27,7 +27,8 @@ from ..compat import allow_mmengine_checkpoint_globals
 from ..core.dist import DEFAULT_TIMEOUT_S, RankGroup, agree
 from ..core.manifest import MANIFEST_FILE
 from ..core.sharding import needs_gather
-from ..core.writer import clean_leftovers, parse_size, remove_snapshot
+from ..core.publish import clean_leftovers, remove_snapshot
+from ..core.shards import parse_size
 from ..converters.base import converter_for_run
 from ..export import FrontFailedError, export_hf, prepare_background_export, prepare_gathered_export, reserve_staging
 from .common import (CURRENT_TRAINED_KEY, background_exports, build_callable_cfg, checkpoint_dir, checkpoint_due,

@@ -21,7 +21,7 @@ from torch import nn
 from ..compat import allow_mmengine_checkpoint_globals, apply_torch_cpu_bf16_shim
 from ..core.fingerprint import compare_fingerprints
 from ..core.manifest import ExportManifest
-from ..core.writer import clean_leftovers
+from ..core.publish import clean_leftovers
 from ..converters.base import converter_for_run
 from ..export import export_hf, frozen_root, trained_fingerprints
 from .checkpoint_io import extract_state_dict, load_checkpoint, recorded_fingerprints

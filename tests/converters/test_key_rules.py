@@ -27,7 +27,7 @@ from sa2va_hooks.converters.causal_lm import CausalLMConverter
 from sa2va_hooks.converters.internvl import InternVLConverter
 from sa2va_hooks.converters.llava import LlavaConverter
 from sa2va_hooks.converters.sa2va import Sa2VAConverter, Sa2VAQwenConverter
-from sa2va_hooks.core.export import _untie_for
+from sa2va_hooks.core.plan import _untie_for
 from sa2va_hooks.core.merge import ROLE_TRAINABLE, SourceTensor, WalkResult
 
 

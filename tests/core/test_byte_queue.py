@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from sa2va_hooks.core.export import _ByteQueue
+from sa2va_hooks.core.background import _ByteQueue
 
 
 def test_put_blocks_while_the_budget_is_full_and_resumes_when_the_writer_takes():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sa2va_hooks.core.entry import ProducedTensor, TensorEntry, TensorRecord, nbytes_of
-from sa2va_hooks.core.export import plan_export
+from sa2va_hooks.core.plan import plan_export
 from sa2va_hooks.core.fingerprint import Fingerprint
 from sa2va_hooks.core.merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE, MergedTensor, SourceTensor
 

@@ -74,7 +74,7 @@ def test_every_raise_in_the_package_raises_a_package_error():
 
 def test_categories_carry_the_cli_exit_codes_and_builtin_bases_stay():
     from sa2va_hooks.converters.base import resolve_converter
-    from sa2va_hooks.core.export import ExportVerificationError
+    from sa2va_hooks.core.finish import ExportVerificationError
     from sa2va_hooks.core.loadcheck import SnapshotLoadError
     from sa2va_hooks.offline.checkpoint_io import UnsafeCheckpointError
     assert exit_code(UnsafeCheckpointError("x")) == 2 and isinstance(UnsafeCheckpointError("x"), RuntimeError)

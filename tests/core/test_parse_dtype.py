@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sa2va_hooks.core.export import parse_dtype
+from sa2va_hooks.core.plan import parse_dtype
 
 ACCEPTED = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}

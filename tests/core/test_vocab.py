@@ -9,7 +9,7 @@ import torch
 
 import sa2va_hooks
 from sa2va_hooks.core import vocab
-from sa2va_hooks.core.writer import _ST_DTYPES
+from sa2va_hooks.core.shards import _ST_DTYPES
 
 PACKAGE = Path(sa2va_hooks.__file__).parent
 HOMED = {vocab.MANIFEST_FILE, vocab.SINGLE_FILE, vocab.INDEX_FILE, vocab.SIDECAR_SUFFIX, vocab.CHUNK_ELEMENTS,

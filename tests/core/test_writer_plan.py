@@ -1,4 +1,4 @@
-"""Shard planning in ``sa2va_hooks.core.writer``, on dummy sizes: no model, no export, no file but one
+"""Shard planning in ``sa2va_hooks.core.shards``, on dummy sizes: no model, no export, no file but one
 tiny safetensors buffer.
 
 What is pinned, and against what:
@@ -26,7 +26,7 @@ import struct
 import pytest
 import torch
 
-from sa2va_hooks.core.writer import (SINGLE_FILE, ShardPlan, TensorSlot, assign_shards, parse_size,
+from sa2va_hooks.core.shards import (SINGLE_FILE, ShardPlan, TensorSlot, assign_shards, parse_size,
                                      plan_shard_groups, plan_shards, safetensors_header)
 
 

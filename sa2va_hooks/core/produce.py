@@ -1,0 +1,207 @@
+"""Step 2 of an export, produce: each planned tensor merged, checked (whole, finite), staged to the
+host with its statistics, and handed to this rank's writer (:mod:`.rank_writer`).
+
+Producers, one interface (:class:`Producer`), so that one writer serves every mode:
+
+    SyncProducer     the writer's own thread produces each tensor as it writes it: a plain
+                     export, and a background export of a captured model (the capture is
+                     substituted for the whole task, fingerprints and config included, so its
+                     producer is this one)
+    QueueProducer    the writer's side of a ZeRO-3 / FSDP export: the tensors were gathered and
+                     copied by the training thread (:func:`feed_gathered`) and wait in a queue
+
+A producer yields nothing more once the rank's latch is set, but goes on entering every gather
+(the collective-failure discipline, see :mod:`.latch`). The same produce-and-check code also reads
+whole parameters for the fingerprints (:func:`fingerprint_whole`).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from .dist import RankGroup, agree
+from .entry import ProducedTensor, TensorEntry
+from .fingerprint import Fingerprint, FingerprintSet, fingerprint_tensor, tensor_stats
+from .host import HostStager
+from .latch import _Latch
+from .merge import NonFiniteError, non_finite_names
+from .observer import ExportObserver
+from .sharding import check_full, gathered, is_partitioned, iter_whole_parameters
+from .shards import ShardPlan
+from .snapshot import live
+
+if TYPE_CHECKING:
+    from .background import _ByteQueue
+
+
+def produce_one(entry: TensorEntry, stager: HostStager, observer: ExportObserver, *,
+                private: bool = False) -> ProducedTensor:
+    """Merge, check and stage one tensor to the host, with its fp64 norm and sum (computed on its
+    device). ``private``: a copy of its own (the staging buffer is reused by the next tensor; a CPU
+    result of the merge is already private), for a tensor that waits in a queue; the GPU tensor
+    is dropped here, so the queue holds host memory only. The observer sees the start and the
+    end, failed or not."""
+    observer.tensor_producing(entry)
+    try:
+        merged = entry.materialize()
+        check_full(entry.name, merged.tensor, entry.shape)
+        _check_finite(entry, merged.tensor)
+        host = stager.to_host(merged.tensor)
+        stats = tensor_stats(merged.tensor)
+    finally:
+        observer.tensor_produced(entry)
+    if private and merged.tensor.device.type != "cpu":
+        host = host.clone()
+    return ProducedTensor.of(entry, merged, host, *stats)
+
+
+def _check_finite(entry: TensorEntry, out: torch.Tensor) -> None:
+    """Every exported tensor is checked after the cast (merged, saved copies, trained, frozen): a
+    NaN or Inf is refused, saying whether memory or the cast to the export dtype produced it."""
+    name = entry.name
+    if not non_finite_names([(name, out)]):
+        return
+    in_memory = non_finite_names([(name, entry.source.materialize(None).tensor)])
+    cause = ("it is NaN/Inf in memory: training diverged, check the loss and the learning rate" if in_memory else
+             f"it is finite in memory, but the cast to {str(out.dtype).removeprefix('torch.')} overflowed: export in "
+             "a wider dtype (dtype='bf16' or 'fp32')")
+    raise NonFiniteError(f"tensor '{name}' ({entry.role}) would be written with NaN or Inf values; {cause}. Nothing "
+                         "was published.")
+
+
+class Producer(Protocol):
+    def produce(self, entries: Sequence[TensorEntry], own: bool, latch: _Latch) -> Iterator[ProducedTensor]:
+        """One file's part: its tensors in plan order when this rank writes the file (``own``),
+        none once ``latch`` is set. A produced tensor's host bytes are valid until the next one
+        is asked for. Its own errors go into ``latch``; it never raises."""
+
+    def finish(self, latch: _Latch) -> None:
+        """After the last file: wait for what is still in flight; its error goes into ``latch``."""
+
+    def close(self) -> None:
+        """Release the staging buffer; never raises."""
+
+
+class SyncProducer:
+    """Produces in the writer's thread. ``collective`` (ZeRO-3, FSDP): the gathers of every file
+    are entered, the files other ranks write included, so all ranks enter them in one order."""
+
+    def __init__(self, observer: ExportObserver, collective: bool) -> None:
+        self.observer, self.collective = observer, collective
+        self.stager = HostStager()
+
+    def produce(self, entries: Sequence[TensorEntry], own: bool, latch: _Latch) -> Iterator[ProducedTensor]:
+        if not (own or self.collective):
+            return
+        for entry in entries:
+            with gathered(entry.gather):
+                if own and not latch.failed:
+                    produced = latch.call(produce_one, entry, self.stager, self.observer)
+                    if produced is not None:
+                        yield produced  # written while still gathered: the bytes may be a view of it
+
+    def finish(self, latch: _Latch) -> None:
+        pass
+
+    def close(self) -> None:
+        self.stager.close()
+
+
+class QueueProducer:
+    """The writer thread's side of a gathered export: takes this rank's tensors from the queue
+    the training thread fills (:func:`feed_gathered`), in plan order. Each item's bytes are
+    released to the queue's budget once the writer asks for the next one."""
+
+    def __init__(self, queue: _ByteQueue) -> None:
+        self.queue = queue
+
+    def produce(self, entries: Sequence[TensorEntry], own: bool, latch: _Latch) -> Iterator[ProducedTensor]:
+        if not own:
+            return  # the training thread entered its gathers
+        items = iter(self.queue)
+        for _ in entries:
+            produced = next(items, None)
+            if produced is None:  # the training thread stopped early: its error says why
+                latch.set(self.queue.error)
+                return
+            try:
+                yield produced  # after a failure the writer skips it, but it is still taken and released
+            finally:
+                self.queue.release(produced.entry.nbytes)
+
+    def finish(self, latch: _Latch) -> None:
+        """Wait until the training thread closes the queue (it records the training pause first,
+        which the manifest reports)."""
+        for produced in self.queue:
+            self.queue.release(produced.entry.nbytes)
+        latch.set(self.queue.error)
+
+    def close(self) -> None:
+        pass
+
+
+def feed_gathered(plan: ShardPlan, owners: Mapping[str, int], rank: int, queue: _ByteQueue,
+                  observer: ExportObserver, before_close: Callable[[], None] = lambda: None) -> None:
+    """Training thread: enter every gather in plan order (collective) and queue a private host
+    copy of each tensor this rank writes. Blocks while the queue holds its byte budget (the
+    writer is behind). After a failure it keeps entering the gathers, queueing nothing; the
+    failure is handed to the writer with the queue's close."""
+    latch, stager = _Latch(), HostStager()
+    try:
+        for fname, entries in plan.files:
+            own = owners[fname] == rank
+            for entry in entries:
+                with gathered(entry.gather):
+                    if own and not latch.failed:
+                        latch.call(_put, queue, entry, stager, observer)
+    finally:
+        stager.close()
+        before_close()
+        queue.close(latch.error)
+
+
+def _put(queue: _ByteQueue, entry: TensorEntry, stager: HostStager, observer: ExportObserver) -> None:
+    queue.put(produce_one(entry, stager, observer, private=True), entry.nbytes)
+
+
+# -- whole parameters, for the fingerprints ------------------------------------------------------
+def fingerprint_whole(model: nn.Module, keep, group: RankGroup | None = None) -> dict[str, Fingerprint]:
+    """Fingerprints of the parameters ``keep`` accepts, each read whole (gathered one module at a
+    time under ZeRO-3). Collective: every rank walks the same modules; rank r hashes every
+    ``world``-th tensor and the results are exchanged, so the work is split and the answer is the
+    same on every rank and for every world size. An empty or partial tensor is an error."""
+    group = group or RankGroup.current()
+    stager = HostStager()
+    mine: dict[str, dict] = {}
+    latch = _Latch()
+    for i, (name, p) in enumerate(iter_whole_parameters(model, keep)):
+        if not latch.failed and i % group.world == group.rank:
+            fp = latch.call(_fingerprint_one, name, p, stager)
+            if fp is not None:
+                mine[name] = fp
+    stager.close()
+    agree(group, latch.error, "fingerprinting the model")
+    return {n: Fingerprint.from_json(fp) for part in group.all_gather(mine) for n, fp in part.items()}
+
+
+def _fingerprint_one(name: str, p: torch.Tensor, stager: HostStager) -> dict:
+    check_full(name, p)
+    t = live(p).detach()
+    host = stager.to_host(t)
+    if is_partitioned(p) and host.data_ptr() == p.data_ptr():
+        # hashing goes through numpy, which pins the storage (not resizable); the engine must
+        # free a gathered CPU parameter's storage when the gather ends, so hash a copy
+        host = host.clone()
+    return fingerprint_tensor(name, t, host=host).to_json()
+
+
+def trained_fingerprints(model: nn.Module, group: RankGroup | None = None) -> FingerprintSet:
+    """Fingerprints of every trainable parameter under its training-time (checkpoint) name."""
+    return FingerprintSet.of(fingerprint_whole(model, lambda p: p.requires_grad, group))
+
+
+def frozen_root(model: nn.Module, group: RankGroup | None = None) -> str:
+    """One digest over every frozen parameter: catches a changed base model or pretrained_pth."""
+    return FingerprintSet.of(fingerprint_whole(model, lambda p: not p.requires_grad, group)).root

@@ -1,0 +1,215 @@
+"""Step 3 of an export, write: one rank's share of the shards, in every mode.
+
+:class:`RankWriter` writes the files :func:`~.shards.assign_shards` gave this rank, in plan order,
+from whichever producer feeds it (:mod:`.produce`: the writer's own thread, or the queue the
+training thread fills under ZeRO-3 / FSDP); the mode is only the producer. Each tensor is hashed
+on a helper thread while its bytes are written, then recorded (digest, statistics, what training
+did to it). The rank's files are then read back against those digests.
+
+Errors follow the collective-failure discipline (:mod:`.latch`): the first one is latched, the
+later steps skip their work but the producer still enters every gather, and :meth:`RankWriter.write`
+returns the error for the agreement instead of raising.
+
+A shard of frozen tensors is first hashed, tensor by tensor; when every digest equals the same
+shard's in the previous snapshot, that file is hard-linked and read back instead of written.
+Otherwise (or if the linked file does not read back right) it is written.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+from safetensors import SafetensorError
+
+from .entry import ProducedTensor, TensorEntry, TensorRecord
+from .finish import read_back
+from .fingerprint import Fingerprint, FingerprintSet, digest_tensor
+from .latch import _Latch
+from .manifest import TrainingEffect
+from .merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE
+from .observer import NO_OBSERVER, ExportObserver
+from .produce import Producer
+from .publish import _Previous
+from .shards import ShardPlan, assign_shards
+from .verify import hash_safetensors_file
+from .workers import Workers
+from .writer import ShardWriter, link_shard, os_error_words
+
+_log = logging.getLogger("sa2va_hooks")
+
+
+class RankWriter:
+    """This rank's writing of one export. ``previous`` (a complete earlier snapshot) is used for
+    hard links only when no gather is needed: hashing a shard before deciding never changes the
+    order of the gathers then."""
+
+    def __init__(self, plan: ShardPlan, rank: int, world: int, *, trained: FingerprintSet,
+                 baseline: Mapping[str, Fingerprint] | None, progress: bool, collective: bool,
+                 previous: _Previous | None = None, observer: ExportObserver = NO_OBSERVER) -> None:
+        self.plan, self.rank, self.observer = plan, rank, observer  # plan: of TensorEntry
+        self.trained, self.baseline = trained, baseline
+        self.previous = None if collective else previous
+        self.owners = assign_shards(plan, world)
+        self.tensors: dict[str, TensorRecord] = {}
+        self.effect = TrainingEffect()
+        self.bar = _progress(plan.total_size, progress and rank == 0)
+        self.written = self.linked = 0
+        self.linked_from: dict[str, str] = {}
+        self._link_errors: set = set()  # errnos already logged by _link_failed
+        self._hasher = Workers(1, "sa2va_hooks-hash")
+
+    def storage(self) -> dict:
+        return {"bytes_written": self.written, "bytes_linked": self.linked, "linked_from": dict(self.linked_from)}
+
+    def write(self, staging: Path, producer: Producer, readback: bool) -> BaseException | None:
+        """Write (or link) this rank's files, then read them back; returns the first error."""
+        latch, mine = _Latch(), []
+        try:
+            for fname, entries in self.plan.files:
+                own = self.owners[fname] == self.rank
+                if own and not latch.failed and self._linkable(entries):
+                    if latch.call(self._link, staging, fname, entries, producer, latch) or latch.failed:
+                        continue
+                self._write_file(staging, fname, entries, own, producer, latch)
+                if own and not latch.failed:
+                    mine.append(fname)
+            producer.finish(latch)
+        finally:
+            self.close(producer)
+        if not latch.failed and readback:
+            latch.call(read_back, staging, mine, {n: r.to_json() for n, r in self.tensors.items() if r.file in mine})
+        return latch.error
+
+    def close(self, producer: Producer | None = None) -> None:
+        """Release the helper thread, the progress bar and the staging buffer; never raises (cleanup
+        must not keep a rank from the agreement that follows)."""
+        self._hasher.shutdown()
+        for close in (self.bar.close, producer.close if producer is not None else None):
+            try:
+                if close is not None:
+                    close()
+            except Exception:  # noqa: BLE001 - see above; the export's own error is what gets reported
+                _log.debug("cleanup after an export failed", exc_info=True)
+
+    # -- writing --------------------------------------------------------------------------------
+    def _write_file(self, staging: Path, fname: str, entries: list[TensorEntry], own: bool, producer: Producer,
+                    latch: _Latch) -> None:
+        """Write one shard (or, under ZeRO-3, take part in its gathers only). After a failure the
+        producer's tensors are still taken (its gathers entered, its queue emptied), not written."""
+        record = not any(e.name in self.tensors for e in entries)  # hashed already by a failed _link
+        writer = latch.call(ShardWriter, staging / fname, entries) if own and not latch.failed else None
+        for produced in producer.produce(entries, own, latch):
+            if writer is not None and not latch.failed:
+                latch.call(self._append, writer, produced, record)
+        if writer is not None:
+            if latch.failed:
+                writer.abort()
+            else:
+                latch.call(self._close_file, writer, fname)
+
+    def _append(self, writer: ShardWriter, produced: ProducedTensor, record: bool) -> None:
+        """Append one tensor; its digest is computed on the helper thread meanwhile (both only
+        read the staged bytes), then recorded."""
+        if not record:
+            writer.append(produced.entry, produced.host)
+            return
+        digest = self._hasher.submit(digest_tensor, produced.entry.name, produced.host)
+        try:
+            writer.append(produced.entry, produced.host)
+        except BaseException:
+            digest.exception()  # wait: the next tensor is staged over these bytes, or they are freed
+            raise
+        self._record(produced, digest.result())
+
+    def _close_file(self, writer: ShardWriter, fname: str) -> None:
+        size = writer.close()
+        self.written += size
+        self.observer.file_done(fname, size, linked=False)
+
+    def _record(self, produced: ProducedTensor, digest: str) -> None:
+        self.tensors[produced.entry.name] = produced.record(digest)
+        _count_effect(self.effect, produced, self.trained, self.baseline)
+        self.bar.update(produced.entry.nbytes)
+
+    # -- hard links from the previous snapshot --------------------------------------------------
+    def _linkable(self, entries: list[TensorEntry]) -> bool:
+        return self.previous is not None and all(e.frozen_only for e in entries)
+
+    def _link(self, staging: Path, fname: str, entries: list[TensorEntry], producer: Producer,
+              latch: _Latch) -> bool:
+        """Hash the shard's tensors; link the previous snapshot's file when they are equal."""
+        for produced in producer.produce(entries, True, latch):
+            self._record(produced, self._hasher.submit(digest_tensor, produced.entry.name, produced.host).result())
+        if latch.failed:
+            return False
+        digests = {e.name: self.tensors[e.name].digest for e in entries}
+        src, dst = self.previous.path / fname, staging / fname
+        try:
+            if not self.previous.same_shard(fname, entries, digests):
+                return False
+            link_shard(src, dst)
+            same = _holds(dst, digests)
+        except OSError as e:  # whatever the errno: the shard is written from the model instead
+            dst.unlink(missing_ok=True)
+            self._link_failed(src, fname, e)
+            return False
+        if not same:  # the older file was changed after it was published
+            dst.unlink()
+            _log.warning(f"{src} no longer holds what its manifest says (edited or damaged after it was published; "
+                         f"`verify {self.previous.path}` will say so); writing {fname} afresh instead")
+            return False
+        size = dst.stat().st_size
+        self.linked += size
+        self.observer.file_done(fname, size, linked=True)
+        self.linked_from[fname] = f"{self.previous.path.name}/{fname} (linked)"
+        return True
+
+    def _link_failed(self, src: Path, fname: str, e: OSError) -> None:
+        """A link that failed is a write, never a failed export: no link support (EXDEV, ENOSYS on a
+        FUSE mount, EPERM), a file we may not read, one deleted meanwhile, a symlink. The caller writes
+        the shard from the model, the source of truth (copying the file we could not link may fail the
+        same way). Logged once per export and errno: a filesystem without links fails every shard."""
+        key = e.errno if e.errno is not None else type(e).__name__
+        level = logging.DEBUG if key in self._link_errors else logging.WARNING
+        self._link_errors.add(key)
+        _log.log(level, f"could not hard-link {e.filename or src}: {os_error_words(e)}; writing {fname} from the "
+                        f"model instead (the export goes on; other shards that fail the same way are written too, "
+                        f"logged at DEBUG)")
+
+
+def _holds(path: Path, digests: Mapping[str, str]) -> bool:
+    """Whether the linked file holds exactly these tensors, read back (not even a safetensors file
+    any more counts as changed)."""
+    try:
+        return hash_safetensors_file(path) == digests
+    except (SafetensorError, ValueError, RuntimeError):
+        return False
+
+
+def _count_effect(effect: TrainingEffect, produced: ProducedTensor, trained: FingerprintSet,
+                  baseline: Mapping[str, Fingerprint] | None) -> None:
+    """Count one written tensor into what training did, by its final role."""
+    name, role = produced.entry.name, produced.role
+    if role == ROLE_FROZEN:
+        effect.frozen_tensors += 1
+        return
+    effect.trained_tensors += 1
+    differs = produced.differs_from_base
+    if role == ROLE_TRAINABLE and baseline is not None:
+        src = produced.entry.sources[0]
+        if src in baseline and src in trained.tensors:
+            differs = baseline[src].digest != trained.tensors[src].digest
+    if role == ROLE_LORA and produced.delta_rel_norm is not None:
+        effect.lora_rel_delta[name] = produced.delta_rel_norm
+    if differs is None:
+        effect.trained_unknown_base.append(name)
+    elif differs:
+        effect.trained_differ_from_base += 1
+    else:
+        effect.trained_identical_to_base.append(name)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not enabled)
