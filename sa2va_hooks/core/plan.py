@@ -57,6 +57,7 @@ class Converter(Protocol):
 
 
 def parse_dtype(dtype: Any) -> torch.dtype | None:
+    """The export's ``dtype`` option as a torch dtype; ``None`` keeps each tensor as in memory."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if str(dtype).lower() in KEEP_DTYPE:
@@ -97,6 +98,8 @@ class ExportPlan:
 
 
 def plan_export(model: nn.Module, conv: Converter, dt: torch.dtype | None, max_shard_size: int | str) -> ExportPlan:
+    """Walk, name and shard the export. The frozen-only tensors are sharded as a group of their
+    own, first, so their files repeat from one export to the next and can be hard-linked."""
     ready = getattr(conv, "ensure_ready", None)  # a user's converter may predate it
     if ready is not None:
         ready(model)  # what the converter can tell before a byte is written (remote code, template, tokenizer)
