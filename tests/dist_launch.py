@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_launch.py CONFIG [xtuner train args...]
 
-It applies five CPU-only workarounds, then runs ``xtuner.tools.train`` unchanged (as
+It applies six CPU-only workarounds, then runs ``xtuner.tools.train`` unchanged (as
 ``tools/train.py`` does). None of them is in the product's code path, and none applies on GPUs:
 
 1. mmengine's pytorch launcher calls ``torch.cuda.set_device(local_rank)`` on every rank, which
@@ -19,12 +19,18 @@ It applies five CPU-only workarounds, then runs ``xtuner.tools.train`` unchanged
    (for ZeRO-3, where DeepSpeed does not move the model); without CUDA that fails: on a machine
    without CUDA, mmengine's ``BaseDataPreprocessor.cuda`` leaves the preprocessor where it is (on
    the CPU, with the model). xtuner 0.2.0 did not call it.
+6. A process that exits with its gloo process group alive can abort in interpreter finalization ("terminate
+   called without an active exception", SIGABRT): gloo's worker threads still hold tensors whose release
+   needs the GIL (pytorch/pytorch PR #179291, abandoned). Seen twice on this 2-core machine on 2026-11-30
+   under load (a DDP launch without the hooks in CI; a 2-rank ZeRO-3 export in the golden test). The
+   process group is destroyed at exit, while the interpreter is still whole.
 
 Failure injection for the tests: ``SA2VA_TEST_FAIL_RANK=r`` and ``SA2VA_TEST_FAIL_ITER=n`` make
 rank r's shard writer raise ENOSPC during the export of iteration n.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import runpy
 import sys
@@ -56,11 +62,18 @@ def _cpu_workarounds() -> None:
     if not torch.cuda.is_available():  # 5.
         from mmengine.model import BaseDataPreprocessor
         BaseDataPreprocessor.cuda = lambda self, *a, **k: self
+    atexit.register(_destroy_process_group)  # 6.
     try:
         import deepspeed.comm.torch as ds_torch
         ds_torch.build_shm_op = lambda: None  # 3.
     except ImportError:
         pass
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class _Done:
