@@ -79,7 +79,7 @@ class FingerprintHook(Hook):
         record = runner.message_hub.get_info(CHECKPOINT_RECORD_KEY)
         if record is None or record.get("iter") != meta.get("iter"):
             model = unwrapped_model(runner)
-            if checkpoint_export_mode(model) == "gathered":
+            if checkpoint_export_mode(model) == "gathered":  # partitioned: only a collective could read them
                 return
             trained = trained_fingerprints(model, group=RankGroup(0, 1))
             record = self._make_record(trained, meta.get("iter"), meta.get("epoch"))
