@@ -4,8 +4,10 @@ Layout (the architecture):
 - ``core/``: merge (out-of-place LoRA via PEFT's delta math), sharded safetensors writing with
   atomic publish, fingerprints, manifest, verification. No mmengine.
 - ``converters/``: one file per model family, registered in ``CONVERTERS`` (an mmengine Registry).
-- ``export.py``: ``export_hf``, the single path from a model to a verified snapshot, and
-  ``start_export``, the same path on a background thread after a millisecond capture.
+- ``export.py``: ``export_hf``, the single path from a model to a verified snapshot,
+  ``start_export``, the same path on a background thread after a millisecond capture, and
+  ``start_checkpoint_export``, which chooses between them (and the gathered form for ZeRO-3 /
+  FSDP) for an export taken during training. The hooks import only from here.
 - ``hooks/``: thin mmengine hooks (``FingerprintHook``, ``HFExportHook``) that read runner state,
   decide timing and call the core.
 - ``cli.py``: ``python -m sa2va_hooks verify|fingerprint``.
@@ -62,7 +64,8 @@ from .core.manifest import ExportManifest
 from .core.merge import NonFiniteError
 from .core.snapshot import ModelChangedError, SnapshotBuffers
 from .core.verify import verify_snapshot
-from .export import ExportJob, export_hf, start_export
+from .core.checkpoint_export import ExportHandle
+from .export import ExportJob, export_hf, start_checkpoint_export, start_export
 
 try:
     from .hooks import FingerprintHook, HFExportHook
@@ -76,6 +79,6 @@ except ModuleNotFoundError as _e:  # the core, the converters, export_hf and the
                               "pip install 'mmengine>=0.10.6'")
         raise AttributeError(f"module 'sa2va_hooks' has no attribute {name!r}")
 
-__all__ = ["CONVERTERS", "Converter", "ExportJob", "ExportManifest", "Fingerprint", "FingerprintSet", "FingerprintHook",
-           "HFExportHook", "ModelChangedError", "NonFiniteError", "SnapshotBuffers", "apply_torch_cpu_bf16_shim",
-           "export_hf", "start_export", "verify_snapshot"]
+__all__ = ["CONVERTERS", "Converter", "ExportHandle", "ExportJob", "ExportManifest", "Fingerprint", "FingerprintSet",
+           "FingerprintHook", "HFExportHook", "ModelChangedError", "NonFiniteError", "SnapshotBuffers",
+           "apply_torch_cpu_bf16_shim", "export_hf", "start_checkpoint_export", "start_export", "verify_snapshot"]

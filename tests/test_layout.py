@@ -112,7 +112,8 @@ def test_auto_picks_the_real_converter_for_the_tiny_model(tiny_base):
 
 def test_the_export_pipeline_lives_in_core_and_the_facade_only_resolves_the_converter():
     facade = (PKG / "export.py").read_text()
-    assert len(facade.splitlines()) < 60 and "class " not in facade
+    # < 70 lines: the facade also re-exports every name the hooks use (step 6 of issue 17), one line per core module
+    assert len(facade.splitlines()) < 70 and "class " not in facade
     ours = {m for m in _imports(PKG / "export.py") if m.startswith("sa2va_hooks")}
     assert all(m.startswith(("sa2va_hooks.core", "sa2va_hooks.converters.base")) for m in ours), ours
     tree = ast.parse((PKG / "core" / "pipeline.py").read_text())

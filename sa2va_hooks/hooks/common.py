@@ -1,26 +1,29 @@
-"""Runner-state helpers shared by the hooks (the only place that knows mmengine's internals)."""
+"""Runner-state helpers shared by the hooks (the only place that knows mmengine's internals), and
+the snapshot-folder rules both hooks follow (names, retention, leftovers)."""
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
+import threading
 import time
+import traceback
 from pathlib import Path
+from typing import Callable
 
+from mmengine.dist import is_main_process
 from mmengine.hooks import CheckpointHook
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from ..core.fingerprint import Fingerprint
+from ..compat import allow_mmengine_checkpoint_globals  # noqa: F401 - re-exported for the hooks
 from ..core.dist import DEFAULT_TIMEOUT_S, RankGroup
 from ..core.sharding import is_fsdp_module
-from ..core.snapshot import Capture, SnapshotBuffers
-from ..export import frozen_root, trained_fingerprints
+from ..core.vocab import SIDECAR_SUFFIX  # noqa: F401 - re-exported
+from ..core.checkpoint_export import ExportHandle
+from ..export import (MANIFEST_FILE, Capture, Fingerprint, SnapshotBuffers, checkpoint_export_mode, clean_leftovers,
+                      frozen_root, remove_snapshot, trained_fingerprints)
 from ..records import (BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY,  # noqa: F401 - re-exported
                        build_callable_cfg)
-
-from ..core.vocab import SIDECAR_SUFFIX
 
 # trained fingerprints FingerprintHook computed at this iteration's checkpoint, handed to
 # HFExportHook so the same tensors are not hashed twice; process-local (process_state)
@@ -59,21 +62,21 @@ def config_sha256(runner) -> str | None:
     return hashlib.sha256(cfg.pretty_text.encode()).hexdigest()
 
 
-def _checkpoint_hook(runner) -> CheckpointHook | None:
+def checkpoint_hook(runner) -> CheckpointHook | None:
     return next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
 
 
 def checkpoint_dir(runner) -> Path:
     """Where this run's CheckpointHook writes (its ``out_dir``, set in its ``before_train``, which
     runs before HFExportHook's), else the work dir."""
-    hook = _checkpoint_hook(runner)
+    hook = checkpoint_hook(runner)
     out = getattr(hook, "out_dir", None) if hook is not None else None
     return Path(out) if isinstance(out, (str, Path)) else Path(runner.work_dir)
 
 
 def max_keep_ckpts(runner) -> int | None:
     """CheckpointHook's ``max_keep_ckpts`` when it removes older checkpoints (> 0), else None."""
-    hook = _checkpoint_hook(runner)
+    hook = checkpoint_hook(runner)
     n = getattr(hook, "max_keep_ckpts", None) if hook is not None else None
     return n if isinstance(n, int) and n > 0 else None
 
@@ -93,44 +96,9 @@ def snapshot_keep_last(runner, keep_last: int | None, at_checkpoints: bool) -> i
     return n
 
 
-
-
-def orphan_sidecars(runner, ckpt_dir: Path) -> list[tuple[Path, str]]:
-    """FingerprintHook's sidecars in ``ckpt_dir`` whose checkpoint CheckpointHook removed
-    (``max_keep_ckpts``): (sidecar, checkpoint name). Only when CheckpointHook removes checkpoints at
-    all, only names of CheckpointHook's own form plus our suffix (``iter_2.pth.fingerprints.json``),
-    only when nothing exists under the checkpoint's name (a file or a DeepSpeed directory), and only
-    files whose content says they are our sidecar of that checkpoint."""
-    hook = _checkpoint_hook(runner)
-    if max_keep_ckpts(runner) is None or not ckpt_dir.is_dir():
-        return []
-    parts = re.split(r"\{[^{}]*\}", getattr(hook, "filename_tmpl", "") or "")
-    if len(parts) != 2:  # not a template of one step number: nothing is recognisably ours
-        return []
-    name = re.compile(re.escape(parts[0]) + r"\d+" + re.escape(parts[1]) + re.escape(SIDECAR_SUFFIX))
-    found = []
-    for sidecar in sorted(ckpt_dir.iterdir()):
-        if not name.fullmatch(sidecar.name) or not sidecar.is_file():
-            continue
-        ckpt = sidecar.name[:-len(SIDECAR_SUFFIX)]
-        if os.path.lexists(ckpt_dir / ckpt) or not _is_sidecar_of(sidecar, ckpt):
-            continue
-        found.append((sidecar, ckpt))
-    return found
-
-
-def _is_sidecar_of(path: Path, ckpt_name: str) -> bool:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return (isinstance(record, dict) and "trained" in record and
-            Path(str(record.get("checkpoint", "")).rstrip("/")).name == ckpt_name)
-
-
 def has_checkpoint_schedule(runner) -> bool:
     """CheckpointHook saves at all: a positive interval, or only the last checkpoint (save_last)."""
-    hook = _checkpoint_hook(runner)
+    hook = checkpoint_hook(runner)
     return hook is not None and ((hook.interval or 0) > 0 or bool(hook.save_last))
 
 
@@ -140,7 +108,7 @@ def checkpoint_due(runner, stage: str) -> bool:
     rank from the loop counters alone, so all ranks agree without talking. ``stage`` is "iter"
     (after_train_iter) or "epoch" (after_train_epoch). This does not depend on
     ``before_save_checkpoint``, which DeepSpeedStrategy never calls."""
-    hook = _checkpoint_hook(runner)
+    hook = checkpoint_hook(runner)
     if hook is None:
         return False
     if stage == "iter":
@@ -184,7 +152,7 @@ class BackgroundExports:
     """This process's background-export state, shared by both hooks (``process_state``): the
     reused capture buffers, the capture FingerprintHook took at this checkpoint (HFExportHook
     exports that same capture, so the trainable tensors are copied once), the export in flight
-    (one at most) and the gloo group the export threads talk over."""
+    (one at most) and the store group the export threads talk over."""
 
     def __init__(self) -> None:
         self.enabled = False
@@ -192,13 +160,53 @@ class BackgroundExports:
         self.buffers = SnapshotBuffers()
         self.capture: Capture | None = None
         self.capture_iter: int | None = None
-        self.job = None  # ExportJob in flight or finished
+        self.job: ExportHandle | None = None  # the export in flight or finished
         self.group: RankGroup | None = None
         self.timeout_s = DEFAULT_TIMEOUT_S  # the longest training waits for an export, and a rank for another
+
+    def prepare(self, runner, model: nn.Module, enabled: bool, when_busy: str, timeout_s: float) -> None:
+        """HFExportHook's options, from its ``before_train`` (every rank). Prepays what the first
+        export would otherwise pay: the capture buffers, allocated and touched once (pinned on a
+        GPU). The store group is made once per process and kept (not collective)."""
+        self.enabled, self.when_busy, self.timeout_s = enabled, when_busy, timeout_s
+        if not enabled:
+            return
+        if self.group is None:
+            self.group = RankGroup.background(timeout_s)
+        if checkpoint_export_mode(model) == "gathered":
+            runner.logger.info("[sa2va_hooks] parameters are partitioned (DeepSpeed ZeRO-3 or FSDP): at each export "
+                               "the training thread gathers them (collective) and copies them to the host; the "
+                               "writing, read-back and publishing run in the background")
+            return
+        t0 = time.perf_counter()
+        allocated = self.buffers.prepare(model)
+        runner.logger.info(f"[sa2va_hooks] background export: {allocated} bytes of capture buffers for the trainable "
+                           f"tensors allocated in {time.perf_counter() - t0:.2f}s; when an export is still running "
+                           f"at the next checkpoint: {when_busy}")
+
+    def finish(self, runner) -> None:
+        """After the last iteration: wait for the export in flight, so the run ends with its
+        snapshot published (or its failure logged), and no thread outlives the run."""
+        if not self.wait(runner, "training ended", self.timeout_s):
+            runner.logger.error(f"[sa2va_hooks] the process waits for the export to {self.job.out_dir} at exit (it is "
+                                "not a daemon thread); if it is stopped first, that checkpoint has no snapshot: "
+                                "export it with tools/export.py")
+        self.capture, self.capture_iter = None, None
+
+    def take_capture(self, it: int) -> Capture | None:
+        """FingerprintHook's capture when it is of iteration ``it`` (then used once), else None."""
+        capture = self.capture if self.capture_iter == it else None
+        self.capture, self.capture_iter = None, None
+        return capture
 
     @property
     def busy(self) -> bool:
         return self.job is not None and self.job.running
+
+    def busy_ranks(self) -> list[int]:
+        """The ranks whose export is still running. Collective (every rank calls it at the same
+        point and gets the same list): all ranks skip an export, or none."""
+        return [r for r, b in enumerate(RankGroup.current().all_gather(self.busy)) if b]
 
     def wait(self, runner, why: str, timeout: float | None = None) -> bool:
         """Wait for the export in flight, at most ``timeout`` seconds; True when none is running
@@ -222,3 +230,121 @@ def background_exports(runner) -> BackgroundExports:
     if "background" not in state:
         state["background"] = BackgroundExports()
     return state["background"]
+
+
+# -- the snapshot folder: ``iter_N`` per export, complete once it holds its manifest -------------
+ITER_DIR = re.compile(r"^iter_(\d+)$")
+
+
+def export_root(runner, out_dir: str | None) -> Path:
+    """Where HFExportHook's snapshots go: ``out_dir``, else ``{work_dir}/hf``."""
+    return Path(out_dir) if out_dir else Path(runner.work_dir) / "hf"
+
+
+def complete_snapshots(root: Path, but: Path | None = None) -> list[tuple[int, Path]]:
+    """(N, path) of the complete ``iter_N`` snapshots in ``root`` (a manifest is written last), but
+    ``but``, oldest first."""
+    return sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+                  if (m := ITER_DIR.match(p.name)) and p != but and (p / MANIFEST_FILE).is_file())
+
+
+def prune_snapshots(root: Path, keep_last: int | None, keep: Path) -> None:
+    """Remove all but the newest ``keep_last`` complete snapshots (never ``keep``, the one just
+    published); None keeps all."""
+    if keep_last is None:
+        return
+    for _, p in complete_snapshots(root)[:-keep_last]:
+        if p != keep:
+            remove_snapshot(p)
+
+
+def remove_stale_staging(root: Path, log) -> None:
+    """A process killed mid-export, mid-replace or mid-prune leaves ``iter_N.incomplete-*``,
+    ``iter_N.old-*`` or ``iter_N.trash-*``; those are ours by name. An interrupted replace is
+    undone and the rest removed, each said through ``log``. Rank 0 only (the caller)."""
+    clean_leftovers(root, owns=lambda name: bool(ITER_DIR.match(name)), log=log)
+
+
+def catch_up_after_resume(runner, root: Path, export: Callable[[], None]) -> None:
+    """A run stopped while an export was in flight (killed, crashed, preempted) left that
+    checkpoint without a snapshot in ``root``. On resume the model holds exactly the resumed
+    checkpoint's weights: when that checkpoint has none, that is said and ``export()`` (every rank
+    is here) exports it now. An earlier checkpoint without one is named in the log with the command that exports
+    it. Only for checkpoints of this run's own checkpoint directory: a run started from another
+    run's checkpoint did not miss its export."""
+    ckpt_dir = checkpoint_dir(runner)
+    if runner.iter <= 0 or not (ckpt_dir / f"iter_{runner.iter}.pth").exists():
+        return
+    have = {n for n, _ in complete_snapshots(root)}
+    if runner.iter not in have:
+        runner.logger.warning(f"[sa2va_hooks] resumed at iteration {runner.iter}, whose checkpoint has no "
+                              f"snapshot in {root} (its export did not finish before the run stopped): "
+                              "exporting it now, from the resumed weights")
+        export()
+    for ckpt in _checkpoints_between(ckpt_dir, max(have, default=-1), runner.iter):
+        runner.logger.warning(
+            f"[sa2va_hooks] checkpoint {ckpt} has no snapshot in {root} (the run stopped before its export "
+            f"finished). Export it with: python tools/export.py CONFIG {ckpt} --out {root / ckpt.stem}")
+
+
+def _checkpoints_between(folder: Path, after: int, before: int) -> list[Path]:
+    """mmengine's ``iter_N.pth`` (a file, or a DeepSpeed directory) in ``folder`` with
+    ``after < N < before``."""
+    found = []
+    for p in (folder.iterdir() if folder.is_dir() else ()):
+        m = re.match(r"^iter_(\d+)\.pth$", p.name)
+        if m and after < int(m.group(1)) < before:
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def training_state() -> str:
+    """What training is doing while an export's outcome is logged: an export thread can outlive
+    a crashed or interrupted training loop (it is finished before the process exits)."""
+    if threading.main_thread().is_alive():
+        return "training continues"
+    return "training has already ended (its main thread exited: an exception or an interrupt)"
+
+
+# -- HFExportHook's log lines (tests and users grep them: keep the wording) ----------------------
+def log_failed(runner, it: int, out: Path, e: BaseException) -> None:
+    runner.logger.error(f"[sa2va_hooks] HF export of iteration {it} to {out} FAILED; "
+                        f"{training_state()} and earlier snapshots are untouched. Cause: {type(e).__name__}: {e}")
+    runner.logger.debug("".join(traceback.format_exception(e)))
+
+
+def log_skipped(runner, it: int, busy: list[int], running: ExportHandle | None, when_busy: str,
+                timeout_s: float) -> None:
+    where = f"the export to {running.out_dir}" if running is not None and running.running else "an earlier export"
+    ranks = ", ".join(map(str, busy))
+    if when_busy == "skip":
+        runner.logger.warning(f"[sa2va_hooks] HF export of iteration {it} SKIPPED: {where} is still "
+                              f"running on rank(s) {ranks} (HFExportHook(when_busy='skip')).")
+    else:
+        runner.logger.error(f"[sa2va_hooks] HF export of iteration {it} SKIPPED: {where} is still "
+                            f"running on rank(s) {ranks} after {timeout_s:g}s (HFExportHook(timeout_s=...)); "
+                            "training does not wait longer. Export this checkpoint later with tools/export.py.")
+
+
+def report_export(runner, out: Path, point: dict, manifest, how: str, keep_last: int | None) -> None:
+    """The published snapshot's log line (and notes, and the error when training did not reach
+    it), then retention on rank 0 (``prune_snapshots``)."""
+    effect = manifest.training_effect
+    size = sum(f["size"] for f in manifest.files.values())
+    storage = manifest.storage
+    runner.logger.info(
+        f"[sa2va_hooks] exported iter {point['iter']} to {out} {how}: {len(manifest.tensors)} tensors, "
+        f"{size} bytes ({storage.get('bytes_written', size)} written, {storage.get('bytes_linked', 0)} hard-linked "
+        f"from the previous snapshot), root {manifest.root_digest}, read back and verified; "
+        f"{effect['trained_differ_from_base']}/{effect['trained_tensors']} trained tensors differ from the base, "
+        f"max relative LoRA delta {effect['lora_rel_delta_max']}")
+    for note in manifest.notes:
+        runner.logger.info(f"[sa2va_hooks] note: {note}")
+    if effect["identical_to_base"] and point["iter"] > 0:
+        runner.logger.error(
+            f"[sa2va_hooks] export {out} is IDENTICAL to the base model at iteration {point['iter']}: none of its "
+            f"{effect['trained_tensors']} trained tensors differs from the base after the cast to "
+            f"{manifest.dtype}. Training did not reach these weights (learning rate 0, frozen by mistake, or "
+            "deltas below the export dtype's resolution).")
+    if is_main_process():
+        prune_snapshots(out.parent, keep_last, keep=out)

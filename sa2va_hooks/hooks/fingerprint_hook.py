@@ -17,6 +17,8 @@ time; the hashing is split between the ranks), and every rank enters it at the s
 from __future__ import annotations
 
 import json
+import os
+import re
 import traceback
 from pathlib import Path
 
@@ -24,14 +26,10 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from ..compat import allow_mmengine_checkpoint_globals
-from ..core.fingerprint import FingerprintSet
-from ..core.sharding import needs_gather
-from ..core.snapshot import fingerprint_capture
-from ..export import trained_fingerprints
-from .common import (CHECKPOINT_RECORD_KEY, CURRENT_TRAINED_KEY, META_KEY, SIDECAR_SUFFIX, background_exports,
-                     checkpoint_due, checkpoint_point, ensure_baseline, max_keep_ckpts, orphan_sidecars, process_state,
-                     unwrapped_model)
+from ..export import FingerprintSet, RankGroup, checkpoint_export_mode, fingerprint_capture, trained_fingerprints
+from .common import (CHECKPOINT_RECORD_KEY, CURRENT_TRAINED_KEY, META_KEY, SIDECAR_SUFFIX,
+                     allow_mmengine_checkpoint_globals, background_exports, checkpoint_due, checkpoint_hook,
+                     checkpoint_point, ensure_baseline, max_keep_ckpts, process_state, unwrapped_model)
 
 
 @HOOKS.register_module()
@@ -81,9 +79,9 @@ class FingerprintHook(Hook):
         record = runner.message_hub.get_info(CHECKPOINT_RECORD_KEY)
         if record is None or record.get("iter") != meta.get("iter"):
             model = unwrapped_model(runner)
-            if needs_gather(model):
+            if checkpoint_export_mode(model) == "gathered":  # partitioned: only a collective could read them
                 return
-            trained = trained_fingerprints(model, group=_one_process())
+            trained = trained_fingerprints(model, group=RankGroup(0, 1))
             record = self._make_record(trained, meta.get("iter"), meta.get("epoch"))
             checkpoint.setdefault("message_hub", {}).setdefault("runtime_info", {})[CHECKPOINT_RECORD_KEY] = record
         meta[META_KEY] = record
@@ -100,12 +98,12 @@ class FingerprintHook(Hook):
         that is saved next. Otherwise: the collective walk (ZeRO-3 and FSDP gather)."""
         model = unwrapped_model(runner)
         bg = background_exports(runner)
-        if not bg.enabled or needs_gather(model):
+        if not bg.enabled or checkpoint_export_mode(model) == "gathered":
             return trained_fingerprints(model)  # collective
         if bg.busy and bg.when_busy == "skip":  # the buffers are in use, and this export will be skipped
-            return trained_fingerprints(model, group=_one_process())
+            return trained_fingerprints(model, group=RankGroup(0, 1))
         if not bg.wait(runner, f"its buffers are needed for the capture at iteration {it}", bg.timeout_s):
-            return trained_fingerprints(model, group=_one_process())  # the buffers are still in use
+            return trained_fingerprints(model, group=RankGroup(0, 1))  # the buffers are still in use
         bg.capture, bg.capture_iter = None, None
         capture = bg.buffers.capture(model, stats=True)
         trained = FingerprintSet.of(fingerprint_capture(capture))
@@ -158,7 +156,7 @@ class FingerprintHook(Hook):
     def _remove_orphan_sidecars(runner, ckpt_dir: Path) -> None:
         """CheckpointHook with ``max_keep_ckpts`` removed an older checkpoint (a file, or a DeepSpeed
         directory) just before it saved this one; its sidecar goes with it. Rank 0 (the caller), only
-        our sidecars, only when their checkpoint is gone (common.orphan_sidecars)."""
+        our sidecars, only when their checkpoint is gone (orphan_sidecars)."""
         for sidecar, ckpt in orphan_sidecars(runner, ckpt_dir):
             try:
                 sidecar.unlink()
@@ -170,6 +168,34 @@ class FingerprintHook(Hook):
                                f"removed by CheckpointHook (max_keep_ckpts={max_keep_ckpts(runner)})")
 
 
-def _one_process():
-    from ..core.dist import RankGroup
-    return RankGroup(0, 1)
+def orphan_sidecars(runner, ckpt_dir: Path) -> list[tuple[Path, str]]:
+    """FingerprintHook's sidecars in ``ckpt_dir`` whose checkpoint CheckpointHook removed
+    (``max_keep_ckpts``): (sidecar, checkpoint name). Only when CheckpointHook removes checkpoints at
+    all, only names of CheckpointHook's own form plus our suffix (``iter_2.pth.fingerprints.json``),
+    only when nothing exists under the checkpoint's name (a file or a DeepSpeed directory), and only
+    files whose content says they are our sidecar of that checkpoint."""
+    hook = checkpoint_hook(runner)
+    if max_keep_ckpts(runner) is None or not ckpt_dir.is_dir():
+        return []
+    parts = re.split(r"\{[^{}]*\}", getattr(hook, "filename_tmpl", "") or "")
+    if len(parts) != 2:  # not a template of one step number: nothing is recognisably ours
+        return []
+    name = re.compile(re.escape(parts[0]) + r"\d+" + re.escape(parts[1]) + re.escape(SIDECAR_SUFFIX))
+    found = []
+    for sidecar in sorted(ckpt_dir.iterdir()):
+        if not name.fullmatch(sidecar.name) or not sidecar.is_file():
+            continue
+        ckpt = sidecar.name[:-len(SIDECAR_SUFFIX)]
+        if os.path.lexists(ckpt_dir / ckpt) or not _is_sidecar_of(sidecar, ckpt):
+            continue
+        found.append((sidecar, ckpt))
+    return found
+
+
+def _is_sidecar_of(path: Path, ckpt_name: str) -> bool:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(record, dict) and "trained" in record and
+            Path(str(record.get("checkpoint", "")).rstrip("/")).name == ckpt_name)

@@ -1,4 +1,4 @@
-"""``sa2va_hooks.core.export.parse_dtype``: the export's ``dtype`` option (HFExportHook, tools/export.py).
+"""``sa2va_hooks.core.plan.parse_dtype``: the export's ``dtype`` option (HFExportHook, tools/export.py).
 
 Pinned: every accepted spelling (short and long names, ``torch.`` prefix, any case) gives the torch
 dtype written out by hand here; ``None``, ``'auto'``, ``'none'`` and ``'keep'`` mean "keep as in
