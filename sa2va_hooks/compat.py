@@ -1,15 +1,14 @@
-"""Small, documented compatibility shims: every version-specific path lives here.
+"""Small, documented compatibility shims: every version-specific path outside the core lives here.
 
 The tested matrix (README, "Install into an existing environment") runs Sa2VA's two stacks (`legacy`:
 transformers 4.49, peft 0.11.1; `latest`: transformers 4.57, peft 0.17.1; both torch 2.14.1, xtuner
 0.1.23) and the newest releases. What differs between the versions this module handles:
 - numpy 1 keeps ``multiarray`` under ``numpy.core``: :func:`numpy_multiarray`.
-- PEFT < 0.12's ``ModulesToSaveWrapper`` has one ``active_adapter``: :func:`active_saved_copies`.
 - torch < 2.5 has no ``get_unsafe_globals_in_checkpoint`` and does not allow ``codecs.encode``:
   :func:`unsafe_globals_in_checkpoint`, :func:`mmengine_checkpoint_safe_globals`.
 - transformers 5 writes a config's dtype as ``dtype``, earlier ones as ``torch_dtype``: :func:`config_dtype_keys`.
-- PEFT < 0.15 has no ``AuxiliaryTrainingWrapper`` (the base class of ``ModulesToSaveWrapper`` and
-  the trainable-token wrappers added later): :data:`AuxiliaryTrainingWrapper` stands in for it.
+The PEFT shims the merge needs (PEFT < 0.12's single ``active_adapter``, PEFT < 0.15's missing
+``AuxiliaryTrainingWrapper``) live in ``core/peft_compat.py``, so that the core imports nothing above it.
 (numpy 1 and torch < 2.5 are below setup.py's ranges since issue 16 and no tested stack has them; the
 paths stay for environments installed with ``--no-deps``.)
 
@@ -29,13 +28,6 @@ import pickle
 
 import torch
 from .core.errors import BadInputError, BadTypeError, BadValueError
-
-try:
-    from peft.utils.other import AuxiliaryTrainingWrapper
-except ImportError:  # peft < 0.15: ModulesToSaveWrapper was the only auxiliary wrapper
-    class AuxiliaryTrainingWrapper:  # type: ignore[no-redef]
-        """Stand-in: no module is an instance, so nothing is refused that PEFT < 0.15 can build."""
-
 
 def _cpu_bf16_unsupported() -> bool:
     """Stand-in for the missing torch.cpu.is_bf16_supported: report no bf16 so that xtuner
@@ -60,15 +52,6 @@ def numpy_multiarray():
     else:
         from numpy.core import multiarray
     return multiarray
-
-
-def active_saved_copies(wrapper) -> list[str]:
-    """The active adapter names of a PEFT ``ModulesToSaveWrapper``: ``active_adapters`` from peft 0.12,
-    a single ``active_adapter`` string before."""
-    names = getattr(wrapper, "active_adapters", None)
-    if names is None:
-        names = wrapper.active_adapter
-    return [names] if isinstance(names, str) else list(names)
 
 
 def config_dtype_keys(cfg: dict) -> list[str]:
