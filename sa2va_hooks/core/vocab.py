@@ -32,6 +32,10 @@ SHORT_DTYPE_NAMES = MappingProxyType({"bfloat16": "bf16", "float16": "fp16", "fl
 CHUNK_ELEMENTS = 1 << 24  # fp64 working copies (statistics, checks, norms) stay at 128 MiB for any tensor
 FLUSH_EVERY_BYTES = 256 << 20  # a shard writer hands its bytes to the kernel (and to a background fsync) this often
 
+# -- dependencies ------------------------------------------------------------------------------------
+# setup.py's ``deepspeed`` extra: 0.19 removed deepspeed.runtime.fp16.onebit, which mmengine 0.10.x imports
+DEEPSPEED_REQUIREMENT = "deepspeed>=0.18.9,<0.19"
+
 # -- pickle allowlists -------------------------------------------------------------------------------
 # What an mmengine (+ DeepSpeed) checkpoint pickles besides tensors, by global name (``module.name``, as a
 # pickle names it). One table for the two allowlists, which must agree: torch's ``weights_only`` safe globals

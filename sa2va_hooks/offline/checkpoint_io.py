@@ -27,9 +27,6 @@ from .zero_checkpoint import (NotRegularFileError, UnsafeCheckpointError, ZeroCh
 from ..core.errors import BadInputError, BadValueError, MissingFileError
 from ..core.vocab import SIDECAR_SUFFIX
 
-# 0.19 removed deepspeed.runtime.fp16.onebit, which mmengine 0.10.x imports: training breaks
-DEEPSPEED_REQUIREMENT = "deepspeed>=0.18.9,<0.19"
-
 
 def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
                     log: Callable[[str], None] = print) -> dict:
