@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .core.compare import TensorDir, compare_tensors, diff_dirs, plot_rel_delta
 from .core.fingerprint import FingerprintSet, compare_fingerprints, digest_tensor, fingerprint_state, root_digest
 from .core.errors import exit_code
 from .core.manifest import ExportManifest
 from .core.verify import verify_snapshot
+from .diff import TensorDir, compare_tensors, diff_dirs, plot_rel_delta
 from .environment import doctor
 
 

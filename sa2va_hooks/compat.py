@@ -1,15 +1,14 @@
-"""Small, documented compatibility shims: every version-specific path lives here.
+"""Small, documented compatibility shims: every version-specific path outside the core lives here.
 
 The tested matrix (README, "Install into an existing environment") runs Sa2VA's two stacks (`legacy`:
 transformers 4.49, peft 0.11.1; `latest`: transformers 4.57, peft 0.17.1; both torch 2.14.1, xtuner
 0.1.23) and the newest releases. What differs between the versions this module handles:
 - numpy 1 keeps ``multiarray`` under ``numpy.core``: :func:`numpy_multiarray`.
-- PEFT < 0.12's ``ModulesToSaveWrapper`` has one ``active_adapter``: :func:`active_saved_copies`.
 - torch < 2.5 has no ``get_unsafe_globals_in_checkpoint`` and does not allow ``codecs.encode``:
   :func:`unsafe_globals_in_checkpoint`, :func:`mmengine_checkpoint_safe_globals`.
 - transformers 5 writes a config's dtype as ``dtype``, earlier ones as ``torch_dtype``: :func:`config_dtype_keys`.
-- PEFT < 0.15 has no ``AuxiliaryTrainingWrapper`` (the base class of ``ModulesToSaveWrapper`` and
-  the trainable-token wrappers added later): :data:`AuxiliaryTrainingWrapper` stands in for it.
+The PEFT shims the merge needs (PEFT < 0.12's single ``active_adapter``, PEFT < 0.15's missing
+``AuxiliaryTrainingWrapper``) live in ``core/peft_compat.py``, so that the core imports nothing above it.
 (numpy 1 and torch < 2.5 are below setup.py's ranges since issue 16 and no tested stack has them; the
 paths stay for environments installed with ``--no-deps``.)
 
@@ -25,17 +24,14 @@ and then runs xtuner's own train module.
 """
 from __future__ import annotations
 
+import enum
+import importlib
 import pickle
 
 import torch
 from .core.errors import BadInputError, BadTypeError, BadValueError
-
-try:
-    from peft.utils.other import AuxiliaryTrainingWrapper
-except ImportError:  # peft < 0.15: ModulesToSaveWrapper was the only auxiliary wrapper
-    class AuxiliaryTrainingWrapper:  # type: ignore[no-redef]
-        """Stand-in: no module is an instance, so nothing is refused that PEFT < 0.15 can build."""
-
+from .core.vocab import (CODECS_ENCODE_GLOBALS, DEEPSPEED_PICKLE_GLOBALS, GETATTR_GLOBAL, MMENGINE_PICKLE_GLOBALS,
+                         MULTIARRAY_PICKLE_NAMES, NUMPY_PICKLE_GLOBALS, NUMPY_PICKLE_DTYPES)
 
 def _cpu_bf16_unsupported() -> bool:
     """Stand-in for the missing torch.cpu.is_bf16_supported: report no bf16 so that xtuner
@@ -62,15 +58,6 @@ def numpy_multiarray():
     return multiarray
 
 
-def active_saved_copies(wrapper) -> list[str]:
-    """The active adapter names of a PEFT ``ModulesToSaveWrapper``: ``active_adapters`` from peft 0.12,
-    a single ``active_adapter`` string before."""
-    names = getattr(wrapper, "active_adapters", None)
-    if names is None:
-        names = wrapper.active_adapter
-    return [names] if isinstance(names, str) else list(names)
-
-
 def config_dtype_keys(cfg: dict) -> list[str]:
     """The config.json keys that declare the dtype: the installed transformers' own (``dtype`` from 5,
     ``torch_dtype`` before) plus any the dict already carries."""
@@ -79,8 +66,15 @@ def config_dtype_keys(cfg: dict) -> list[str]:
     return [k for k in ("dtype", "torch_dtype") if k == own or k in cfg]
 
 
+def resolve_global(name: str):
+    """The object a pickle's global ``module.name`` names, imported the way the unpickler would."""
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
 def mmengine_checkpoint_safe_globals() -> list:
-    """The non-tensor types inside a checkpoint written by mmengine's CheckpointHook.
+    """The non-tensor types inside a checkpoint written by mmengine's CheckpointHook, from the one
+    table of names both our allowlists share (``core/vocab.py``, "pickle allowlists").
 
     torch >= 2.6 loads with ``weights_only=True`` by default, and mmengine 0.10.6's resume calls
     ``torch.load`` without ``weights_only``, so resuming fails on every mmengine checkpoint
@@ -97,16 +91,15 @@ def mmengine_checkpoint_safe_globals() -> list:
     Nothing here can run code from the file.
     """
     import numpy as np
-    from mmengine.logging.history_buffer import HistoryBuffer
     multiarray = numpy_multiarray()
-    import codecs
-    types = [HistoryBuffer, np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar,
-             (checkpoint_getattr, "builtins.getattr")]
+    types = [resolve_global(n) for n in (*MMENGINE_PICKLE_GLOBALS, *NUMPY_PICKLE_GLOBALS)]
+    types += [getattr(multiarray, n) for n in MULTIARRAY_PICKLE_NAMES]
+    types.append((checkpoint_getattr, GETATTR_GLOBAL))
     # numpy scalars pickle their bytes through codecs.encode (a pure text-to-bytes function);
-    # torch >= 2.5 allows it by default, torch 2.4 does not
-    types.append(codecs.encode)
+    # torch >= 2.5 allows it by default, torch 2.4 does not (both names are the one function)
+    types += dict.fromkeys(resolve_global(n) for n in CODECS_ENCODE_GLOBALS)
     # numpy 2 pickles dtypes through their concrete classes (np.dtypes.Float64DType, ...)
-    types += [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
+    types += [type(np.dtype(t)) for t in NUMPY_PICKLE_DTYPES]
     return types + deepspeed_checkpoint_safe_globals()
 
 
@@ -123,7 +116,6 @@ _HISTORY_BUFFER_METHODS = ("min", "max", "current", "mean")
 
 def allow_checkpoint_enum(cls) -> None:
     """Let :func:`checkpoint_getattr` resolve the members of the Enum class ``cls``."""
-    import enum
     if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
         raise BadTypeError(f"{cls!r} is not an Enum class; only Enum members may be named through getattr")
     _CHECKPOINT_ENUMS.add(cls)
@@ -151,20 +143,19 @@ def checkpoint_getattr(obj, name):
 
 def deepspeed_checkpoint_safe_globals() -> list:
     """What mmengine + DeepSpeed checkpoint directories (``iter_N.pth/``) add: the model-states
-    file's client state holds mmengine's ``ConfigDict`` (the DeepSpeed config), and the optimizer
-    files DeepSpeed's loss scaler, ZeRO stage enum and fragment addresses. Without them, resuming
-    such a run through xtuner (``get_seed_from_checkpoint`` loads the model states with torch's
-    ``weights_only`` default) fails before training starts. All are plain data holders."""
-    from mmengine.config.config import ConfigDict
-    types: list = [ConfigDict]
+    file's client state holds mmengine's ``ConfigDict`` (the DeepSpeed config, listed by
+    :func:`mmengine_checkpoint_safe_globals`), and the optimizer files DeepSpeed's loss scaler, ZeRO
+    stage enum and fragment addresses. Without them, resuming such a run through xtuner
+    (``get_seed_from_checkpoint`` loads the model states with torch's ``weights_only`` default) fails
+    before training starts. All are plain data holders."""
     try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
+        types = [resolve_global(n) for n in DEEPSPEED_PICKLE_GLOBALS]
     except ImportError:  # DeepSpeed is optional
-        return types
-    allow_checkpoint_enum(ZeroStageEnum)
-    return types + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+        return []
+    for cls in types:
+        if isinstance(cls, type) and issubclass(cls, enum.Enum):  # the ZeRO stage: named through getattr
+            allow_checkpoint_enum(cls)
+    return types
 
 
 def allow_mmengine_checkpoint_globals() -> None:

@@ -20,6 +20,7 @@ import importlib.util
 from packaging.requirements import Requirement
 from packaging.version import Version
 from .core.errors import BadInputError, InternalError, MissingDependencyError
+from .core.vocab import DEEPSPEED_REQUIREMENT
 
 # bitsandbytes < 0.45.1 imports ``triton.ops`` as soon as triton is installed; triton 3.2
 # (torch >= 2.6) removed that module. xtuner 0.2.0 pins bitsandbytes 0.45.0.
@@ -175,10 +176,10 @@ def _check_xtuner() -> str:
 def _check_deepspeed() -> str:
     got = _version("deepspeed")
     if got is None:
-        raise MissingDependencyError("deepspeed is not installed (optional: pip install 'deepspeed>=0.18.9,<0.19')")
+        raise MissingDependencyError(f"deepspeed is not installed (optional: pip install '{DEEPSPEED_REQUIREMENT}')")
     if Version(got) >= Version("0.19"):
         raise InternalError(f"deepspeed {got}: mmengine 0.10.x imports deepspeed.runtime.fp16.onebit, which 0.19 "
-                           "removed; pip install 'deepspeed>=0.18.9,<0.19'")
+                           f"removed; pip install '{DEEPSPEED_REQUIREMENT}'")
     from mmengine._strategy import DeepSpeedStrategy  # noqa: F401
     return f"deepspeed {got} and mmengine's DeepSpeedStrategy import"
 

@@ -1,96 +1,32 @@
 """Check a written snapshot against its manifest, and trained fingerprints against an export.
 
-Every check appends a one-line problem instead of raising, so one run reports everything that
-is wrong ("missing X", "extra Y", "mismatch Z: expected A, got B").
+This module checks the snapshot as a whole (its files, index, config shapes and root digest);
+reading one shard back (its header and tensor digests) is ``shard_check.py``. Every check appends
+a one-line problem instead of raising, so one run reports everything that is wrong ("missing X",
+"extra Y", "mismatch Z: expected A, got B").
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
-import struct
 from pathlib import Path
 from typing import Mapping
 
-import torch
-from safetensors import SafetensorError, safe_open
-
-from .fingerprint import Fingerprint, compare_fingerprints, digest_tensor, root_digest
-from .manifest import (MANIFEST_FILE, ExportManifest, JSONFileError, ManifestError, NotRegularFileError, file_kind,
-                       is_regular_file, open_regular, read_json_file, sha256_file)
-from .workers import Workers
-from .shards import _ST_DTYPES
-from .vocab import INDEX_FILE, SINGLE_FILE
-from .errors import BadInputError, BadTypeError, BadValueError
-from .vocab import SHARD_METADATA
-
-_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
-# what sa2va_hooks writes into every shard's __metadata__ (and transformers needs to load it)
-_ST_BYTES = {name: dtype.itemsize for dtype, name in _ST_DTYPES.items()}  # derived from the writer's table
+from .errors import BadInputError, BadTypeError
+from .fingerprint import Fingerprint, root_digest
+from .manifest import (MANIFEST_FILE, ExportManifest, JSONFileError, ManifestError, file_kind,
+                       is_regular_file, read_json_file, sha256_file)
+# check_shard_data, hash_safetensors_file, header_sha256 and read_safetensors_header are imported from here
+# by the export pipeline and the tests
+from .shard_check import (check_shard_data, hash_safetensors_file, header_sha256,  # noqa: F401
+                          read_safetensors_header, tensor_header_problems)
+from .vocab import INDEX_FILE, SHARD_METADATA, SINGLE_FILE
 
 
 class SnapshotInputError(BadInputError, ValueError):
     """What was given to verify is not a snapshot it can check (no directory, no manifest, a damaged
     manifest): bad input, exit 2, as opposed to a snapshot that differs from its manifest (exit 1)."""
-
-
-def read_safetensors_header(path: Path) -> tuple[bytes, dict]:
-    """(the header's raw bytes with their 8-byte length prefix, the parsed JSON) of a safetensors file,
-    read without loading any tensor. Raises ValueError for anything that is not such a header, and
-    :class:`NotRegularFileError` (never opening it) for anything that is not a regular file."""
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise BadValueError(f"{size} bytes: shorter than the 8-byte header length")
-        (n,) = struct.unpack("<Q", prefix)
-        if n > min(size - 8, _MAX_HEADER):
-            raise BadValueError(f"header length {n} does not fit the file's {size} bytes (not a safetensors file, "
-                             "or a damaged one)")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadValueError(f"header is not JSON ({e})") from e
-    except RecursionError:
-        raise BadValueError("header nests JSON too deeply to parse (damaged or hostile)") from None
-    if not isinstance(header, dict):
-        raise BadValueError("header is not a JSON object")
-    return prefix + raw, header
-
-
-def header_sha256(path: Path) -> str:
-    """sha256 of a shard's header bytes: recorded at export, so that any byte of the header (metadata,
-    dtypes, shapes, offsets, padding) is covered; the data bytes are covered by the tensor digests."""
-    return hashlib.sha256(read_safetensors_header(path)[0]).hexdigest()
-
-
-def hash_safetensors_file(path: Path, workers: int | None = None) -> dict[str, str]:
-    """Digest of every tensor in one file, read back from disk through the safetensors library
-    (which proves the format, not only the bytes). The digest covers name, dtype, shape and
-    bytes, so the fp64 statistics are not recomputed here. The tensors are split between a few
-    threads, each with its own handle: reading and xxhash both release the GIL, so a large shard
-    is read back at disk speed rather than at one core's hashing speed. A path that is not a regular
-    file (a symlink, a FIFO) raises :class:`NotRegularFileError` and is never opened."""
-    if not is_regular_file(path):
-        raise NotRegularFileError(path, file_kind(os.lstat(path).st_mode))
-    with safe_open(str(path), framework="pt") as f:
-        names = list(f.keys())
-    workers = max(1, min(workers or min(4, os.cpu_count() or 1), len(names)))
-    parts = [names[i::workers] for i in range(workers)]
-
-    def hash_part(part: list[str]) -> dict[str, str]:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: digest_tensor(name, f.get_tensor(name)) for name in part}
-
-    if workers == 1:
-        return hash_part(names)
-    out: dict[str, str] = {}
-    with Workers(workers, "sa2va_hooks-verify") as pool:  # not an executor: works during interpreter shutdown
-        for got in pool.map(hash_part, parts):
-            out.update(got)
-    return {n: out[n] for n in names}
 
 
 def _walk_entries(root: Path) -> tuple[dict[str, os.stat_result], list[str]]:
@@ -221,41 +157,7 @@ def _check_headers(root: Path, manifest: ExportManifest) -> list[str]:
         meta = header.pop("__metadata__", None)
         if meta != SHARD_METADATA:
             problems.append(f"mismatch __metadata__ of {fname}: expected {SHARD_METADATA}, got {meta}")
-        problems += _tensor_headers(fname, header, manifest, path.stat().st_size - len(raw))
-    return problems
-
-
-def _tensor_headers(fname: str, header: dict, manifest: ExportManifest, data_size: int) -> list[str]:
-    problems, spans = [], []
-    for name, e in header.items():
-        if not (isinstance(e, dict) and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
-                and all(isinstance(x, int) for x in e["data_offsets"]) and isinstance(e.get("shape"), list)):
-            problems.append(f"corrupt header entry {name} in {fname}: {e!r}")
-            continue
-        m = manifest.tensors.get(name)
-        if m is not None and m["file"] == fname:
-            want = _ST_DTYPES.get(getattr(torch, m["dtype"], None), f"unknown dtype {m['dtype']!r}")
-            if e.get("dtype") != want:
-                problems.append(f"mismatch dtype of {name} in {fname}: manifest says {want}, "
-                                f"header says {e.get('dtype')}")
-            if e["shape"] != m["shape"]:
-                problems.append(f"mismatch shape of {name} in {fname}: manifest says {m['shape']}, "
-                                f"header says {e['shape']}")
-        start, end = e["data_offsets"]
-        count = 1
-        for d in e["shape"]:
-            count *= d if isinstance(d, int) else 0
-        if end - start != count * _ST_BYTES.get(e.get("dtype"), -1):
-            problems.append(f"corrupt header entry {name} in {fname}: offsets {e['data_offsets']} do not hold "
-                            f"{e.get('dtype')} {e['shape']}")
-        spans.append((start, end, name))
-    at = 0
-    for start, end, name in sorted(spans):
-        if start != at:
-            problems.append(f"corrupt header of {fname}: {name} starts at {start}, expected {at} (a gap or overlap)")
-        at = max(at, end)
-    if spans and at != data_size:
-        problems.append(f"corrupt header of {fname}: the tensors end at byte {at} of {data_size} data bytes")
+        problems += tensor_header_problems(fname, header, manifest, path.stat().st_size - len(raw))
     return problems
 
 
@@ -269,40 +171,6 @@ def _check_tensors(root: Path, manifest: ExportManifest) -> list[str]:
     if not problems and root_digest(got) != manifest.root_digest:
         problems.append(f"mismatch root digest: expected {manifest.root_digest}, got {root_digest(got)}")
     return problems
-
-
-def check_shard_data(root: Path, tensors: Mapping[str, Mapping], files: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Read ``files`` back through safetensors and compare every tensor with its manifest entry
-    (``tensors``: name -> entry with file, dtype, shape, digest). Returns (problems, digests read).
-    ``verify`` runs it on every shard; an export runs it on each rank's own shards, before publishing."""
-    expected = {name: Fingerprint.from_json({**t, "name": name}) for name, t in tensors.items() if t["file"] in files}
-    got: dict[str, str] = {}
-    problems = []
-    for fname in files:
-        path = root / fname
-        if not is_regular_file(path):
-            continue  # already reported as a missing file, a symlink or not a regular file
-        try:
-            file_fps = hash_safetensors_file(path)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            problems.append(f"unreadable shard {fname}: {e}")
-            continue
-        for name, fp in file_fps.items():
-            if name in got:
-                problems.append(f"duplicate tensor {name} in {fname}")
-            if name in tensors and tensors[name]["file"] != fname:
-                problems.append(f"misplaced tensor {name}: expected in {tensors[name]['file']}, got {fname}")
-            got[name] = fp
-    unread = {n for n in expected if not is_regular_file(root / tensors[n]["file"]) or
-              any(p.startswith(f"unreadable shard {tensors[n]['file']}") for p in problems)}
-    problems += [_with_file(str(m), tensors.get(m.name)) for m in compare_fingerprints(expected, got)
-                 if not (m.kind == "missing" and m.name in unread)]
-    return problems, got
-
-
-def _with_file(problem: str, entry) -> str:
-    """Name the file too: a file hard-linked into several snapshots fails in each of them."""
-    return f"{problem} (in {entry['file']})" if isinstance(entry, dict) and "file" in entry else problem
 
 
 _EMBEDDING_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "tok_embeddings.weight")

@@ -2,8 +2,9 @@
 
 Safe by default: a ``.pth`` file through ``torch.load(weights_only=True)`` with exactly the types
 mmengine checkpoints need (see ``compat.mmengine_checkpoint_safe_globals``; its ``getattr`` is a
-guarded one); a DeepSpeed directory through our own restricted unpickler and consolidation
-(``zero_checkpoint``). A file that needs anything else is refused before any of it runs;
+guarded one); a DeepSpeed directory through our own restricted unpickler (``restricted_pickle``)
+and consolidation (``zero_checkpoint``). The two allowlists share one table of names
+(``core/vocab.py``). A file that needs anything else is refused before any of it runs;
 ``allow_pickle=True`` is the explicit, logged opt-in. Only regular files are opened (a FIFO would
 block forever), and nothing outside a DeepSpeed directory is followed from inside it.
 """
@@ -25,9 +26,6 @@ from .zero_checkpoint import (NotRegularFileError, UnsafeCheckpointError, ZeroCh
                               consolidate, regular_file, resolve_tag_dir)
 from ..core.errors import BadInputError, BadValueError, MissingFileError
 from ..core.vocab import SIDECAR_SUFFIX
-
-# 0.19 removed deepspeed.runtime.fp16.onebit, which mmengine 0.10.x imports: training breaks
-DEEPSPEED_REQUIREMENT = "deepspeed>=0.18.9,<0.19"
 
 
 def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,

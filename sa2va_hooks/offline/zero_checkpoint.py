@@ -1,27 +1,10 @@
 """A DeepSpeed ZeRO checkpoint directory, consolidated to fp32 without running code from its files.
 
-Why our own consolidation: DeepSpeed's ``zero_to_fp32`` unpickles every model-states and
-optimizer file with full pickle, so a file whose only globals look harmless
-(``builtins.getattr`` and ``torch._utils._rebuild_tensor_v2``) walks ``__globals__`` ->
-``__builtins__`` -> ``eval`` and runs code (issue 19). Listing a pickle's globals beforehand cannot
-see that: ``getattr`` is needed by real files (HistoryBuffer's methods) and reaches anything.
-So every file here is
-
-1. checked to be a regular file inside the checkpoint directory (no symlink out of it, no FIFO,
-   which would block the reader forever, no device);
-2. inspected without unpickling: every global it names must be in :data:`ALLOWED_GLOBALS`;
-3. unpickled by :class:`RestrictedUnpickler`, whose ``find_class`` returns only those names
-   (a second line of defence, and the only one that sees the *arguments*: ``getattr`` resolves to
-   a function that only returns members of an allowed Enum class).
-
-What the allowed names resolve to: torch's tensor rebuilders, dtypes, ``Size`` and ``device``
-(the same set torch's ``weights_only`` loader trusts); numpy's array and scalar rebuilders; and,
-for DeepSpeed's and mmengine's bookkeeping classes (``LossScaler``, ``DynamicLossScaler``,
-``fragment_address``, ``ConfigDict``, ``HistoryBuffer``), *placeholders* of our own: the
-consolidation never needs their values, so their real classes are never imported, no
-``__setstate__`` of theirs runs (HistoryBuffer's writes into a class-level registry) and DeepSpeed
-need not be installed to convert a checkpoint. The one DeepSpeed value we need, the ZeRO stage, is
-an ``IntEnum``; it resolves to :class:`ZeroStage`, a copy of its four members.
+Why our own consolidation: DeepSpeed's ``zero_to_fp32`` unpickles every file with full pickle, which
+runs code from a hostile file (issue 19). Here every file is checked to be a regular file inside the
+checkpoint directory (no symlink out of it, no FIFO, which would block the reader forever, no
+device), its globals are checked against the allowlist and it is unpickled by our restricted
+unpickler (``restricted_pickle.py``, which says why each allowed name is safe).
 
 The format (read from DeepSpeed 0.18.9's ``deepspeed/utils/zero_to_fp32.py`` and checked against
 its output by tests/test_hostile_checkpoints.py):
@@ -42,194 +25,22 @@ its output by tests/test_hostile_checkpoints.py):
 """
 from __future__ import annotations
 
-import enum
-import functools
 import math
 import os
 import pickle
 import re
 import stat
-import types
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..compat import RefusedGetattrError, _py3_global, checkpoint_globals, numpy_multiarray
-from ..core.errors import BadInputError, MissingFileError, NotRegularFileError, UnsafePickleError
-
-
-class UnsafeCheckpointError(BadInputError, RuntimeError):
-    """The checkpoint needs arbitrary code to unpickle, or points outside itself; it was not loaded."""
+from ..core.errors import BadInputError, MissingFileError, NotRegularFileError
+from .restricted_pickle import RESTRICTED, UnsafeCheckpointError, check_globals
 
 
 class ZeroCheckpointError(BadInputError, ValueError):
     """The DeepSpeed checkpoint directory is incomplete or inconsistent."""
-
-
-class ZeroStage(enum.IntEnum):
-    """DeepSpeed's ``deepspeed.runtime.zero.config.ZeroStageEnum``, member for member, so that the
-    stage an optimizer file records can be read without importing DeepSpeed."""
-
-    disabled = 0
-    optimizer_states = 1
-    gradients = 2
-    weights = 3
-    max_stage = 3
-
-
-class Placeholder:
-    """Stands in for a bookkeeping class of DeepSpeed or mmengine whose value the consolidation
-    does not need: it accepts any constructor arguments and state and keeps them as plain data,
-    running none of the real class's code."""
-
-    source = "?"
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<placeholder for {self.source}>"
-
-
-class PlaceholderDict(dict):
-    """A :class:`Placeholder` for a dict subclass (mmengine's ``ConfigDict``): its items load as a
-    plain dict's."""
-
-    source = "?"
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-_PLACEHOLDERS = {
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler": Placeholder,
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": Placeholder,
-    "deepspeed.utils.tensor_fragment.fragment_address": Placeholder,
-    "mmengine.logging.history_buffer.HistoryBuffer": Placeholder,
-    "mmengine.config.config.ConfigDict": PlaceholderDict,
-}
-
-
-def _placeholder(name: str, base: type) -> type:
-    return type(name.rsplit(".", 1)[1], (base,), {"source": name, "__module__": __name__})
-
-
-_TENSOR_REBUILDERS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                      "_rebuild_parameter_with_state", "_rebuild_qtensor", "_rebuild_sparse_tensor",
-                      "_rebuild_meta_tensor_no_storage", "_rebuild_device_tensor_from_cpu_tensor")
-
-
-def _rebuild_from_type_checked(func, new_type, args, state):
-    """``torch._tensor._rebuild_from_type_v2`` calls ``func(*args)`` with whatever the pickle passes:
-    here ``func`` must be one of torch's tensor rebuilders, the type a plain Tensor or Parameter,
-    and the state plain attributes (ZeRO-3 pickles its ``ds_id`` this way)."""
-    rebuilders = {getattr(torch._utils, n, None) for n in _TENSOR_REBUILDERS} - {None}
-    if func not in rebuilders or new_type not in (torch.Tensor, torch.nn.Parameter):
-        raise UnsafePickleError(
-            f"the pickle rebuilds a tensor through {getattr(func, '__qualname__', type(func).__qualname__)!s:.60} as "
-            f"{getattr(new_type, '__qualname__', '?')!s:.60}; only torch's own tensor rebuilders and plain "
-            "Tensor/Parameter are allowed")
-    if state is not None and not (isinstance(state, dict) and all(
-            isinstance(k, str) and k.isidentifier() and not k.startswith("_") for k in state)):
-        raise UnsafePickleError("the pickle sets tensor attributes other than plain public names")
-    return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
-
-
-def _zero_getattr(obj, name):
-    """``builtins.getattr`` as our unpickler resolves it: a member of :class:`ZeroStage` or a
-    placeholder's attribute (HistoryBuffer pickles ``getattr(HistoryBuffer, "min")``; the
-    placeholder's stands in as a string). Anything else is refused (see the module docstring)."""
-    if obj is ZeroStage and isinstance(name, str) and name in ZeroStage.__members__:
-        return ZeroStage.__members__[name]
-    if (isinstance(obj, type) and issubclass(obj, (Placeholder, PlaceholderDict)) and isinstance(name, str)
-            and name.isidentifier() and not name.startswith("_")):
-        return f"<{obj.source}.{name}>"
-    what = f"class {obj.__qualname__}" if isinstance(obj, type) else getattr(type(obj), "__qualname__", "?")
-    raise RefusedGetattrError(
-        f"the pickle asks for attribute {str(name)[:60]!r} of a {what} through getattr; only members of DeepSpeed's "
-        "ZeroStageEnum and attributes of its bookkeeping classes may be named that way (a generic getattr reaches "
-        "any function, eval included)")
-
-
-@functools.lru_cache(maxsize=1)
-def allowed_globals() -> dict[str, Any]:
-    """``module.name`` -> what our unpickler returns for it. Each of these is safe to call with any
-    arguments the file supplies: it builds tensors, sizes, dtypes, arrays or plain containers."""
-    import codecs
-
-    import numpy as np
-    out: dict[str, Any] = {
-        "collections.OrderedDict": OrderedDict, "builtins.set": set, "builtins.frozenset": frozenset,
-        "builtins.bytearray": bytearray, "builtins.complex": complex, "builtins.slice": slice,
-        "_codecs.encode": codecs.encode, "codecs.encode": codecs.encode,
-        "torch.Size": torch.Size, "torch.Tensor": torch.Tensor, "torch.device": torch.device,
-        "torch.nn.parameter.Parameter": torch.nn.Parameter,
-        "torch.serialization._get_layout": torch.serialization._get_layout,
-        "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_checked,
-        "builtins.getattr": _zero_getattr,
-        "deepspeed.runtime.zero.config.ZeroStageEnum": ZeroStage,
-        "numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
-    }
-    for n in _TENSOR_REBUILDERS:
-        if hasattr(torch._utils, n):
-            out[f"torch._utils.{n}"] = getattr(torch._utils, n)
-    for v in vars(torch).values():  # dtypes pickle as torch.float32 etc.
-        if isinstance(v, torch.dtype):
-            out[str(v)] = v
-    for layout in (torch.strided, torch.sparse_coo, torch.sparse_csr):
-        out[str(layout)] = layout
-    multiarray = numpy_multiarray()
-    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):  # numpy 2 and 1 names, either may load
-        out[f"{module}._reconstruct"] = multiarray._reconstruct
-        out[f"{module}.scalar"] = multiarray.scalar
-    for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_):
-        cls = type(np.dtype(t))
-        if cls is not np.dtype:  # numpy 2's concrete dtype classes
-            out[f"numpy.dtypes.{cls.__name__}"] = cls
-    for name, base in _PLACEHOLDERS.items():
-        out[name] = _placeholder(name, base)
-    return out
-
-
-def _is_storage_name(name: str) -> bool:
-    """torch's own loader resolves ``torch.FloatStorage`` & co. itself before asking ours."""
-    module, _, cls = name.rpartition(".")
-    return module == "torch" and cls.endswith("Storage") and isinstance(getattr(torch, cls, None), type)
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that can only build what :func:`allowed_globals` names. ``torch.load``
-    subclasses it (its ``UnpicklerWrapper`` maps storage names, then calls this ``find_class``)."""
-
-    def find_class(self, module: str, name: str):
-        full = _py3_global(module, name)
-        allowed = allowed_globals()
-        if full in allowed:
-            return allowed[full]
-        raise UnsafePickleError(f"the pickle names {full[:120]!r}, which is not on the list of types a DeepSpeed "
-                                     "checkpoint may contain")
-
-
-def _pickle_module() -> types.ModuleType:
-    module = types.ModuleType("sa2va_hooks_restricted_pickle")
-    module.Unpickler = RestrictedUnpickler
-    module.UnpicklingError = pickle.UnpicklingError
-
-    def load(*args, **kwargs):  # torch's loader for pre-1.6 files; those are refused before loading
-        raise UnsafePickleError("legacy (non-zip) torch files are not read from DeepSpeed checkpoints")
-    module.load = load
-    return module
-
-
-_RESTRICTED = _pickle_module()
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -314,23 +125,6 @@ def _rank_files(tag_dir: Path, kind: str) -> dict[int, Path]:
 
 # --------------------------------------------------------------------------------------------- loading
 
-def check_globals(path: Path) -> None:
-    """Refuse ``path`` when its pickle names anything outside :func:`allowed_globals`, before any of it
-    is unpickled."""
-    try:
-        names = checkpoint_globals(str(path))
-    except (ValueError, OSError) as e:
-        raise UnsafeCheckpointError(f"cannot inspect {path} before loading it ({e}); it is not a readable torch "
-                                    "checkpoint file. Nothing in it was run.") from e
-    allowed = allowed_globals()
-    unknown = sorted(n for n in names if n not in allowed and not _is_storage_name(n))
-    if unknown:
-        raise UnsafeCheckpointError(
-            f"{path} needs types outside the safe list to load ({', '.join(u[:120] for u in unknown[:20])}); "
-            "nothing in it was run. If you trust the directory, pass --allow-pickle "
-            "(the bypass is recorded in the manifest).")
-
-
 def load_pt(path: Path, *, allow_pickle: bool = False) -> dict:
     """One DeepSpeed file: restricted (see the module docstring) unless ``allow_pickle``; memory-mapped,
     so that the optimizer's moment tensors, which we never read, are never read from disk."""
@@ -338,7 +132,7 @@ def load_pt(path: Path, *, allow_pickle: bool = False) -> dict:
         if allow_pickle:
             obj = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True)
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True, pickle_module=_RESTRICTED)
+            obj = torch.load(str(path), map_location="cpu", weights_only=False, mmap=True, pickle_module=RESTRICTED)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(f"{path} was refused while loading: {e}. Nothing in it was run. If you trust the "
                                     "directory, pass --allow-pickle (the bypass is recorded in the manifest).") from e

@@ -19,7 +19,7 @@ CATEGORIES = (BadInputError, MismatchError, ExportFailedError)
 # raised on purpose as what they are: the module protocol (__getattr__), and an OS error re-raised
 # with the file it happened on (``with_path``, ``renameat2``: the errno is the information)
 PASS_THROUGH = {("__init__.py", "AttributeError"), ("__init__.py", "ImportError"), ("core/writer.py", "OSError"),
-                ("core/compare.py", "OSError")}
+                ("diff.py", "OSError")}
 # functions that build the error raised (checked by their return annotation below); with_path
 # re-raises an OS error naming its file (the pass-through above)
 FACTORIES = {"with_path"}

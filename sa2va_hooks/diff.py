@@ -1,4 +1,8 @@
-"""Reading tensors from snapshot directories and comparing two of them (``diff``).
+"""The CLI's ``diff``: reading tensors from snapshot directories, comparing two of them, and the
+heat map of relative ``||dW||``.
+
+Not part of the core: the export pipeline never compares two snapshots (its own checks are in
+``core/verify.py``), and the plot needs matplotlib.
 
 A directory may be a sa2va_hooks export (with a manifest) or any HF model directory with
 safetensors files. Tensors are read one at a time, so comparing two 15 GiB snapshots needs
@@ -16,9 +20,10 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .manifest import MANIFEST_FILE, ManifestError, NotRegularFileError, file_kind, manifest_problems, read_json_file
-from .errors import BadValueError, MissingFileError
-from .vocab import SHORT_DTYPE_NAMES
+from .core.errors import BadValueError, MissingFileError
+from .core.manifest import (MANIFEST_FILE, ManifestError, NotRegularFileError, file_kind, manifest_problems,
+                            read_json_file)
+from .core.vocab import SHORT_DTYPE_NAMES
 
 
 def _regular(path: Path) -> Path:
@@ -82,8 +87,6 @@ class TensorDir:
     def role(self, name: str) -> str | None:
         entry = self.manifest["tensors"].get(name) if self.manifest else None
         return entry.get("role") if isinstance(entry, dict) else None
-
-
 
 
 def dtype_name(dtype: torch.dtype) -> str:
