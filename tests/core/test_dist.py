@@ -47,7 +47,7 @@ def test_store_all_gather_and_broadcast_in_rank_order(world):
         s = g.session("export")
         gathered = s.all_gather((g.rank, values[g.rank]))
         return gathered, s.broadcast(f"from {g.rank}", src=world - 1), s.all_gather(g.rank * 10)
-    for rank, got in enumerate(_run_ranks(world, fn)):
+    for got in _run_ranks(world, fn):
         assert not isinstance(got, BaseException), got
         assert got[0] == [(r, values[r]) for r in range(world)]
         assert got[1] == f"from {world - 1}" and got[2] == [r * 10 for r in range(world)]

@@ -43,7 +43,8 @@ def test_checkpoint_due_follows_checkpoint_hooks_rule(tmp_path, interval, save_b
             for it in range(10)]
     assert due == want
     assert common.has_checkpoint_schedule(r)
-    assert not common.checkpoint_due(_runner(tmp_path), "iter") and not common.has_checkpoint_schedule(_runner(tmp_path))
+    none = _runner(tmp_path)
+    assert not common.checkpoint_due(none, "iter") and not common.has_checkpoint_schedule(none)
 
 
 def test_checkpoint_dir_and_keep_last(tmp_path, caplog):
