@@ -2,7 +2,7 @@
 # Sa2VA v2 stand-in training (configs/sa2va_v2_tiny.py) under xtuner 0.1.23's own DeepSpeed launch
 # (tests/dist_launch.py -> xtuner.tools.train, 2 processes over NCCL, one GPU each) with our hooks,
 # on a lent 2-GPU machine (device kind nvidia-h200-x2), for issue 16. The GPU version of
-# tests/test_sa2va_v2_distributed.py, with the same checks, plus ZeRO-3 with v2's default
+# tests/scenarios/test_sa2va_v2_distributed.py, with the same checks, plus ZeRO-3 with v2's default
 # modules_to_save (which fails in training on the CPU).
 #
 #   device run, carry [".whl"]:  bash benchmarks/gpu_sa2va_v2_check.sh

@@ -122,8 +122,8 @@ def peft_reference(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[st
 
 @pytest.fixture(autouse=True)
 def _bnb_cpu_4bit_generic_path(monkeypatch):
-    """CPU-only workaround (tests/test_qlora.py): on a CPU with AVX512-BF16, bitsandbytes 0.49 (every lock) runs an
-    eval-mode ``Linear4bit`` forward through a packed kernel that first repacks the weight in place and
+    """CPU-only workaround (tests/core/test_merge_qlora.py): on a CPU with AVX512-BF16, bitsandbytes 0.49 (every
+    lock) runs an eval-mode ``Linear4bit`` forward through a packed kernel that first repacks the weight in place and
     needs ``in_features`` to be a multiple of the quantization block (64); the tiny models here have 32,
     so PEFT's own forward (the tests' reference logits) fails inside bitsandbytes
     (``shape '[32, 0]' is invalid``). Layers built while this is on take bitsandbytes' generic CPU path,

@@ -1,5 +1,5 @@
 """A user's own converter, registered from a training config through custom_imports (the README's
-example, used by tests/test_custom_converter.py): Sa2VA's layout, for an in-house HF class that names
+example, used by tests/scenarios/test_custom_converter.py): Sa2VA's layout, for an in-house HF class that names
 the text head ``seg_projector``. Its remote code is the tiny model's files plus
 ``my_hf_code/modeling_my_sa2va.py`` (the test puts them in one directory)."""
 from sa2va_hooks import CONVERTERS

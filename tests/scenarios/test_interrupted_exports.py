@@ -16,7 +16,7 @@ from sa2va_hooks.core.manifest import ExportManifest
 from sa2va_hooks.core.verify import verify_snapshot
 from sa2va_demo.runs import train_tiny
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # The export of iteration 1 holds its first shard until the training thread has ended (a state);
 # training then fails at the start of iteration 2 with the given exception.

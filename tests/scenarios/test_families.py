@@ -184,7 +184,7 @@ def test_family_demo_config_trains_with_the_hooks_and_exports_loadable_snapshots
 
     import transformers
     from sa2va_hooks.core.verify import verify_snapshot
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "tools" / "train.py"), str(root / "configs" / f"{config}.py"),
                            "--work-dir", str(tmp_path / "wd")], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(root)}, timeout=900)

@@ -222,7 +222,7 @@ def test_dtype_none_declares_the_written_dtype_not_the_base_configs(tmp_path):
         assert {where.get("dtype"), where.get("torch_dtype")} - {None} == {"float32"}
 
 
-V2_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sa2va_v2_tiny.py"
+V2_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "sa2va_v2_tiny.py"
 
 
 def v2_run_config(family: str, work: Path, *, hf_code_dir: str | None):
@@ -296,10 +296,10 @@ def test_v2_offline_export_without_hf_code_dir_is_refused_before_anything_is_wri
     assert text != V2_CONFIG.read_text()
     plain.write_text(text)
     shutil.copytree(V2_CONFIG.parent / "_base_", tmp_path / "_base_")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "export.py"), str(plain),
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "tools" / "export.py"), str(plain),
                            str(tmp_path / "wd" / "iter_2.pth"), "--out", str(tmp_path / "offline"), "--cfg-options",
                            "model.family=qwen2_5_vl", f"model.root={tmp_path}"],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "hf_code_dir='<your Sa2VA checkout>/projects/sa2va/hf/models_qwen2_5_vl'" in proc.stderr, proc.stderr
     assert not (tmp_path / "offline").exists()

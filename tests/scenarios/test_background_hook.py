@@ -17,7 +17,7 @@ from sa2va_hooks.core.manifest import ExportManifest
 from sa2va_hooks.core.verify import verify_snapshot
 from sa2va_demo.runs import train_tiny
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _log_text(work: Path) -> str:

@@ -21,7 +21,7 @@ from sa2va_demo.runs import DEMO_CONFIG, train_tiny
 from sa2va_hooks.offline import (CheckpointMismatchError, FingerprintMismatchError, PretrainedMostlyUnusedError,
                                  export_checkpoint)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _opts(base: Path, **more) -> dict:

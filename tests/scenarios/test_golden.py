@@ -9,7 +9,7 @@ the code alone. The manifest is compared without the fields that record versions
 files are per stack because ``config.json`` records the transformers version.
 
 To re-pin after an intended change of the written bytes (say why in the commit):
-``SA2VA_GOLDEN_WRITE=1 SA2VA_STACK=<stack> python -m pytest tests/test_golden.py`` on each stack.
+``SA2VA_GOLDEN_WRITE=1 SA2VA_STACK=<stack> python -m pytest tests/scenarios/test_golden.py`` on each stack.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import pytest
 from conftest import tiny_qwen2, train_like
 from sa2va_hooks import export_hf
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GOLDEN_DIR = ROOT / "tests" / "golden"
 STACK = os.environ.get("SA2VA_STACK", "latest")
 VOLATILE = ("versions", "created", "training_paused_s")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BNB_WHEEL = sorted((ROOT / ".cache" / "wheels").glob("bitsandbytes-0.45.0-*.whl"))
 
 

@@ -32,7 +32,7 @@ from sa2va_hooks.core.fingerprint import dtype_name
 from sa2va_hooks.core.manifest import STORABLE_DTYPES, sha256_file
 from sa2va_hooks.core.shards import _ST_DTYPES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MANIFEST = "export_manifest.json"
 TIMEOUT = 300  # seconds: generous for a cold torch import on a busy machine, finite so a hang fails
 

@@ -17,7 +17,7 @@ custom_imports = dict(imports=["sa2va_hooks", "sa2va_demo.tiny_sa2va", "my_conve
                       allow_failed_imports=False)
 custom_hooks = [dict(type="HFExportHook", converter=dict(type="my_sa2va", hf_code_dir={code!r}))]
 """
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def test_converter_registered_from_config_is_used_by_the_hook(tiny_base, tmp_path, monkeypatch):

@@ -136,7 +136,7 @@ def test_verify_rejects_an_export_of_empty_tensors_with_no_vocabulary(tmp_path):
     problems = verify_snapshot(snap)
     assert any(p.startswith("empty tensor model.embed_tokens.weight") for p in problems), problems
     assert any("vocab_size is 0" in p for p in problems), problems
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([os.sys.executable, "-m", "sa2va_hooks", "verify", str(snap)], capture_output=True,
                           text=True, env=env)
     assert proc.returncode != 0 and "OK" not in proc.stdout

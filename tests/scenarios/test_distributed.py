@@ -39,7 +39,7 @@ from sa2va_hooks.core.fingerprint import fingerprint_tensor  # noqa: E402
 from sa2va_hooks.core.verify import verify_snapshot  # noqa: E402
 from sa2va_hooks.offline import extract_state_dict, load_checkpoint, recorded_fingerprints  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "xtuner_tiny_lora_sft.py"
 ASSETS = ROOT / "tests" / "assets"
 LAUNCH = {

@@ -22,7 +22,7 @@ import torch
 from conftest import xtuner_or_skip
 from test_sa2va_v2 import FAMILIES, HF_CODE, family_or_skip, official_reference, written
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "sa2va_v2_tiny.py"
 ASSETS = ROOT / "tests" / "assets"
 _ports = itertools.count(29800 + os.getpid() % 150)

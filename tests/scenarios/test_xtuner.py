@@ -20,7 +20,7 @@ from sa2va_hooks.core.verify import verify_snapshot
 
 from conftest import peft_saved_form, xtuner_or_skip
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from sa2va_hooks import export_hf
 from sa2va_hooks.cli import main as cli
 from sa2va_hooks.offline.checkpoint_io import UnsafeCheckpointError, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 TIMEOUT = 180  # a hang (the FIFO bug) fails here instead of blocking CI
 _ports = itertools.count(29400 + os.getpid() % 200)

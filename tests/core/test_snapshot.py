@@ -1,0 +1,106 @@
+"""core/snapshot.py on a small model with fresh random weights, a trainable part, a frozen part and a
+BatchNorm's running statistics: what a capture copies, that later training does not reach the copy,
+that an in-place write to an uncaptured tensor is caught, and that fingerprints of the capture equal
+``core.fingerprint`` on the live tensors at the moment of the capture."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sa2va_hooks.core.fingerprint import fingerprint_tensor
+from sa2va_hooks.core.snapshot import (Capture, ModelChangedError, SnapshotBuffers, fingerprint_capture, live, read,
+                                       substituted)
+
+
+def _model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    m[0].requires_grad_(False)  # frozen
+    m(torch.randn(4, 6))  # running statistics differ from their initial values
+    return m
+
+
+def _step(m: nn.Module) -> None:
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    m(torch.randn(4, 6))
+
+
+def test_capture_copies_trainable_params_and_buffers_and_versions_the_rest():
+    m = _model(int(torch.randint(0, 10 ** 6, (1,))))
+    before = {n: t.detach().clone() for n, t in [*m.named_parameters(), *m.named_buffers()]}
+    cap = SnapshotBuffers().capture(m, stats=True)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert sorted(cap.trainable) == sorted(trainable)
+    assert set(cap.by_name) == set(trainable) | {n for n, _ in m.named_buffers()}
+    assert set(cap.versions) == {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert cap.background and cap.nbytes == sum(b.numel() * b.element_size() for b in cap.by_name.values())
+    _step(m)  # training goes on: the captured copies keep the moment of the capture
+    for n, buf in cap.by_name.items():
+        assert torch.equal(buf, before[n]) and not torch.equal(buf, dict([*m.named_parameters(),
+                                                                          *m.named_buffers()])[n]), n
+    for n, (norm, total) in cap.stats.items():
+        ref = before[n].double()
+        assert norm == pytest.approx(float(ref.norm()), rel=1e-12) and total == pytest.approx(float(ref.sum()),
+                                                                                             rel=1e-9, abs=1e-12)
+
+
+def test_live_and_read_see_the_capture_only_while_substituted():
+    m = _model(1)
+    w = m[2].weight
+    cap = SnapshotBuffers().capture(m)
+    _step(m)
+    assert live(w) is w
+    with substituted(cap):
+        assert torch.equal(live(w), cap.by_name["2.weight"]) and not torch.equal(live(w), w)
+        t, private = read(w)
+        assert t is cap.by_name["2.weight"] and private is False
+        frozen = m[0].weight
+        assert live(frozen) is frozen and read(frozen) == (frozen, False)
+    assert live(w) is w
+    with substituted(None):
+        assert live(w) is w
+
+
+def test_an_in_place_write_to_an_uncaptured_tensor_is_caught():
+    m = _model(2)
+    cap = SnapshotBuffers().capture(m)
+    cap.check_unchanged("the test")
+    with torch.no_grad():
+        m[0].weight.mul_(1.0)  # the value is the same, but the tensor was written
+    with pytest.raises(ModelChangedError, match=r"1 parameter\(s\) were modified in place while the test was reading "
+                                                r"the model, e.g. \['0.weight'\].*make them trainable"):
+        cap.check_unchanged("the test")
+    sync = Capture.nothing(m)
+    with torch.no_grad():
+        m[2].bias.add_(1)
+    with pytest.raises(ModelChangedError, match=r"\['2.bias'\].*export when no optimizer step can run"):
+        sync.check_unchanged("export")
+
+
+def test_buffers_are_allocated_once_and_reused():
+    m = _model(3)
+    bufs = SnapshotBuffers()
+    nbytes = bufs.prepare(m)
+    first = bufs.capture(m)
+    _step(m)
+    second = bufs.capture(m)
+    assert nbytes == bufs.nbytes == first.nbytes
+    assert all(first.by_name[n] is second.by_name[n] for n in first.by_name)
+
+
+@pytest.mark.parametrize("stats", [False, True])
+def test_fingerprints_of_the_capture_equal_those_of_the_live_tensors_then(stats):
+    m = _model(int(torch.randint(0, 10 ** 6, (1,))))
+    ref = {n: fingerprint_tensor(n, p.detach()) for n, p in m.named_parameters() if p.requires_grad}
+    cap = SnapshotBuffers().capture(m, stats=stats)
+    _step(m)
+    got = fingerprint_capture(cap, workers=2)
+    assert got.keys() == ref.keys()
+    for n in ref:
+        assert (got[n].digest, got[n].dtype, got[n].shape) == (ref[n].digest, ref[n].dtype, ref[n].shape)
+        assert got[n].norm == pytest.approx(ref[n].norm, rel=1e-12)
+        assert got[n].sum == pytest.approx(ref[n].sum, rel=1e-9, abs=1e-12)
