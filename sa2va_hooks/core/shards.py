@@ -4,7 +4,7 @@ tensor data exists.
 
 Why apart from the writing: the plan is pure (no file, no thread, no torch.distributed), so every
 rank computes the same shards, owners and headers on its own, and the plan is tested on dummy sizes
-(``tests/core/test_writer_plan.py``). The headers being final from the start is what lets
+(``tests/core/test_shards.py``). The headers being final from the start is what lets
 :class:`~sa2va_hooks.core.writer.ShardWriter` stream a file tensor by tensor, and lets the export
 compare a previous snapshot's shard header byte for byte before hard-linking it.
 """
