@@ -7,7 +7,7 @@ device), its globals are checked against the allowlist and it is unpickled by ou
 unpickler (``restricted_pickle.py``, which says why each allowed name is safe).
 
 The format (read from DeepSpeed 0.18.9's ``deepspeed/utils/zero_to_fp32.py`` and checked against
-its output by tests/test_hostile_checkpoints.py):
+its output by tests/scenarios/test_hostile_checkpoints.py):
 
 - one ``*_optim_states.pt`` per data-parallel rank; its ``optimizer_state_dict`` holds
   ``zero_stage``, ``partition_count`` and each rank's fp32 master partitions: ZeRO-1/2
