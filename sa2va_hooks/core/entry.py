@@ -97,9 +97,6 @@ class ProducedTensor:
         return cls(entry=entry, host=host, norm=norm, sum=total, role=merged.role or entry.role,
                    delta_rel_norm=merged.delta_rel_norm, differs_from_base=merged.differs_from_base, digest=digest)
 
-    def with_digest(self, digest: Future) -> ProducedTensor:
-        return dataclasses.replace(self, digest=digest)
-
     def record(self, digest: str) -> TensorRecord:
         """The manifest's record of these bytes (dtype and shape as produced: what was hashed)."""
         return TensorRecord(name=self.entry.name, dtype=dtype_name(self.host.dtype),

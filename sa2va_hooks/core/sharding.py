@@ -168,10 +168,6 @@ def check_full(name: str, t: torch.Tensor, expected: tuple[int, ...] | None = No
             "nothing is fingerprinted or exported from it. If the model really has an empty parameter, remove it.")
 
 
-def module_own_params(module: nn.Module) -> list[torch.Tensor]:
-    return [p for p in module._parameters.values() if p is not None]
-
-
 def iter_whole_parameters(model: nn.Module, keep: Callable[[torch.Tensor], bool]) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, parameter)`` for every parameter ``keep`` accepts, meant to be whole while the
     caller holds it (the generator is suspended inside the gather of its module; the caller

@@ -201,16 +201,6 @@ def write_index(staging: Path, plan: "ShardPlan") -> None:
                                           "weight_map": dict(sorted(plan.weight_map.items()))})
 
 
-def write_shards(staging: Path, plan: ShardPlan, produce: Callable[[TensorSlot], torch.Tensor],
-                 *, on_shard_done: Callable[[str, int], None] | None = None) -> None:
-    """Produce and write each shard in turn; one tensor at a time is alive on the host."""
-    for fname, slots in plan.files:
-        size = write_shard(staging / fname, slots, produce)
-        if on_shard_done:
-            on_shard_done(fname, size)
-    write_index(staging, plan)
-
-
 RENAME_EXCHANGE = 2  # linux/fs.h
 
 
