@@ -150,7 +150,7 @@ class ExportTask:
         else:
             trained = self.trained if self.trained is not None else trained_fingerprints(self.model, self.group)
             previous = _Previous.load(self.link_from)
-            staging = open_staging(self.out_dir, self.plan, self.group)
+            staging = open_staging(self.out_dir, self.plan, self.group, overwrite=self.overwrite)
             rank_writer = producer = None
         try:
             if rank_writer is None:
@@ -221,7 +221,7 @@ class ExportTask:
         t0 = time.perf_counter()
         try:
             trained = self.trained if self.trained is not None else trained_fingerprints(self.model, front)
-            staging = open_staging(self.out_dir, self.plan, front)
+            staging = open_staging(self.out_dir, self.plan, front, overwrite=self.overwrite)
         except BaseException as e:
             self._front = e
             self._front_ready.set()

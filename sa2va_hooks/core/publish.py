@@ -48,11 +48,13 @@ def discard_staging(staging: Path, group: RankGroup) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def open_staging(out_dir: Path, plan: ShardPlan, group: RankGroup) -> Path:
+def open_staging(out_dir: Path, plan: ShardPlan, group: RankGroup, *, overwrite: bool = False) -> Path:
     """Rank 0 creates the staging directory with a token in it; every other rank must read the
     same token there, or the export directory is not on a filesystem all ranks share. Collective:
-    every rank returns the directory, or every rank raises (and nothing is left behind)."""
-    staging, token = _make_staging(out_dir, plan, group)
+    every rank returns the directory, or every rank raises (and nothing is left behind). An output
+    that exists without ``overwrite`` is refused here, before the first byte is written (publishing
+    checks again, under its lock, for an export that got there in between)."""
+    staging, token = _make_staging(out_dir, plan, group, overwrite)
     error = None if group.is_main else _token_error(staging, token)
     with removed_on_failure(staging, group):
         agree(group, error, f"export of {out_dir}")
@@ -61,13 +63,15 @@ def open_staging(out_dir: Path, plan: ShardPlan, group: RankGroup) -> Path:
     return staging
 
 
-def _make_staging(out_dir: Path, plan: ShardPlan, group: RankGroup) -> tuple[Path, str]:
+def _make_staging(out_dir: Path, plan: ShardPlan, group: RankGroup, overwrite: bool) -> tuple[Path, str]:
     """Rank 0 makes the directory (after checking the free space) and tells every rank where it
     is; a failure there is raised on every rank (one process: as it is)."""
     token = uuid.uuid4().hex
     made: tuple[str, str] | str | BaseException
     if group.is_main:
         try:
+            if out_dir.exists() and not overwrite:
+                raise _exists_error(out_dir)
             out_dir.parent.mkdir(parents=True, exist_ok=True)
             check_free_space(out_dir.parent, plan.total_size)
             staging = staging_dir_for(out_dir)
@@ -209,11 +213,15 @@ def _publishing_lock(parent: Path):
         os.close(fd)  # releases the lock
 
 
+def _exists_error(out_dir: Path) -> OutputExistsError:
+    return OutputExistsError(f"snapshot directory {out_dir} already exists (published by another export, or "
+                             "earlier); pass overwrite=True (--overwrite) to replace it, or choose another "
+                             "output directory.")
+
+
 def _publish_locked(staging: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"snapshot directory {out_dir} already exists (published by another export, or "
-                              "earlier); pass overwrite=True (--overwrite) to replace it, or choose another "
-                              "output directory.")
+        raise _exists_error(out_dir)
     if out_dir.exists():
         if not out_dir.is_dir() or out_dir.is_symlink():
             raise OutputExistsError(f"{out_dir} exists and is not a snapshot directory; refusing to replace it. "
