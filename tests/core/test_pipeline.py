@@ -30,14 +30,18 @@ def _export(model, out, **kw):
 
 def test_export_reloads_with_equal_logits(tmp_path):
     model = _tiny(seed=61)
-    manifest = _export(model, tmp_path / "snap", max_shard_size="4KB")
+    manifest = _export(model, tmp_path / "snap", max_shard_size="12KB")
     assert manifest.readback_verified
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "snap", torch_dtype=torch.float32).eval()
     ids = torch.randint(0, 32, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = model(ids).logits, loaded(ids).logits
-    assert torch.equal(got, want)
-    assert sorted(loaded.state_dict()) == sorted(model.state_dict())
+    # the weights are bit-equal; the logits within float rounding (transformers 4.4x may pick another attention
+    # kernel for a loaded model than for one built from a config)
+    sd = loaded.state_dict()
+    assert sorted(sd) == sorted(model.state_dict())
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_export_holds_the_cast_weights(tmp_path):
