@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from sa2va_hooks.converters.base import resolve_converter
 from sa2va_hooks.core.dist import RankGroup
 from sa2va_hooks.core.errors import OutputExistsError
+from sa2va_hooks.core.observer import ExportObserver
 from sa2va_hooks.core.pipeline import prepare_background_export, run_export
 from sa2va_hooks.core.snapshot import ModelChangedError
 
@@ -53,13 +54,26 @@ def test_bf16_export_holds_the_cast_weights(tmp_path):
         assert torch.equal(got[k], v.to(torch.bfloat16)), k
 
 
-def test_existing_out_dir_is_refused_and_left_as_it_was(tmp_path):
+class _Events(ExportObserver):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def tensor_producing(self, entry) -> None:
+        self.seen.append(entry.name)
+
+    def file_done(self, fname: str, nbytes: int, linked: bool) -> None:
+        self.seen.append(fname)
+
+
+def test_existing_out_dir_is_refused_before_the_first_byte_and_left_as_it_was(tmp_path):
     out = tmp_path / "snap"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
+    events = _Events()
     with pytest.raises(OutputExistsError, match="already exists") as e:
-        _export(_tiny(seed=63), out)
+        _export(_tiny(seed=63), out, observer=events)
     assert "overwrite" in str(e.value)
+    assert events.seen == []  # refused before any tensor was produced or any file written
     assert os.listdir(out) == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
     assert os.listdir(tmp_path) == ["snap"]  # no staging directory left beside it
 
