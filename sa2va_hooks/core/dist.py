@@ -107,8 +107,8 @@ class StoreGroup:
         return self.rank == 0
 
     def session(self, label: str) -> "StoreGroup":
-        """A fresh namespace for one export. Rank 0 first deletes the keys of the sessions before
-        it: the caller starts a session only once every rank's previous export has ended."""
+        """A fresh namespace for one export. Rank 0 first deletes the keys of the sessions before the
+        previous one (see ``_forget_finished``)."""
         self._sessions += 1
         if self.is_main:
             self._forget_finished()
@@ -185,14 +185,19 @@ class StoreGroup:
                                   "This rank published nothing.") from e
 
     def _forget_finished(self) -> None:
-        for child in self._children:
+        """Delete the keys of every session but the last. The last is kept: rank 0 may have ended it
+        (its final step is a one-way broadcast) while another rank still reads its final key. Every
+        earlier one is over on every rank, since a rank starts a session only after its previous one
+        ended, and rank 0 could not end the last one without every rank taking part in it."""
+        *finished, last = self._children or [None]
+        for child in finished:
             keys = [f"{child.prefix}/{i}/{r}" for i in range(1, child._steps + 2) for r in range(self.world)]
             for key in keys + [child._abandon_key]:
                 try:
                     self.store.delete_key(key)
                 except RuntimeError:  # a store without deletion: the keys stay (small), nothing breaks
                     break
-        self._children = []
+        self._children = [last] if last is not None else []
 
 
 @dataclasses.dataclass

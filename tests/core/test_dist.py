@@ -86,6 +86,19 @@ def test_sessions_have_their_own_keys():
     assert first == [[[0, 1], [0, -1]], [[0, 1], [0, -1]]]
 
 
+def test_the_last_sessions_final_word_outlives_rank_0_starting_the_next():
+    """Rank 0's last step is one-way: it may end a session and start the next export's while
+    rank 1 has not read its final word yet. Starting a session must not delete that word."""
+    store = dist.HashStore()
+    g0, g1 = StoreGroup(0, 2, 0.5, store=store), StoreGroup(1, 2, 0.5, store=store)
+    s0, s1 = g0.session("a"), g1.session("a")
+    s0.broadcast("published")
+    g0.session("b")  # rank 0's next export starts before rank 1 reads
+    assert s1.broadcast(None) == "published"
+    g0.session("c")  # two sessions on: rank 1 has necessarily left "a" (it ended before its "b" began)
+    assert not store.check([f"{s0.prefix}/1/0"])
+
+
 def test_timeout_must_be_positive():
     with pytest.raises(BadValueError, match="must be positive seconds, got 0"):
         StoreGroup(0, 1, 0, store=dist.HashStore())

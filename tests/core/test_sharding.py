@@ -77,10 +77,3 @@ def test_gathered_is_a_no_op_for_unpartitioned_params():
     with sharding.gathered(ps):
         pass
     assert all(torch.equal(a, b) for a, b in zip(before, [p for p in ps if p is not None], strict=True))
-
-
-def test_module_own_params_excludes_children_and_none():
-    m = nn.Sequential(nn.Linear(2, 2, bias=False))
-    m.register_parameter("own", nn.Parameter(torch.ones(1)))
-    m.register_parameter("nothing", None)
-    assert [p is m.own for p in sharding.module_own_params(m)] == [True]

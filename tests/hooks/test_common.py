@@ -20,6 +20,7 @@ from mmengine.logging import MessageHub
 from sa2va_hooks.core.fingerprint import fingerprint_tensor
 from sa2va_hooks.core.vocab import SIDECAR_SUFFIX
 from sa2va_hooks.hooks import common
+from sa2va_hooks.hooks.fingerprint_hook import orphan_sidecars  # the FingerprintHook's, since issue 17 step 6
 
 
 def _runner(tmp_path: Path, hook: CheckpointHook | None = None, **kw) -> SimpleNamespace:
@@ -78,9 +79,9 @@ def test_orphan_sidecars_are_ours_of_removed_checkpoints_only(tmp_path):
     sidecar("iter_3.pth", of="iter_9.pth")  # says it belongs to another checkpoint
     sidecar("iter_4.pth", text="not json")
     sidecar("epoch_5.pth")  # not CheckpointHook's name for this run
-    assert common.orphan_sidecars(r, tmp_path) == [(gone, "iter_1.pth")]
+    assert orphan_sidecars(r, tmp_path) == [(gone, "iter_1.pth")]
     hook.max_keep_ckpts = -1  # CheckpointHook removes nothing: nothing is an orphan
-    assert common.orphan_sidecars(r, tmp_path) == []
+    assert orphan_sidecars(r, tmp_path) == []
 
 
 def test_config_sha256_of_the_file_else_the_text(tmp_path):
