@@ -19,6 +19,15 @@ def tiny_qwen2(vocab: int = 96, tie: bool = False, seed: int = 0):
     return Qwen2ForCausalLM(cfg)
 
 
+def smallest_qwen2(seed: int):
+    """The smallest Qwen2 the unit tests export (1 layer, hidden 16, untied), fresh random weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=32,
+                                        max_position_embeddings=32, tie_word_embeddings=False))
+
+
 # The newest stack's PEFT (requirements/newest.txt). On it every PEFT feature must build; an older PEFT
 # (Sa2VA's `legacy` stack, 0.11.1; `latest` has 0.17.1) may lack some, and those cases skip with PEFT's own
 # error as the reason.

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from conftest import smallest_qwen2
 from sa2va_hooks import export_hf
 from sa2va_hooks.diff import TensorDir, compare_tensors, diff_dirs, plot_rel_delta
 
@@ -15,11 +16,7 @@ CHANGED = "model.layers.0.mlp.up_proj.weight"
 
 
 def _tiny(seed: int):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=32,
-                                        max_position_embeddings=32, tie_word_embeddings=False))
+    return smallest_qwen2(seed)
 
 
 @pytest.fixture(scope="module")
