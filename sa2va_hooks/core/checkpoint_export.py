@@ -38,7 +38,7 @@ from .dist import RankGroup, agree
 from .errors import BadValueError, InternalError
 from .background import ExportJob
 from .pipeline import prepare_background_export, prepare_gathered_export, run_export
-from .plan import Converter
+from .plan import ConverterProtocol
 from .fingerprint import Fingerprint, FingerprintSet
 from .manifest import ExportManifest
 from .observer import ExportObserver
@@ -136,7 +136,7 @@ class ExportHandle:
         return self.paused_s
 
 
-def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter: Converter, mode: str = "auto",
+def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter: ConverterProtocol, mode: str = "auto",
                             group: RankGroup | None = None, front: RankGroup | None = None,
                             buffers: SnapshotBuffers | None = None, capture: Capture | None = None,
                             on_done: Callable[[ExportHandle], None] | None = None,

@@ -22,7 +22,7 @@ from .errors import MismatchError
 from .fingerprint import FingerprintSet, root_digest
 from .loadcheck import check_snapshot_loads
 from .manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
-from .plan import Converter, ExportPlan, SnapshotContext
+from .plan import ConverterProtocol, ExportPlan, SnapshotContext
 from .verify import check_shard_data, header_sha256, verify_snapshot
 from .writer import file_entries, with_path, write_index, write_json
 
@@ -50,7 +50,7 @@ def _verify_staged(staging: Path, out_dir: Path) -> None:
                                       f"({len(problems)} problem(s)):\n" + "\n".join(problems[:20]))
 
 
-def describe_snapshot(staging: Path, parts: list, ep: ExportPlan, *, model: nn.Module, conv: Converter,
+def describe_snapshot(staging: Path, parts: list, ep: ExportPlan, *, model: nn.Module, conv: ConverterProtocol,
                       dt: Any, trained: FingerprintSet, provenance: Mapping, readback: bool,
                       out_dir: Path) -> ExportManifest:
     """Rank 0, after every rank wrote and read back its shards: index, config and extras, load
@@ -76,7 +76,8 @@ def describe_snapshot(staging: Path, parts: list, ep: ExportPlan, *, model: nn.M
     return manifest
 
 
-def _write_config_and_extras(staging: Path, model: nn.Module, conv: Converter, dt: Any, ep: ExportPlan) -> list[str]:
+def _write_config_and_extras(staging: Path, model: nn.Module, conv: ConverterProtocol, dt: Any,
+                             ep: ExportPlan) -> list[str]:
     """The converter's config.json and extras (tokenizer, processor, remote code); returns the notes."""
     ctx = SnapshotContext(model=model, dtype=dt, names=set(ep.entries), notes=list(ep.notes),
                           file_dtypes={n: e.dtype for n, e in ep.entries.items()})

@@ -125,8 +125,9 @@ def refuse_cpu_packed_4bit(module: nn.Module) -> None:
             "(moving the layer with .cuda() unpacks it).")
 
 
-def logical_shape(module: nn.Module, pname: str, p: torch.Tensor) -> tuple[int, ...]:
-    """A packed 4-bit weight is stored as [n, 1] bytes; its values are [out, in]."""
+def unpacked_weight_shape(module: nn.Module, pname: str, p: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the weight's values: a packed 4-bit weight is stored as [n, 1] bytes, its values are
+    [out, in]; anything else as :func:`.sharding.logical_shape` (whole, even when ZeRO-3/FSDP holds a part)."""
     if pname == "weight" and quantization_of(p):
         return (int(module.out_features), int(module.in_features))
     return sharded_shape(p)

@@ -35,7 +35,7 @@ from peft.utils.other import ModulesToSaveWrapper
 # MergedTensor, NonFiniteError, UnsupportedModuleError, non_finite_names, dequantized_weight and
 # quantization_of are imported from here by the export pipeline, the package's face and the tests
 from .materialize import (MergedTensor, MergeGroup, NonFiniteError, UnsupportedModuleError, all_finite,  # noqa: F401
-                          cast_copy, delta_norms, dequantized_weight, logical_shape, non_finite_names,
+                          cast_copy, delta_norms, dequantized_weight, unpacked_weight_shape, non_finite_names,
                           quantization_of, refuse_cpu_packed_4bit, same_after_cast)
 from .peft_compat import AuxiliaryTrainingWrapper, active_saved_copies
 from .sharding import is_fsdp_module
@@ -110,7 +110,7 @@ def _adapters_to_merge(layer: nn.Module, name: str) -> tuple[list[str], list[str
 def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: MergeGroup, role: str,
                         sources: tuple[str, ...], base: nn.Module) -> SourceTensor:
     quantized = quantization_of(original) is not None
-    shape = logical_shape(base, pname, original)
+    shape = unpacked_weight_shape(base, pname, original)
     dtype0 = torch.float32 if quantized else original.dtype
 
     def produce(dtype: torch.dtype) -> MergedTensor:

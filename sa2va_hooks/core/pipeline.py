@@ -12,7 +12,7 @@ published HF snapshot, in steps, each a module of its own:
 ``sa2va_hooks.export`` resolves the converter ("auto", a name, a dict) and calls
 :func:`run_export`; the hooks and ``tools/export.py`` go through it, so an in-loop export and an
 offline re-export of the same weights give the same root digest. The converter is any object with
-the :class:`~.plan.Converter` protocol; this module imports no converter and no mmengine.
+the :class:`~.plan.ConverterProtocol`; this module imports no converter and no mmengine.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from .fingerprint import Fingerprint, FingerprintSet
 from .finish import describe_snapshot
 from .manifest import ExportManifest
 from .observer import NO_OBSERVER, ExportObserver
-from .plan import Converter, parse_dtype, plan_export
+from .plan import ConverterProtocol, parse_dtype, plan_export
 from .produce import QueueProducer, SyncProducer, feed_gathered, trained_fingerprints
 from .publish import _Previous, discard_staging, open_staging, publish, removed_on_failure
 from .rank_writer import RankWriter
@@ -37,7 +37,7 @@ from .sharding import UnsupportedShardingError, needs_gather, refuse_unsupported
 from .snapshot import Capture, ModelChangedError, SnapshotBuffers, substituted
 
 
-def run_export(model: nn.Module, out_dir: str | Path, *, converter: Converter, dtype: Any = None,
+def run_export(model: nn.Module, out_dir: str | Path, *, converter: ConverterProtocol, dtype: Any = None,
                max_shard_size: int | str = "5GB", provenance: Mapping | None = None,
                baseline: Mapping[str, Fingerprint] | None = None, overwrite: bool = False,
                readback: bool = True, progress: bool = False,
@@ -114,7 +114,7 @@ class ExportTask:
     """One export: planned at construction (names, shapes, shards: no tensor data is produced),
     carried out by :meth:`run`, in this thread or another."""
 
-    def __init__(self, model: nn.Module, out_dir: str | Path, *, converter: Converter, dtype: Any = None,
+    def __init__(self, model: nn.Module, out_dir: str | Path, *, converter: ConverterProtocol, dtype: Any = None,
                  max_shard_size: int | str = "5GB", provenance: Mapping | None = None,
                  baseline: Mapping[str, Fingerprint] | None = None, overwrite: bool = False,
                  readback: bool = True, progress: bool = False, trained: FingerprintSet | None = None,

@@ -5,7 +5,7 @@ tensor, and the shards are planned from names, shapes and dtypes: no tensor data
 plan is cheap, identical on every rank, and every refusal that can be made early (an unknown dtype,
 an empty tensor, a converter that is not ready) is made before a byte is written.
 
-The :class:`Converter` protocol is what the pipeline asks of a converter; this module imports no
+The :class:`ConverterProtocol` is what the pipeline asks of a converter; this module imports no
 converter and no mmengine.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class SnapshotContext:
     file_dtypes: dict[str, torch.dtype] = dataclasses.field(default_factory=dict)
 
 
-class Converter(Protocol):
+class ConverterProtocol(Protocol):
     """What the pipeline asks of a converter (``sa2va_hooks.converters.base.Converter`` implements it)."""
 
     name: str
@@ -97,7 +97,8 @@ class ExportPlan:
     notes: tuple[str, ...]  # what the walk found that the manifest should say
 
 
-def plan_export(model: nn.Module, conv: Converter, dt: torch.dtype | None, max_shard_size: int | str) -> ExportPlan:
+def plan_export(model: nn.Module, conv: ConverterProtocol, dt: torch.dtype | None,
+                max_shard_size: int | str) -> ExportPlan:
     """Walk, name and shard the export. The frozen-only tensors are sharded as a group of their
     own, first, so their files repeat from one export to the next and can be hard-linked."""
     ready = getattr(conv, "ensure_ready", None)  # a user's converter may predate it
@@ -124,7 +125,7 @@ def plan_export(model: nn.Module, conv: Converter, dt: torch.dtype | None, max_s
         notes=tuple(notes))
 
 
-def _untie_for(conv: Converter, walk: WalkResult) -> WalkResult:
+def _untie_for(conv: ConverterProtocol, walk: WalkResult) -> WalkResult:
     """Tied parameters are written once, as save_pretrained does, unless the converter says the
     target class will not tie them again on load: those are written as copies of their twin."""
     by_name = {st.name: st for st in walk.tensors}
