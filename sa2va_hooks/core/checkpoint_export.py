@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from torch import nn
 
-# core internals, from their current homes (one block: a split of core/export.py repoints only these lines)
+# core internals the hooks reach through this module, in one block
 from .dist import RankGroup, agree
 from .errors import BadValueError, InternalError
 from .background import ExportJob

@@ -57,7 +57,7 @@ def test_installed_package_reports_its_version_and_passes_doctor(tmp_path):
     assert "[works] LoRA merge + export + verify + from_pretrained" in d.stdout, d.stdout
     assert "doctor: OK" in d.stdout
     # the install holds the whole package and nothing of the demo (issue 10: the demo sits beside it)
-    assert (where / "core" / "export.py").is_file() and (where / "core" / "loadcheck.py").is_file()
+    assert (where / "core" / "pipeline.py").is_file() and (where / "core" / "loadcheck.py").is_file()
     assert not (where / "demo").exists() and not [p for p in where.rglob("*") if "tiny" in p.name], where
     demo = _run(["-c", "import sa2va_demo"], tmp_path)
     assert demo.returncode != 0 and "No module named 'sa2va_demo'" in demo.stderr, demo.stderr
