@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,22 @@ def trained_run(tmp_path_factory, tiny_base):
     work = tmp_path_factory.mktemp("run_seed0")
     runner = train_tiny(work, tiny_base, seed=0, data_seed=0)
     return runner, work
+
+
+def imported_modules(path: Path, package_root: Path, with_names: bool = False) -> set[str]:
+    """Absolute module names a file imports, relative imports resolved against its package
+    (``package_root`` is the directory holding ``sa2va_hooks``); with ``with_names``, also
+    ``module.name`` for every name a ``from`` import takes (a name may be a submodule)."""
+    import ast
+    pkg = ".".join(path.relative_to(package_root).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg.rsplit(".", node.level - 1)[0] if node.level else ""
+            mod = ".".join(p for p in (base, node.module or "") if p)
+            out.add(mod)
+            if with_names:
+                out |= {f"{mod}.{a.name}" for a in node.names}
+    return out

@@ -6,6 +6,7 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+from conftest import imported_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "sa2va_hooks"
@@ -44,19 +45,7 @@ def test_core_and_export_work_without_mmengine(tmp_path):
 
 
 def _imports(path: Path) -> set[str]:
-    """Absolute module names a file imports (relative imports resolved against the package)."""
-    pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = pkg.rsplit(".", node.level - 1)[0] if node.level else ""
-            mod = ".".join(p for p in (base, node.module or "") if p)
-            out.add(mod)
-            out |= {f"{mod}.{a.name}" for a in node.names}
-    return out
-
+    return imported_modules(path, ROOT, with_names=True)
 
 def test_offline_does_not_import_the_hooks():
     bad = {f.name: sorted(m for m in _imports(f) if m.startswith("sa2va_hooks.hooks"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import sys
 from pathlib import Path
+from conftest import imported_modules
 
 PKG = Path(__file__).resolve().parents[2] / "sa2va_hooks"
 HOOK = PKG / "hooks" / "hf_export_hook.py"
@@ -13,17 +14,7 @@ PUBLIC = {"sa2va_hooks", "sa2va_hooks.export", "sa2va_hooks.hooks.common"}
 
 
 def _imported_modules(path: Path) -> set[str]:
-    """The modules a file imports from (relative imports resolved against its package)."""
-    pkg = ".".join(path.relative_to(PKG.parent).with_suffix("").parts[:-1])
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = pkg.rsplit(".", node.level - 1)[0] if node.level else ""
-            found.add(".".join(p for p in (base, node.module or "") if p))
-    return found
-
+    return imported_modules(path, PKG.parent)
 
 def _allowed(module: str) -> bool:
     top = module.split(".")[0]
