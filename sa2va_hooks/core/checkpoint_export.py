@@ -8,11 +8,16 @@ Three modes, because what training may do meanwhile depends on where the weights
     captured  whole parameters: what training changes next (the trainable tensors, the buffers)
               is copied into reused host buffers now; a thread reads, merges, writes, reads back
               and publishes the rest while training goes on.
-    gathered  partitioned parameters (DeepSpeed ZeRO-3, FSDP): only a collective gather, in the
-              training thread, can read them. A writer thread starts first; the training thread
-              then gathers and hands it host copies (:meth:`ExportHandle.run_front`).
+    partitioned  partitioned parameters (DeepSpeed ZeRO-3, FSDP): each rank copies only its own
+              pieces of the trainable parameters (no collective); a thread assembles each tensor
+              on the rank that writes it over a gloo group of the exports' own (:mod:`.partitions`)
+              and writes, reads back and publishes while training goes on.
+    gathered  partitioned parameters whose pieces cannot be read as they are (NVMe offload, a
+              quantized partition): only a collective gather, in the training thread, can read
+              them. A writer thread starts first; the training thread then gathers and hands it
+              host copies (:meth:`ExportHandle.run_front`).
 
-``mode="auto"`` picks captured or gathered from the model (:func:`checkpoint_export_mode`).
+``mode="auto"`` picks captured, partitioned or gathered from the model (:func:`checkpoint_export_mode`).
 
 Collective-failure discipline: every rank calls :func:`start_checkpoint_export` at the same
 point, with the same mode, and the training thread's collectives are fixed by the mode: sync,
@@ -37,7 +42,8 @@ from torch import nn
 from .dist import RankGroup, agree
 from .errors import BadValueError, InternalError
 from .background import ExportJob
-from .pipeline import prepare_background_export, prepare_gathered_export, run_export
+from .partitions import PieceExchange, partition_support
+from .pipeline import prepare_background_export, prepare_gathered_export, prepare_partitioned_export, run_export
 from .plan import ConverterProtocol
 from .fingerprint import Fingerprint, FingerprintSet
 from .manifest import ExportManifest
@@ -46,7 +52,7 @@ from .sharding import needs_gather
 from .snapshot import Capture, SnapshotBuffers
 from .shards import parse_size
 
-MODES = ("auto", "sync", "captured", "gathered")
+MODES = ("auto", "sync", "captured", "partitioned", "gathered")
 T = TypeVar("T")
 
 
@@ -65,14 +71,17 @@ def on_every_rank(fn: Callable[[], T], what: str, group: RankGroup | None = None
 
 
 def checkpoint_export_mode(model: nn.Module, mode: str = "auto") -> str:
-    """The mode ``mode`` means for ``model``: "auto" is "gathered" when its parameters are
-    partitioned (a background thread cannot read them), else "captured". The same answer on
-    every rank (ZeRO-3 and FSDP partition every rank's model), so every rank takes the same path."""
+    """The mode ``mode`` means for ``model``: "auto" is "captured" for whole parameters; for
+    partitioned ones "partitioned" when every rank's pieces can be read as they are, else
+    "gathered". The same answer on every rank (ZeRO-3 and FSDP partition every rank's model the
+    same way), so every rank takes the same path."""
     if mode not in MODES:
         raise BadValueError(f"checkpoint export mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode != "auto":
         return mode
-    return "gathered" if needs_gather(model) else "captured"
+    if not needs_gather(model):
+        return "captured"
+    return "partitioned" if partition_support(model) is None else "gathered"
 
 
 class ExportHandle:
@@ -141,7 +150,7 @@ def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter:
                             buffers: SnapshotBuffers | None = None, capture: Capture | None = None,
                             on_done: Callable[[ExportHandle], None] | None = None,
                             gather_budget: int | None = None, label: str | None = None,
-                            failed: BaseException | None = None,
+                            failed: BaseException | None = None, exchange: PieceExchange | None = None,
                             dtype: Any = None, max_shard_size: int | str = "5GB",
                             provenance: Mapping | None = None, baseline: Mapping[str, Fingerprint] | None = None,
                             overwrite: bool = False, readback: bool = True, progress: bool = False,
@@ -160,6 +169,8 @@ def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter:
     (default every rank), and for the background modes one that only background exports use
     (default ``RankGroup.background()``; pass one kept from export to export). ``front`` is the
     training thread's group, for the agreement and the gathers (default every rank).
+    ``exchange`` is the gloo group a partitioned export assembles its tensors over (the hook makes
+    one before training and keeps it; without one, one is made here, collectively, on every rank).
     ``buffers`` are reused capture buffers; ``capture`` one already taken of this exact state
     (FingerprintHook's), used instead of a new one. ``gather_budget`` bounds the bytes gathered
     ahead of the writer (default 1.5 x ``max_shard_size``). ``label`` names the preparation in a
@@ -182,6 +193,8 @@ def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter:
         return ExportHandle(mode, out_dir, t0, manifest=manifest)
     front = front or RankGroup.current()
     group = group or RankGroup.background()
+    if mode == "partitioned" and exchange is None:  # first: every rank gets here, whatever fails next
+        exchange = PieceExchange.create(group.timeout_s or 600.0)
     handle: ExportHandle | None = None
 
     def done(_job: ExportJob) -> None:
@@ -194,13 +207,16 @@ def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter:
             pass  # the agreement below raises it on every rank
         elif mode == "gathered":
             job = prepare_gathered_export(model, out_dir, group=group, on_done=done, **options)
+        elif mode == "partitioned":
+            job = prepare_partitioned_export(model, out_dir, exchange=exchange, capture=capture, buffers=buffers,
+                                             group=group, on_done=done, **options)
         else:
             job = prepare_background_export(model, out_dir, capture=capture, buffers=buffers, group=group,
                                             on_done=done, **options)
     except Exception as e:  # noqa: BLE001 - every rank must learn of it before any thread starts
         error = e
     agree(front, error, label or f"preparing the export to {out_dir}")
-    if mode == "captured":  # recorded before the thread can write the manifest
+    if mode in ("captured", "partitioned"):  # recorded before the thread can write the manifest
         job.task.provenance["training_paused_s"] = round(time.perf_counter() - t0, 4)
         handle = ExportHandle(mode, out_dir, t0, job)
     else:

@@ -30,7 +30,9 @@ from .finish import describe_snapshot
 from .manifest import ExportManifest
 from .observer import NO_OBSERVER, ExportObserver
 from .plan import ConverterProtocol, parse_dtype, plan_export
-from .produce import QueueProducer, SyncProducer, feed_gathered, trained_fingerprints
+from .partitions import PieceExchange
+from .produce import AssembleProducer, QueueProducer, SyncProducer, feed_gathered, fingerprint_pieces, \
+    trained_fingerprints
 from .publish import _Previous, discard_staging, open_staging, publish, removed_on_failure
 from .rank_writer import RankWriter
 from .sharding import UnsupportedShardingError, needs_gather, refuse_unsupported_sharding
@@ -95,6 +97,22 @@ def prepare_gathered_export(model: nn.Module, out_dir: str | Path, *,
     return ExportJob(task, on_done)
 
 
+def prepare_partitioned_export(model: nn.Module, out_dir: str | Path, *, exchange: PieceExchange,
+                               capture: Capture | None = None, buffers: SnapshotBuffers | None = None,
+                               on_done: Callable[[ExportJob], None] | None = None, **options: Any) -> ExportJob:
+    """For partitioned parameters (ZeRO-3, FSDP) whose pieces can be read (:mod:`.partitions`):
+    the capture copies this rank's pieces of the trainable parameters (no collective); the job's
+    thread assembles every tensor on the rank that writes it over ``exchange`` (a gloo group of
+    the exports' own), writes, reads back and publishes. Not started yet (see
+    :func:`prepare_background_export`)."""
+    if capture is None:
+        capture = (buffers or SnapshotBuffers()).capture(model)
+    if not capture.partitioned:
+        raise UnsupportedShardingError("a partitioned export needs a capture of the model's partitions; this capture "
+                                       "holds whole parameters (the model is not partitioned)")
+    return ExportJob(ExportTask(model, out_dir, capture=capture, exchange=exchange, **options), on_done)
+
+
 def prepare_background_export(model: nn.Module, out_dir: str | Path, *, capture: Capture | None = None,
                               buffers: SnapshotBuffers | None = None,
                               on_done: Callable[[ExportJob], None] | None = None, **options: Any) -> ExportJob:
@@ -119,8 +137,10 @@ class ExportTask:
                  baseline: Mapping[str, Fingerprint] | None = None, overwrite: bool = False,
                  readback: bool = True, progress: bool = False, trained: FingerprintSet | None = None,
                  group: RankGroup | None = None, link_from: str | Path | None = None,
-                 capture: Capture | None = None, observer: ExportObserver | None = None) -> None:
+                 capture: Capture | None = None, observer: ExportObserver | None = None,
+                 exchange: PieceExchange | None = None) -> None:
         self.model, self.out_dir = model, Path(out_dir)
+        self.exchange = exchange  # a partitioned capture's tensors are assembled over it
         # first, before anything can raise: every rank opens the same session, in the same order
         self.group = (group or RankGroup.current()).session(self.out_dir.name)
         self.dt = parse_dtype(dtype)
@@ -148,18 +168,26 @@ class ExportTask:
             trained, staging, rank_writer, queue = self._wait_for_front()
             producer = QueueProducer(queue)
         else:
-            trained = self.trained if self.trained is not None else trained_fingerprints(self.model, self.group)
+            trained = self.trained if self.trained is not None else self._trained_now()
             previous = _Previous.load(self.link_from)
             staging = open_staging(self.out_dir, self.plan, self.group, overwrite=self.overwrite)
             rank_writer = producer = None
         try:
             if rank_writer is None:
                 rank_writer = self._rank_writer(trained, previous)
-                producer = SyncProducer(self.observer, needs_gather(self.model))
+                producer = (AssembleProducer(self.capture, self.exchange, rank_writer.owners, self.observer)
+                            if self.exchange is not None else SyncProducer(self.observer, needs_gather(self.model)))
             error = rank_writer.write(staging, producer, self.readback)
         except Exception as e:  # noqa: BLE001 - taken to the agreement: no rank may skip it
             error = e
         return self._conclude(trained, staging, rank_writer, error)
+
+    def _trained_now(self) -> FingerprintSet:
+        """The trainable parameters' fingerprints, unless the caller passed them: from the capture's
+        pieces over the exchange (partitioned), else from the (captured or live) model."""
+        if self.exchange is not None:
+            return FingerprintSet.of(fingerprint_pieces(self.capture, self.exchange))
+        return trained_fingerprints(self.model, self.group)
 
     def _rank_writer(self, trained: FingerprintSet, previous: _Previous | None = None) -> RankWriter:
         return RankWriter(self.plan, self.group.rank, self.group.world, trained=trained, baseline=self.baseline,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Protocol, Sequenc
 import torch
 from torch import nn
 
-from .dist import RankGroup, agree
+from .dist import RankGroup, agree, describe
 from .entry import ProducedTensor, TensorEntry
 from .fingerprint import Fingerprint, FingerprintSet, fingerprint_tensor, tensor_stats
 from .host import HostStager
@@ -30,7 +30,8 @@ from .merge import NonFiniteError, non_finite_names
 from .observer import ExportObserver
 from .sharding import check_full, gathered, is_partitioned, iter_whole_parameters
 from .shards import ShardPlan
-from .snapshot import live
+from .partitions import PieceExchange, PieceExchangeError, check_cover
+from .snapshot import Capture, live
 
 if TYPE_CHECKING:
     from .background import _ByteQueue
@@ -205,3 +206,112 @@ def trained_fingerprints(model: nn.Module, group: RankGroup | None = None) -> Fi
 def frozen_root(model: nn.Module, group: RankGroup | None = None) -> str:
     """One digest over every frozen parameter: catches a changed base model or pretrained_pth."""
     return FingerprintSet.of(fingerprint_whole(model, lambda p: not p.requires_grad, group)).root
+
+
+# -- partitioned parameters, assembled in the export's thread -------------------------------------
+class AssembleProducer:
+    """The writer thread's producer for a captured partitioned model (ZeRO-3, FSDP): for every
+    tensor of every file, in plan order on every rank, each partitioned parameter it reads is
+    assembled on the file's writer from every rank's piece (:class:`~.partitions.PieceExchange`,
+    a gloo group of the export's own: never the training group). The writer then produces the
+    tensor from the assembled copies (substituted, as a capture is, for the live parameters).
+    A rank that failed keeps entering the exchanges (sending zeros) until the walk ends."""
+
+    repeatable = True  # a file's tensors can be produced again (its exchanges entered again)
+
+    def __init__(self, capture: Capture, exchange: PieceExchange, owners: Mapping[str, int],
+                 observer: ExportObserver) -> None:
+        self.capture, self.exchange, self.owners, self.observer = capture, exchange, owners, observer
+        self.stager = HostStager()
+        self.spans = piece_spans(capture, exchange)
+
+    def produce(self, entries: Sequence[TensorEntry], own: bool, latch: _Latch) -> Iterator[ProducedTensor]:
+        owner = self.owners[entries[0].file] if entries else 0
+        for entry in entries:
+            ids = self._assemble(entry, owner, latch)
+            try:
+                if own and not latch.failed:
+                    produced = latch.call(produce_one, entry, self.stager, self.observer)
+                    if produced is not None:
+                        yield produced
+            finally:
+                for i in ids:
+                    self.capture.by_id.pop(i, None)
+
+    def _assemble(self, entry: TensorEntry, owner: int, latch: _Latch) -> list[int]:
+        """Every partitioned parameter ``entry`` reads, whole on ``owner`` (collective)."""
+        done = []
+        for p in entry.gather:
+            piece = self._piece(p)
+            if piece is None:
+                continue
+            mine = None if latch.failed else latch.call(self._mine, p, piece)
+            try:
+                full = self.exchange.assemble(mine, self.spans[piece.name], piece, owner)
+            except Exception as e:  # noqa: BLE001 - a broken exchange: every later one fails too
+                latch.set(PieceExchangeError(f"assembling '{piece.name}' from every rank's partition failed: "
+                                             f"{type(e).__name__}: {e}"))
+                raise latch.error from e
+            if full is not None and not latch.failed:
+                self.capture.by_id[id(p)] = full
+                done.append(id(p))
+        return done
+
+    def _piece(self, p: torch.Tensor):
+        held = self.capture.pieces.get(id(p))
+        return held[0] if held is not None else self.capture.live_pieces.get(id(p))
+
+    def _mine(self, p: torch.Tensor, piece) -> torch.Tensor:
+        held = self.capture.pieces.get(id(p))
+        if held is not None:
+            self.capture.wait(piece.name)
+            return held[1]
+        return self.stager.to_host(piece.read())  # frozen: read live, version-checked at the end
+
+    def finish(self, latch: _Latch) -> None:
+        pass
+
+    def close(self) -> None:
+        self.stager.close()
+
+
+def piece_spans(capture: Capture, exchange: PieceExchange) -> dict[str, list[tuple[int, int]]]:
+    """Every rank's ``(start, length)`` of every partitioned parameter, by name (one small
+    collective over the exchange's group); each parameter's pieces must cover it exactly."""
+    mine = {piece.name: (piece.start, piece.length) for piece, _ in capture.pieces.values()}
+    mine.update({piece.name: (piece.start, piece.length) for piece in capture.live_pieces.values()})
+    numel = {piece.name: piece.numel for piece, _ in capture.pieces.values()}
+    numel.update({piece.name: piece.numel for piece in capture.live_pieces.values()})
+    every = exchange.all_gather(mine)
+    spans = {}
+    for name in mine:
+        spans[name] = [rank.get(name, (0, 0)) for rank in every]
+        check_cover(name, spans[name], numel[name])
+    return spans
+
+
+def fingerprint_pieces(capture: Capture, exchange: PieceExchange) -> dict[str, Fingerprint]:
+    """Fingerprints of the captured trainable parameters of a partitioned model, each assembled
+    whole on one rank from the pieces (rank ``i % world`` hashes the ``i``-th) over the exchange's
+    group, then shared: the same digests as fingerprinting the whole parameters, on any topology.
+    Collective over the exchange's group."""
+    spans = piece_spans(capture, exchange)
+    by_name = {piece.name: (p_id, piece) for p_id, (piece, _) in capture.pieces.items()}
+    latch, mine = _Latch(), {}
+    for i, name in enumerate(capture.trainable):
+        owner = i % exchange.world
+        if name in by_name:
+            p_id, piece = by_name[name]
+            capture.wait(name)
+            full = exchange.assemble(capture.pieces[p_id][1], spans[name], piece, owner)
+        else:
+            full = capture.by_name[name] if owner == exchange.rank else None  # whole: not partitioned
+        if full is not None and not latch.failed:
+            fp = latch.call(fingerprint_tensor, name, full)
+            if fp is not None:
+                mine[name] = fp.to_json()
+    parts = exchange.all_gather((mine, describe(latch.error) if latch.error else None))
+    failed = [f"rank {r}: {err}" for r, (_, err) in enumerate(parts) if err]
+    if failed:
+        raise PieceExchangeError(f"fingerprinting the partitioned parameters failed on {'; '.join(failed)}")
+    return {n: Fingerprint.from_json(fp) for part, _ in parts for n, fp in part.items()}

@@ -42,6 +42,7 @@ class UnsupportedShardingError(BadInputError, TypeError):
 
 _FSDP_UNIT = "_sa2va_fsdp_unit"  # set on each original parameter by index_fsdp
 _FSDP_SHAPE = "_sa2va_fsdp_shape"
+_FSDP_INDEX = "_sa2va_fsdp_index"  # the parameter's position in its unit's FlatParameter
 FSDP_WRAPPED = "_fsdp_wrapped_module"
 
 
@@ -103,9 +104,16 @@ def index_fsdp(model: nn.Module) -> None:
                 f"FSDP unit {type(unit._fsdp_wrapped_module).__name__} was wrapped with use_orig_params=False: its "
                 "original parameters are not visible, so sa2va_hooks cannot fingerprint or export them. Use "
                 "use_orig_params=True (mmengine's MMFullyShardedDataParallel default, and required for LoRA).")
-        for p, shape in zip(params, flat._shapes, strict=True):
+        for i, (p, shape) in enumerate(zip(params, flat._shapes, strict=True)):
             setattr(p, _FSDP_UNIT, unit)
             setattr(p, _FSDP_SHAPE, tuple(int(s) for s in shape))
+            setattr(p, _FSDP_INDEX, i)
+
+
+def fsdp_slot(p: torch.Tensor):
+    """``(flat_param, i)``: the FlatParameter that holds ``p`` (after :func:`index_fsdp`) and
+    ``p``'s position in it, which indexes its ``_shard_param_infos`` (torch's FSDP1 internals)."""
+    return getattr(p, _FSDP_UNIT)._flat_param, getattr(p, _FSDP_INDEX)
 
 
 def refuse_unsupported_sharding(model: nn.Module) -> None:

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from .fingerprint import Fingerprint, digest_tensor, dtype_name, tensor_stats, tensor_stats_pending
-from .sharding import UnsupportedShardingError, clean_name, iter_whole_parameters, needs_gather
+from .partitions import (PartitionBuffers, Piece, captured_pieces, live_pieces, partition_support,
+                         partitioned_parameters)
+from .sharding import UnsupportedShardingError, clean_name, is_partitioned, iter_whole_parameters, needs_gather
 from .workers import Workers
 from .errors import ExportFailedError
 
@@ -82,6 +84,11 @@ class Capture:
     trainable: list[str] = dataclasses.field(default_factory=list)  # captured parameters (not buffers)
     stats: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # name -> (norm, sum)
     ready: dict[str, "torch.cuda.Event"] = dataclasses.field(default_factory=dict)  # GPU copy done
+    # partitioned parameters (ZeRO-3, FSDP): this rank's copied pieces, by the parameter's id, with
+    # their host copy; and the pieces read live (frozen), by id. See :mod:`.partitions`.
+    pieces: dict[int, tuple[Piece, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    live_pieces: dict[int, Piece] = dataclasses.field(default_factory=dict)
+    partitioned: bool = False
 
     def wait(self, name: str | None = None) -> None:
         """Wait until the copy of ``name`` (or of everything) into its host buffer is complete."""
@@ -98,7 +105,7 @@ class Capture:
 
     @property
     def background(self) -> bool:
-        return bool(self.by_id)
+        return bool(self.by_id) or self.partitioned
 
     def check_unchanged(self, what: str) -> None:
         """Raise :class:`ModelChangedError` if any uncaptured tensor was written since the capture."""
@@ -116,11 +123,12 @@ class Capture:
             f"{changed[:5]}; the snapshot would mix two training states and was not published. Fix: {hint}")
 
 
-def _captured_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def _captured_tensors(model: nn.Module, parameters: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """What training may change before a background export has read it: every trainable
     parameter, gathered whole if partitioned (collective), and every persistent buffer (running
     statistics change in forward; DDP re-broadcasts buffers)."""
-    yield from iter_whole_parameters(model, lambda p: p.requires_grad)
+    if parameters:
+        yield from iter_whole_parameters(model, lambda p: p.requires_grad)
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
         for bname, b in module._buffers.items():
@@ -136,10 +144,11 @@ class SnapshotBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._pieces = PartitionBuffers()
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        return sum(b.numel() * b.element_size() for b in self._buffers.values()) + self._pieces.nbytes
 
     def _buffer(self, name: str, t: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(name)
@@ -163,8 +172,14 @@ class SnapshotBuffers:
         by_id[id(t)] = by_name[name] = buf
 
     def prepare(self, model: nn.Module) -> int:
-        """Allocate every buffer a capture of ``model`` will need (collective when the model is
-        partitioned, as it gathers); returns the bytes allocated."""
+        """Allocate every buffer a capture of ``model`` will need; returns the bytes allocated.
+        A partitioned model gets buffers for this rank's pieces only (not collective)."""
+        if needs_gather(model):
+            for _, piece in captured_pieces(model):
+                self._pieces.buffer(piece)
+            for name, t in _captured_buffers(model):
+                self._buffer(name, t)
+            return self.nbytes
         for name, t in _captured_tensors(model):
             self._buffer(name, t)
         return self.nbytes
@@ -183,10 +198,12 @@ class SnapshotBuffers:
         by_name: dict[str, torch.Tensor] = {}
         ready: dict[str, torch.cuda.Event] = {}
         if needs_gather(model):
-            raise UnsupportedShardingError(
-                "a capture copies whole parameters, but this model's are partitioned (DeepSpeed ZeRO-3 or FSDP); "
-                "export it with export_hf, or let HFExportHook gather it in the training thread "
-                "(prepare_gathered_export).")
+            why = partition_support(model)
+            if why is not None:
+                raise UnsupportedShardingError(
+                    f"a capture copies this rank's partition of each parameter, but {why} Export it with export_hf, or "
+                    "let HFExportHook gather it in the training thread (mode 'gathered').")
+            return self._capture_pieces(model)
         items = list(_captured_tensors(model))
         trained = [(n, t) for n, t in items if isinstance(t, nn.Parameter) and t.requires_grad]
         trainable = [n for n, _ in trained]
@@ -203,6 +220,49 @@ class SnapshotBuffers:
                 versions[clean_name(name)] = (p, p._version)
         return Capture(by_id, by_name, versions, sum(b.numel() * b.element_size() for b in by_name.values()),
                        trainable, found, ready)
+
+
+    def _capture_pieces(self, model: nn.Module) -> Capture:
+        """Partitioned parameters: copy this rank's piece of what training changes (and the
+        buffers, whole), and record the version of every piece read live later. Local: no
+        collective, no gather."""
+        by_id: dict[int, torch.Tensor] = {}
+        by_name: dict[str, torch.Tensor] = {}
+        ready: dict[str, torch.cuda.Event] = {}
+        pieces: dict[int, tuple[Piece, torch.Tensor]] = {}
+        trainable = []
+        for name, p in _whole_trainable(model):  # a trainable parameter outside the engine's sharding
+            self._copy(name, p, by_id, by_name, ready)
+            trainable.append(name)
+        for p, piece in captured_pieces(model):
+            buf = self._pieces.buffer(piece)
+            src = piece.read()
+            buf.copy_(src, non_blocking=src.device.type == "cuda")
+            if src.device.type == "cuda":
+                ready[piece.name] = torch.cuda.Event()
+                ready[piece.name].record()
+            pieces[id(p)] = (piece, buf)
+            if p.requires_grad:
+                trainable.append(piece.name)
+        for name, t in _captured_buffers(model):
+            self._copy(name, t, by_id, by_name, ready)
+        live = dict((id(p), piece) for p, piece in live_pieces(model))
+        versions = {piece.name: (piece.storage, piece.storage._version) for piece in live.values()}
+        nbytes = sum(b.numel() * b.element_size() for _, b in pieces.values()) + \
+            sum(b.numel() * b.element_size() for b in by_name.values())
+        return Capture(by_id, by_name, versions, nbytes, trainable, {}, ready, pieces, live, True)
+
+
+def _whole_trainable(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, p in partitioned_parameters(model):
+        if p.requires_grad and not is_partitioned(p):
+            yield name, p
+
+
+def _captured_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The persistent buffers (whole under ZeRO-3 and FSDP, which partition parameters only)."""
+    for name, t in _captured_tensors(model, parameters=False):
+        yield name, t
 
 
 def _queue_stats(tensors: list[torch.Tensor]):

@@ -20,8 +20,8 @@ from ..core.dist import DEFAULT_TIMEOUT_S, RankGroup
 from ..core.sharding import is_fsdp_module
 from ..core.vocab import SIDECAR_SUFFIX  # noqa: F401 - re-exported
 from ..core.checkpoint_export import ExportHandle
-from ..export import (MANIFEST_FILE, Capture, Fingerprint, SnapshotBuffers, checkpoint_export_mode, clean_leftovers,
-                      frozen_root, remove_snapshot, trained_fingerprints)
+from ..export import (MANIFEST_FILE, Capture, Fingerprint, PieceExchange, SnapshotBuffers, checkpoint_export_mode,
+                      clean_leftovers, frozen_root, remove_snapshot, trained_fingerprints)
 from ..records import (BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY,  # noqa: F401 - re-exported
                        build_callable_cfg)
 
@@ -162,6 +162,7 @@ class BackgroundExports:
         self.capture_iter: int | None = None
         self.job: ExportHandle | None = None  # the export in flight or finished
         self.group: RankGroup | None = None
+        self.exchange: PieceExchange | None = None  # partitioned models: the gloo group pieces go over
         self.timeout_s = DEFAULT_TIMEOUT_S  # the longest training waits for an export, and a rank for another
 
     def prepare(self, runner, model: nn.Module, enabled: bool, when_busy: str, timeout_s: float) -> None:
@@ -173,15 +174,19 @@ class BackgroundExports:
             return
         if self.group is None:
             self.group = RankGroup.background(timeout_s)
-        if checkpoint_export_mode(model) == "gathered":
+        mode = checkpoint_export_mode(model)
+        if mode == "partitioned" and self.exchange is None:
+            self.exchange = PieceExchange.create(timeout_s)  # collective: every rank's before_train
+        if mode == "gathered":
             runner.logger.info("[sa2va_hooks] parameters are partitioned (DeepSpeed ZeRO-3 or FSDP): at each export "
                                "the training thread gathers them (collective) and copies them to the host; the "
                                "writing, read-back and publishing run in the background")
             return
         t0 = time.perf_counter()
         allocated = self.buffers.prepare(model)
-        runner.logger.info(f"[sa2va_hooks] background export: {allocated} bytes of capture buffers for the trainable "
-                           f"tensors allocated in {time.perf_counter() - t0:.2f}s; when an export is still running "
+        what = "this rank's partitions of the trainable tensors" if mode == "partitioned" else "the trainable tensors"
+        runner.logger.info(f"[sa2va_hooks] background export: {allocated} bytes of capture buffers for {what} "
+                           f"allocated in {time.perf_counter() - t0:.2f}s; when an export is still running "
                            f"at the next checkpoint: {when_busy}")
 
     def finish(self, runner) -> None:

@@ -26,7 +26,8 @@ from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
-from ..export import FingerprintSet, RankGroup, checkpoint_export_mode, fingerprint_capture, trained_fingerprints
+from ..export import (FingerprintSet, RankGroup, checkpoint_export_mode, fingerprint_capture, fingerprint_pieces,
+                      trained_fingerprints)
 from .common import (CHECKPOINT_RECORD_KEY, CURRENT_TRAINED_KEY, META_KEY, SIDECAR_SUFFIX,
                      allow_mmengine_checkpoint_globals, background_exports, checkpoint_due, checkpoint_hook,
                      checkpoint_point, ensure_baseline, max_keep_ckpts, process_state, unwrapped_model)
@@ -79,7 +80,7 @@ class FingerprintHook(Hook):
         record = runner.message_hub.get_info(CHECKPOINT_RECORD_KEY)
         if record is None or record.get("iter") != meta.get("iter"):
             model = unwrapped_model(runner)
-            if checkpoint_export_mode(model) == "gathered":  # partitioned: only a collective could read them
+            if checkpoint_export_mode(model) != "captured":  # partitioned: only a collective could read them
                 return
             trained = trained_fingerprints(model, group=RankGroup(0, 1))
             record = self._make_record(trained, meta.get("iter"), meta.get("epoch"))
@@ -98,15 +99,19 @@ class FingerprintHook(Hook):
         that is saved next. Otherwise: the collective walk (ZeRO-3 and FSDP gather)."""
         model = unwrapped_model(runner)
         bg = background_exports(runner)
-        if not bg.enabled or checkpoint_export_mode(model) == "gathered":
+        mode = checkpoint_export_mode(model)
+        if not bg.enabled or mode == "gathered":
             return trained_fingerprints(model)  # collective
-        if bg.busy and bg.when_busy == "skip":  # the buffers are in use, and this export will be skipped
-            return trained_fingerprints(model, group=RankGroup(0, 1))
-        if not bg.wait(runner, f"its buffers are needed for the capture at iteration {it}", bg.timeout_s):
-            return trained_fingerprints(model, group=RankGroup(0, 1))  # the buffers are still in use
+        free = not (bg.busy and bg.when_busy == "skip") and \
+            bg.wait(runner, f"its buffers are needed for the capture at iteration {it}", bg.timeout_s)
+        if mode == "partitioned":  # every rank takes the same path: the fingerprints are collective
+            free = all(RankGroup.current().all_gather(free))
+        if not free:  # the buffers are in use (the export is skipped, or still running)
+            return trained_fingerprints(model, group=RankGroup(0, 1) if mode == "captured" else None)
         bg.capture, bg.capture_iter = None, None
         capture = bg.buffers.capture(model, stats=True)
-        trained = FingerprintSet.of(fingerprint_capture(capture))
+        trained = FingerprintSet.of(fingerprint_pieces(capture, bg.exchange) if mode == "partitioned"
+                                    else fingerprint_capture(capture))
         bg.capture, bg.capture_iter = capture, it
         return trained
 

@@ -162,7 +162,7 @@ class HFExportHook(Hook):
             converter = getattr(self, "_converter", None) or self._resolve_converter(runner)  # agreed: all or none
             handle = start_checkpoint_export(
                 unwrapped_model(runner), out, converter=converter, mode="auto" if bg.enabled else "sync",
-                group=bg.group, buffers=bg.buffers,
+                group=bg.group, buffers=bg.buffers, exchange=bg.exchange,
                 capture=bg.take_capture(point["iter"]) if bg.enabled else None, failed=failed,
                 on_done=lambda h: self._done(runner, point, h),
                 label=f"preparing the export of iteration {point['iter']}", **options)

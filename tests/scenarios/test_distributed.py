@@ -180,6 +180,8 @@ def test_hooks_fire_and_record_what_each_checkpoint_holds(runs, mode):
         sidecar = json.loads((work / f"iter_{it}.pth.fingerprints.json").read_text())
         assert sidecar["trained"]["root"] == recorded.trained.root and sidecar["iter"] == it
         assert all(fp.shape != (0,) for fp in recorded.trained.tensors.values())
+    if mode in ("zero3", "fsdp"):  # each rank copied its own partitions; nothing gathered in the training thread
+        assert "this rank's partitions of the trainable tensors" in log and "gathered in" not in log
 
 
 @pytest.mark.parametrize("mode", list(LAUNCH))
