@@ -20,7 +20,7 @@ def test_checkpoint_export_mode_auto_is_captured_for_whole_parameters_and_refuse
     pm = lora_qwen2()
     assert checkpoint_export_mode(pm) == "captured"
     assert checkpoint_export_mode(pm, "sync") == "sync"
-    with pytest.raises(BadValueError, match=r"must be one of auto, sync, captured, gathered, got 'fast'"):
+    with pytest.raises(BadValueError, match=r"must be one of auto, sync, captured, partitioned, gathered, got 'fast'"):
         checkpoint_export_mode(pm, "fast")
 
 
