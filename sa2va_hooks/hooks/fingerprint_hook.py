@@ -92,23 +92,28 @@ class FingerprintHook(Hook):
 
     def _fingerprints(self, runner, it: int) -> FingerprintSet:
         """The trainable parameters' fingerprints now. With background exports on and whole
-        parameters, they are copied into the reused capture buffers (which the export of this
-        checkpoint then uses as they are) and hashed on a pool of threads, in this process alone;
-        the training thread waits only for that, because the record must be inside the checkpoint
-        that is saved next. Otherwise: the collective walk (ZeRO-3 and FSDP gather)."""
+        parameters, they are copied into a free set of the reused capture buffers (which the export
+        of this checkpoint then uses as they are) and hashed on a pool of threads, in this process
+        alone; the training thread waits only for that, because the record must be inside the
+        checkpoint that is saved next. Which set is free: under "queue", every rank agrees first
+        (``room``, collective) and never waits for an export unless one is already queued; under
+        "wait", the running export ends first. With no free set (the export will be skipped) the
+        live parameters are hashed instead. Otherwise: the collective walk (ZeRO-3 and FSDP gather)."""
         model = unwrapped_model(runner)
         bg = background_exports(runner)
         if not bg.enabled or checkpoint_export_mode(model) == "gathered":
             return trained_fingerprints(model)  # collective
-        if bg.busy and bg.when_busy == "skip":  # the buffers are in use, and this export will be skipped
+        if bg.when_busy == "queue":
+            if bg.room(runner, it):  # collective: some rank still has two exports in flight; this one is skipped
+                return trained_fingerprints(model, group=RankGroup(0, 1))
+        elif bg.busy and bg.when_busy == "skip":  # the buffers are in use, and this export will be skipped
             return trained_fingerprints(model, group=RankGroup(0, 1))
-        if not bg.wait(runner, f"its buffers are needed for the capture at iteration {it}", bg.timeout_s):
+        elif not bg.wait(runner, f"its buffers are needed for the capture at iteration {it}", bg.timeout_s):
             return trained_fingerprints(model, group=RankGroup(0, 1))  # the buffers are still in use
-        bg.capture, bg.capture_iter = None, None
-        capture = bg.buffers.capture(model, stats=True)
-        trained = FingerprintSet.of(fingerprint_capture(capture))
-        bg.capture, bg.capture_iter = capture, it
-        return trained
+        buffers = bg.free_buffers()
+        if buffers is None:  # not reached (the decision above frees a set); never overwrite a held one
+            return trained_fingerprints(model, group=RankGroup(0, 1))
+        return FingerprintSet.of(fingerprint_capture(bg.capture_into(buffers, model, it)))
 
     def _record(self, runner, it: int, epoch: int) -> None:
         try:
