@@ -188,9 +188,8 @@ class StoreGroup:
         """Delete the keys of every session but the last. The last is kept: rank 0 may have ended it
         (its final step is a one-way broadcast) while another rank still reads its final key, or it
         may still run (an export queued behind it, decision 58). Every earlier one is over on every
-        rank, since a rank opens a session only when at most its previous one is in flight (the
-        hook agrees on that first), and rank 0 could not end that one's predecessor without every
-        rank taking part in it."""
+        rank, since a rank opens a session only when at most its previous one is in flight (every
+        rank agrees on that first, in the training thread)."""
         *finished, last = self._children or [None]
         for child in finished:
             keys = [f"{child.prefix}/{i}/{r}" for i in range(1, child._steps + 2) for r in range(self.world)]
