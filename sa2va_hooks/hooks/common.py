@@ -247,9 +247,11 @@ class BackgroundExports:
         return list(self._held)
 
     def free_buffers(self) -> SnapshotBuffers | None:
-        """The buffer set no export in flight holds (None when all are held)."""
+        """A buffer set no export in flight holds (None when all are held): the one FingerprintHook's
+        capture is in when that one is free, so the export uses that capture as it is."""
         held = {id(h.buffers) for h in self.in_flight()}
-        return next((b for b in self.buffer_sets if id(b) not in held), None)
+        free = [b for b in self.buffer_sets if id(b) not in held]
+        return next((b for b in free if b is self._capture_buffers), free[0] if free else None)
 
     def capture_into(self, buffers: SnapshotBuffers, model: nn.Module, it: int) -> Capture:
         """FingerprintHook's capture of iteration ``it``, into ``buffers`` (a free set)."""
