@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 from torch import nn
@@ -87,23 +87,42 @@ class _ByteQueue:
             yield item
 
 
+class Waitable(Protocol):
+    """What a queued export waits for before it runs: an :class:`ExportJob`, an ``ExportHandle``,
+    or a caller's wrapper of one (HFExportHook's logs when the wait ends)."""
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
 class ExportJob:
     """One export on a thread of its own (not a daemon: the interpreter waits for it at exit, so
     a snapshot being written is finished, not torn). On a GPU it works on a CUDA stream of its
-    own, so its copies and merges never queue behind training's kernels."""
+    own, so its copies and merges never queue behind training's kernels.
+
+    ``start(after=job)`` queues it behind another export: its thread starts now, waits for
+    ``after`` to end (well or not), then runs. Why: a checkpoint that comes while the previous
+    export still runs is captured and prepared at once (in the training thread, which must not
+    wait), and two exports never write at the same time (decision 58)."""
 
     def __init__(self, task: ExportTask, on_done: Callable[["ExportJob"], None] | None = None) -> None:
         self.task, self.on_done = task, on_done
         self.manifest: ExportManifest | None = None
         self.error: BaseException | None = None
         self.seconds: float | None = None
+        self.queued_s = 0.0  # how long its thread waited for the export it was queued behind
+        self._after: Waitable | None = None
         self._thread = threading.Thread(target=self._main, name=f"sa2va_hooks-export-{task.out_dir.name}")
 
     @property
     def out_dir(self) -> Path:
         return self.task.out_dir
 
-    def start(self) -> "ExportJob":
+    def start(self, after: Waitable | None = None) -> "ExportJob":
+        """Start the thread; with ``after``, it first waits for that export to end, however it ends.
+        A parameter of ``start``, not of the constructor, because the job is built where it is
+        prepared (``pipeline.py``) and queued where it is started. Never for a gathered export:
+        its training thread feeds the writer, and would wait too."""
+        self._after = after
         self._thread.start()
         return self
 
@@ -129,6 +148,9 @@ class ExportJob:
     def _main(self) -> None:
         t0 = time.perf_counter()
         try:
+            if self._after is not None:
+                self._after.wait()  # the previous export's outcome does not matter here
+                self.queued_s, t0 = time.perf_counter() - t0, time.perf_counter()
             with _own_stream(self.task.model):
                 self.manifest = self.task.run()
         except BaseException as e:  # noqa: BLE001 - kept for result() and the callback; a thread has no caller

@@ -41,7 +41,7 @@ from torch import nn
 # core internals the hooks reach through this module, in one block
 from .dist import RankGroup, agree
 from .errors import BadValueError, InternalError
-from .background import ExportJob
+from .background import ExportJob, Waitable
 from .partitions import PieceExchange, partition_support
 from .pipeline import prepare_background_export, prepare_gathered_export, prepare_partitioned_export, run_export
 from .plan import ConverterProtocol
@@ -155,7 +155,7 @@ def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter:
                             provenance: Mapping | None = None, baseline: Mapping[str, Fingerprint] | None = None,
                             overwrite: bool = False, readback: bool = True, progress: bool = False,
                             trained: FingerprintSet | None = None, link_from: str | Path | None = None,
-                            observer: ExportObserver | None = None) -> ExportHandle:
+                            observer: ExportObserver | None = None, after: Waitable | None = None) -> ExportHandle:
     """Start the export of ``model`` as it is now to ``out_dir`` in ``mode`` (see the module
     docstring) and return its :class:`ExportHandle`. Collective: every rank calls it at the same
     point; then, for a background handle, ``run_front()`` at once.
@@ -177,8 +177,9 @@ def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter:
     rank failure (default: the export to ``out_dir``). ``failed`` is an error the caller met on
     this rank while working out the options: sync raises it at once (as the options' own code
     would have); the background modes take it to the agreement, so every rank fails together
-    instead of the others waiting in a collective this rank never enters. The rest are
-    ``export_hf``'s options.
+    instead of the others waiting in a collective this rank never enters. ``after`` (captured
+    mode) queues this export behind another: prepared now, its thread runs once that one has
+    ended (``ExportJob.start``). The rest are ``export_hf``'s options.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -222,5 +223,5 @@ def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter:
     else:
         budget = gather_budget if gather_budget is not None else int(1.5 * parse_size(max_shard_size))
         handle = ExportHandle(mode, out_dir, t0, job, front=lambda: job.task.gather_in_front(front, budget))
-    job.start()
+    job.start(after=after)
     return handle

@@ -186,9 +186,10 @@ class StoreGroup:
 
     def _forget_finished(self) -> None:
         """Delete the keys of every session but the last. The last is kept: rank 0 may have ended it
-        (its final step is a one-way broadcast) while another rank still reads its final key. Every
-        earlier one is over on every rank, since a rank starts a session only after its previous one
-        ended, and rank 0 could not end the last one without every rank taking part in it."""
+        (its final step is a one-way broadcast) while another rank still reads its final key, or it
+        may still run (an export queued behind it, decision 58). Every earlier one is over on every
+        rank, since a rank opens a session only when at most its previous one is in flight (every
+        rank agrees on that first, in the training thread)."""
         *finished, last = self._children or [None]
         for child in finished:
             keys = [f"{child.prefix}/{i}/{r}" for i in range(1, child._steps + 2) for r in range(self.world)]

@@ -2,6 +2,7 @@
 the snapshot-folder rules both hooks follow (names, retention, leftovers)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import threading
@@ -148,61 +149,190 @@ def ensure_baseline(runner) -> tuple[dict[str, Fingerprint], str, str | None]:
     return baseline, frozen_now, recorded_frozen
 
 
+WHEN_BUSY = ("queue", "wait", "skip")
+
+
+@dataclasses.dataclass
+class _Held:
+    """An export that was started, and the buffer set its capture lives in until its thread ends."""
+
+    handle: ExportHandle
+    buffers: SnapshotBuffers | None
+    it: int
+
+
+class _Behind:
+    """What a queued export's thread waits for: the export started before it, however that one
+    ends. When the wait is over it says so in the log, from the queued export's own thread."""
+
+    def __init__(self, runner, previous: _Held, it: int) -> None:
+        self.runner, self.previous, self.it = runner, previous, it
+
+    def wait(self, timeout: float | None = None) -> bool:
+        t0 = time.perf_counter()
+        done = self.previous.handle.wait(timeout)
+        self.runner.logger.info(f"[sa2va_hooks] the queued export of iter {self.it} starts now: the export of iter "
+                                f"{self.previous.it} ended ({'failed' if self.previous.handle.error else 'published'})"
+                                f" after {time.perf_counter() - t0:.2f}s in the queue")
+        return done
+
+
 class BackgroundExports:
     """This process's background-export state, shared by both hooks (``process_state``): the
     reused capture buffers, the capture FingerprintHook took at this checkpoint (HFExportHook
-    exports that same capture, so the trainable tensors are copied once), the export in flight
-    (one at most) and the store group the export threads talk over."""
+    exports that same capture, so the trainable tensors are copied once), the exports in flight
+    and the store group the export threads talk over.
+
+    With ``when_busy="queue"`` at most two exports are in flight, the running one and one queued
+    behind it, so there are two buffer sets (double buffering): each export holds the set its
+    capture lives in until its thread ends, and a capture goes into the set no export holds. The
+    other modes keep one set and one export in flight (decisions 31, 58)."""
 
     def __init__(self) -> None:
         self.enabled = False
-        self.when_busy = "wait"
-        self.buffers = SnapshotBuffers()
+        self.when_busy = "queue"
+        self.buffer_sets = [SnapshotBuffers()]
         self.capture: Capture | None = None
         self.capture_iter: int | None = None
-        self.job: ExportHandle | None = None  # the export in flight or finished
+        self._capture_buffers: SnapshotBuffers | None = None
+        self.job: ExportHandle | None = None  # the newest export (in flight or finished)
+        self._held: list[_Held] = []  # the exports started and not known to have ended, oldest first
+        self._room: tuple[int, list[int]] | None = None  # (iteration, busy ranks): agreed at this checkpoint
+        self._slot: tuple[SnapshotBuffers | None, int] | None = None  # what the export being started holds
         self.group: RankGroup | None = None
-        self.exchange: PieceExchange | None = None  # partitioned models: the gloo group pieces go over
+        self.exchange: PieceExchange | None = None  # partitioned models: the gloo group exports assemble over
+        self.fp_exchange: PieceExchange | None = None  # ... and the one the training thread's fingerprints use
         self.timeout_s = DEFAULT_TIMEOUT_S  # the longest training waits for an export, and a rank for another
 
     def prepare(self, runner, model: nn.Module, enabled: bool, when_busy: str, timeout_s: float) -> None:
         """HFExportHook's options, from its ``before_train`` (every rank). Prepays what the first
-        export would otherwise pay: the capture buffers, allocated and touched once (pinned on a
-        GPU). The store group is made once per process and kept (not collective)."""
+        export would otherwise pay: the capture buffers (two sets under "queue"), allocated and
+        touched once (pinned on a GPU). The store group is made once per process and kept (not
+        collective). A partitioned model is exported by gathers in the training thread, which
+        cannot run behind another export: there "queue" waits, as "wait" does (said here)."""
         self.enabled, self.when_busy, self.timeout_s = enabled, when_busy, timeout_s
         if not enabled:
             return
         if self.group is None:
             self.group = RankGroup.background(timeout_s)
         mode = checkpoint_export_mode(model)
-        if mode == "partitioned" and self.exchange is None:
-            self.exchange = PieceExchange.create(timeout_s)  # collective: every rank's before_train
+        if mode == "partitioned" and self.exchange is None:  # collective: every rank's before_train
+            # two gloo groups: the exports' threads assemble over one, the training thread's
+            # fingerprints go over the other (a queued capture is fingerprinted while an export runs)
+            self.exchange, self.fp_exchange = PieceExchange.create(timeout_s), PieceExchange.create(timeout_s)
         if mode == "gathered":
+            self.when_busy = "wait" if when_busy == "queue" else when_busy
             runner.logger.info("[sa2va_hooks] parameters are partitioned (DeepSpeed ZeRO-3 or FSDP): at each export "
                                "the training thread gathers them (collective) and copies them to the host; the "
-                               "writing, read-back and publishing run in the background")
+                               "writing, read-back and publishing run in the background. When an export is still "
+                               f"running at the next checkpoint: {self.when_busy}"
+                               + (" (a gathered export cannot be queued)" if when_busy == "queue" else ""))
             return
         t0 = time.perf_counter()
-        allocated = self.buffers.prepare(model)
         what = "this rank's partitions of the trainable tensors" if mode == "partitioned" else "the trainable tensors"
-        runner.logger.info(f"[sa2va_hooks] background export: {allocated} bytes of capture buffers for {what} "
-                           f"allocated in {time.perf_counter() - t0:.2f}s; when an export is still running "
-                           f"at the next checkpoint: {when_busy}")
+        while len(self.buffer_sets) < (2 if when_busy == "queue" else 1):
+            self.buffer_sets.append(SnapshotBuffers())
+        allocated = sum(b.prepare(model) for b in self.buffer_sets)
+        sets = ("two sets (one export may be queued behind the running one)" if len(self.buffer_sets) == 2
+                else "one set")
+        runner.logger.info(f"[sa2va_hooks] background export: {allocated} bytes of capture buffers for {what}, "
+                           f"{sets}, allocated in {time.perf_counter() - t0:.2f}s; when an export is still "
+                           f"running at the next checkpoint: {when_busy}")
 
     def finish(self, runner) -> None:
-        """After the last iteration: wait for the export in flight, so the run ends with its
-        snapshot published (or its failure logged), and no thread outlives the run."""
+        """After the last iteration: wait for the exports in flight (the newest, which a queued one
+        waits for its predecessor in), so the run ends with their snapshots published (or their
+        failures logged), and no thread outlives the run."""
         if not self.wait(runner, "training ended", self.timeout_s):
             runner.logger.error(f"[sa2va_hooks] the process waits for the export to {self.job.out_dir} at exit (it is "
                                 "not a daemon thread); if it is stopped first, that checkpoint has no snapshot: "
                                 "export it with tools/export.py")
-        self.capture, self.capture_iter = None, None
+        self.capture, self.capture_iter, self._capture_buffers, self._room = None, None, None, None
 
-    def take_capture(self, it: int) -> Capture | None:
-        """FingerprintHook's capture when it is of iteration ``it`` (then used once), else None."""
-        capture = self.capture if self.capture_iter == it else None
-        self.capture, self.capture_iter = None, None
+    # -- which buffers a capture goes into ------------------------------------------------------
+    def in_flight(self) -> list[_Held]:
+        self._held = [h for h in self._held if h.handle.running]
+        return list(self._held)
+
+    def free_buffers(self) -> SnapshotBuffers | None:
+        """A buffer set no export in flight holds (None when all are held): the one FingerprintHook's
+        capture is in when that one is free, so the export uses that capture as it is."""
+        held = {id(h.buffers) for h in self.in_flight()}
+        free = [b for b in self.buffer_sets if id(b) not in held]
+        return next((b for b in free if b is self._capture_buffers), free[0] if free else None)
+
+    def capture_into(self, buffers: SnapshotBuffers, model: nn.Module, it: int) -> Capture:
+        """FingerprintHook's capture of iteration ``it``, into ``buffers`` (a free set)."""
+        self.capture, self.capture_iter, self._capture_buffers = None, None, None
+        capture = buffers.capture(model, stats=True)
+        self.capture, self.capture_iter, self._capture_buffers = capture, it, buffers
         return capture
+
+    def take_capture(self, it: int, buffers: SnapshotBuffers | None = None) -> Capture | None:
+        """FingerprintHook's capture when it is of iteration ``it`` (and in ``buffers``, when
+        given), then used once; else None."""
+        ok = self.capture_iter == it and (buffers is None or self._capture_buffers is buffers)
+        capture = self.capture if ok else None
+        self.capture, self.capture_iter, self._capture_buffers = None, None, None
+        return capture
+
+    # -- the decision at a checkpoint: the same on every rank -----------------------------------
+    def room(self, runner, it: int) -> list[int]:
+        """"queue": whether the export of iteration ``it`` may be queued, agreed by every rank
+        (collective), once per checkpoint (FingerprintHook asks first, to capture; HFExportHook
+        gets the same answer). Returns the ranks that still have two exports in flight (every
+        rank skips this export when not empty). When some rank has two (one running, one queued),
+        every rank first waits, at most ``timeout_s``, until it has one at most: that frees a
+        buffer set and bounds training's wait and the memory."""
+        if self._room is not None and self._room[0] == it:
+            return self._room[1]
+        group = RankGroup.current()
+        counts = group.all_gather(len(self.in_flight()))
+        if max(counts) >= 2:
+            held = self.in_flight()
+            if len(held) >= 2:
+                self._wait_for(runner, held[0].handle, f"the export of iter {held[1].it} is queued behind it; "
+                               f"iteration {it} is due", self.timeout_s)
+            counts = group.all_gather(len(self.in_flight()))
+        self._room = (it, [r for r, n in enumerate(counts) if n >= 2])
+        return self._room[1]
+
+    def admit(self, runner, it: int) -> list[int]:
+        """HFExportHook's question before the export of iteration ``it`` (every rank, collective):
+        the ranks that are busy, by ``when_busy``'s rule; every rank skips it when not empty."""
+        if self.when_busy == "queue":
+            return self.room(runner, it)
+        if self.when_busy == "wait":
+            self.wait(runner, f"one export at a time; iteration {it} is due", self.timeout_s)
+        return self.busy_ranks()
+
+    def start_options(self, runner, it: int) -> dict:
+        """``start_checkpoint_export``'s options from here, for the export of iteration ``it`` that
+        ``admit`` let through: the store group, a free buffer set and the capture in it, and under
+        "queue" with an export still running, ``after`` it (its frozen shards are linked from that
+        one's snapshot: it is the newest once this one runs)."""
+        buffers = self.free_buffers()
+        options = dict(group=self.group, buffers=buffers, capture=self.take_capture(it, buffers),
+                       exchange=self.exchange)
+        held = self.in_flight()
+        if held:
+            options.update(after=_Behind(runner, held[-1], it), link_from=held[-1].handle.out_dir)
+        self._slot = (buffers, it)
+        return options
+
+    def started(self, handle: ExportHandle) -> _Held | None:
+        """Record the export just started (it holds its buffer set until its thread ends); returns
+        the export it is queued behind, if that one still runs."""
+        buffers, it = self._slot or (None, -1)
+        ahead = self.in_flight()
+        self.job, self._slot = handle, None
+        self._held.append(_Held(handle, buffers, it))
+        return ahead[-1] if ahead else None
+
+    def running(self) -> ExportHandle | None:
+        """The oldest export still running (the one a checkpoint waits for), else None."""
+        held = self.in_flight()
+        return held[0].handle if held else self.job if self.busy else None
 
     @property
     def busy(self) -> bool:
@@ -214,18 +344,20 @@ class BackgroundExports:
         return [r for r, b in enumerate(RankGroup.current().all_gather(self.busy)) if b]
 
     def wait(self, runner, why: str, timeout: float | None = None) -> bool:
-        """Wait for the export in flight, at most ``timeout`` seconds; True when none is running
+        """Wait for the exports in flight, at most ``timeout`` seconds; True when none is running
         any more. The wait is logged when there was one."""
-        if not self.busy:
-            return True
+        return not self.busy or self._wait_for(runner, self.job, why, timeout)
+
+    @staticmethod
+    def _wait_for(runner, handle: ExportHandle, why: str, timeout: float | None) -> bool:
         t0 = time.perf_counter()
-        done = self.job.wait(timeout)
+        done = handle.wait(timeout)
         waited = time.perf_counter() - t0
         if done:
-            runner.logger.info(f"[sa2va_hooks] waited {waited:.2f}s for the background export to {self.job.out_dir} "
+            runner.logger.info(f"[sa2va_hooks] waited {waited:.2f}s for the background export to {handle.out_dir} "
                                f"to finish ({why})")
         else:
-            runner.logger.error(f"[sa2va_hooks] the background export to {self.job.out_dir} is still running after "
+            runner.logger.error(f"[sa2va_hooks] the background export to {handle.out_dir} is still running after "
                                 f"{waited:.0f}s ({why}); training does not wait longer for it")
         return done
 
@@ -321,6 +453,7 @@ def log_failed(runner, it: int, out: Path, e: BaseException) -> None:
 def log_skipped(runner, it: int, busy: list[int], running: ExportHandle | None, when_busy: str,
                 timeout_s: float) -> None:
     where = f"the export to {running.out_dir}" if running is not None and running.running else "an earlier export"
+    where += ", with another queued behind it," if when_busy == "queue" else ""
     ranks = ", ".join(map(str, busy))
     if when_busy == "skip":
         runner.logger.warning(f"[sa2va_hooks] HF export of iteration {it} SKIPPED: {where} is still "
@@ -329,6 +462,17 @@ def log_skipped(runner, it: int, busy: list[int], running: ExportHandle | None, 
         runner.logger.error(f"[sa2va_hooks] HF export of iteration {it} SKIPPED: {where} is still "
                             f"running on rank(s) {ranks} after {timeout_s:g}s (HFExportHook(timeout_s=...)); "
                             "training does not wait longer. Export this checkpoint later with tools/export.py.")
+
+
+def describe_start(mode: str, ahead: _Held | None, paused: float) -> str:
+    """How a background export started, for its log line: what training paused for, and whether it
+    runs now or is queued behind ``ahead``."""
+    if mode == "gathered":
+        return f": gathered in {paused:.3f}s (training paused); writing in the background"
+    if ahead is not None:
+        return (f" queued: the export of iter {ahead.it} is still running; it starts when that one ends (training "
+                f"paused {paused:.3f}s for the capture)")
+    return f" started in the background; training paused {paused:.3f}s for it"
 
 
 def report_export(runner, out: Path, point: dict, manifest, how: str, keep_last: int | None) -> None:

@@ -93,27 +93,32 @@ class FingerprintHook(Hook):
 
     def _fingerprints(self, runner, it: int) -> FingerprintSet:
         """The trainable parameters' fingerprints now. With background exports on and whole
-        parameters, they are copied into the reused capture buffers (which the export of this
-        checkpoint then uses as they are) and hashed on a pool of threads, in this process alone;
-        the training thread waits only for that, because the record must be inside the checkpoint
-        that is saved next. Otherwise: the collective walk (ZeRO-3 and FSDP gather)."""
+        parameters, they are copied into a free set of the reused capture buffers (which the export
+        of this checkpoint then uses as they are) and hashed on a pool of threads, in this process
+        alone; the training thread waits only for that, because the record must be inside the
+        checkpoint that is saved next. Which set is free: under "queue", every rank agrees first
+        (``room``, collective) and never waits for an export unless one is already queued; under
+        "wait", the running export ends first. With no free set (the export will be skipped) the
+        live parameters are hashed instead. Otherwise: the collective walk (ZeRO-3 and FSDP gather)."""
         model = unwrapped_model(runner)
         bg = background_exports(runner)
         mode = checkpoint_export_mode(model)
         if not bg.enabled or mode == "gathered":
             return trained_fingerprints(model)  # collective
-        free = not (bg.busy and bg.when_busy == "skip") and \
-            bg.wait(runner, f"its buffers are needed for the capture at iteration {it}", bg.timeout_s)
-        if mode == "partitioned":  # every rank takes the same path: the fingerprints are collective
-            free = all(RankGroup.current().all_gather(free))
-        if not free:  # the buffers are in use (the export is skipped, or still running)
-            return trained_fingerprints(model, group=RankGroup(0, 1) if mode == "captured" else None)
-        bg.capture, bg.capture_iter = None, None
-        capture = bg.buffers.capture(model, stats=True)
-        trained = FingerprintSet.of(fingerprint_pieces(capture, bg.exchange) if mode == "partitioned"
-                                    else fingerprint_capture(capture))
-        bg.capture, bg.capture_iter = capture, it
-        return trained
+        alone = RankGroup(0, 1) if mode == "captured" else None  # partitioned: only all ranks together
+        if bg.when_busy == "queue":
+            free = not bg.room(runner, it)  # collective: some rank still has two exports in flight if not
+        else:
+            free = not (bg.busy and bg.when_busy == "skip") and \
+                bg.wait(runner, f"its buffers are needed for the capture at iteration {it}", bg.timeout_s)
+            if mode == "partitioned":  # every rank takes the same path: the fingerprints are collective
+                free = all(RankGroup.current().all_gather(free))
+        buffers = bg.free_buffers() if free else None
+        if buffers is None:  # the export will be skipped (or no set is free): hash the live parameters
+            return trained_fingerprints(model, group=alone)
+        capture = bg.capture_into(buffers, model, it)
+        return FingerprintSet.of(fingerprint_pieces(capture, bg.fp_exchange) if mode == "partitioned"
+                                 else fingerprint_capture(capture))
 
     def _record(self, runner, it: int, epoch: int) -> None:
         try:

@@ -22,10 +22,11 @@ from mmengine.registry import HOOKS
 
 from ..export import (DEFAULT_TIMEOUT_S, BadValueError, FrontFailedError, converter_for_run, on_every_rank,
                       reserve_staging, start_checkpoint_export)
-from .common import (CURRENT_TRAINED_KEY, allow_mmengine_checkpoint_globals, background_exports, build_callable_cfg,
-                     checkpoint_due, checkpoint_point, catch_up_after_resume, complete_snapshots,
-                     config_sha256, ensure_baseline, export_root, has_checkpoint_schedule, log_failed, log_skipped,
-                     process_state, remove_stale_staging, report_export, snapshot_keep_last, unwrapped_model)
+from .common import (CURRENT_TRAINED_KEY, WHEN_BUSY, allow_mmengine_checkpoint_globals, background_exports,
+                     build_callable_cfg, checkpoint_due, checkpoint_point, catch_up_after_resume, complete_snapshots,
+                     config_sha256, describe_start, ensure_baseline, export_root, has_checkpoint_schedule, log_failed,
+                     log_skipped, process_state, remove_stale_staging, report_export, snapshot_keep_last,
+                     unwrapped_model)
 
 
 @HOOKS.register_module()
@@ -55,9 +56,11 @@ class HFExportHook(Hook):
             FSDP (partitioned parameters) training also pauses for the gathers (only a collective
             gather, in the training thread, can read those parameters); the writing is in the background.
         when_busy: what a checkpoint does while the previous background export is still
-            running: ``"wait"`` for it (then export this one), or ``"skip"`` this export. Logged
-            either way. Training never waits longer than ``timeout_s``: past it this checkpoint's
-            export is skipped, saying which rank's export is still running.
+            running. ``"queue"`` (the default): capture now into a second buffer set and queue the
+            export behind the running one (training pauses only for the capture); with one already
+            queued, wait for the running one first. ``"wait"`` for it, then export this one
+            (ZeRO-3/FSDP: "queue" does this). ``"skip"`` this export. Logged every time. Training
+            never waits longer than ``timeout_s``: past it this export is skipped, naming the ranks.
         timeout_s: the longest a rank's background export waits for another rank at one step
             (a stuck or dead rank is named, the export abandoned on every rank, nothing
             published), and the longest training waits for an export in flight. Default 600 s.
@@ -67,15 +70,15 @@ class HFExportHook(Hook):
 
     def __init__(self, out_dir: str | None = None, interval: int | None = None, converter: Any = "auto",
                  dtype: Any = None, max_shard_size: int | str = "5GB", keep_last: int | None = None,
-                 tokenizer: Any = None, background: bool = True, when_busy: str = "wait",
+                 tokenizer: Any = None, background: bool = True, when_busy: str = "queue",
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         allow_mmengine_checkpoint_globals()  # so that mmengine can resume from our checkpoints
         if interval is not None and interval < 1:
             raise BadValueError(f"HFExportHook interval must be a positive number of iterations, got {interval}")
         if keep_last is not None and keep_last < 1:
             raise BadValueError(f"HFExportHook keep_last must be at least 1 (or None to keep all), got {keep_last}")
-        if when_busy not in ("wait", "skip"):
-            raise BadValueError(f"HFExportHook when_busy must be 'wait' or 'skip', got {when_busy!r}")
+        if when_busy not in WHEN_BUSY:
+            raise BadValueError(f"HFExportHook when_busy must be one of {', '.join(WHEN_BUSY)}, got {when_busy!r}")
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise BadValueError(f"HFExportHook timeout_s must be a positive number of seconds, got {timeout_s!r}")
         self.timeout_s, self.background, self.when_busy = float(timeout_s), background, when_busy
@@ -142,38 +145,35 @@ class HFExportHook(Hook):
     # -- the export ---------------------------------------------------------------------------
     def _export_at(self, runner, point: dict) -> None:
         """Every rank comes here at the same point and takes part (the export is collective). In the
-        background modes one agreement comes first, in the training thread: if any rank's previous
-        export still runs, every rank skips this one (so all enter the same collectives after it)."""
+        background modes one agreement comes first, in the training thread (``admit``), so that every
+        rank queues, waits or skips this export alike and all enter the same collectives after it."""
         if point["iter"] == self._last_exported_iter:
             return
         self._last_exported_iter = point["iter"]
         out, bg = export_root(runner, self.out_dir) / f"iter_{point['iter']}", background_exports(runner)
         try:
             if bg.enabled:
-                if self.when_busy == "wait":
-                    bg.wait(runner, f"one export at a time; iteration {point['iter']} is due", bg.timeout_s)
-                busy = bg.busy_ranks()  # collective: all skip, or none
+                busy = bg.admit(runner, point["iter"])  # collective: every rank queues, waits or skips alike
                 if busy:
-                    return log_skipped(runner, point["iter"], busy, bg.job, self.when_busy, self.timeout_s)
+                    return log_skipped(runner, point["iter"], busy, bg.running(), bg.when_busy, self.timeout_s)
             try:  # this rank's options; a failure is agreed on with the export's own preparation
                 options, failed = self._options(runner, point, out), None
             except Exception as e:  # noqa: BLE001 - every rank must learn of it (background modes)
                 options, failed = {}, e
+            if bg.enabled:
+                options.update(bg.start_options(runner, point["iter"]))
             converter = getattr(self, "_converter", None) or self._resolve_converter(runner)  # agreed: all or none
             handle = start_checkpoint_export(
                 unwrapped_model(runner), out, converter=converter, mode="auto" if bg.enabled else "sync",
-                group=bg.group, buffers=bg.buffers, exchange=bg.exchange,
-                capture=bg.take_capture(point["iter"]) if bg.enabled else None, failed=failed,
-                on_done=lambda h: self._done(runner, point, h),
+                failed=failed, on_done=lambda h: self._done(runner, point, h),
                 label=f"preparing the export of iteration {point['iter']}", **options)
             if not handle.background:
                 return report_export(runner, out, point, handle.manifest, f"in {handle.seconds:.2f}s (training waited)",
                                      self._keep)
-            bg.job = handle
+            ahead = bg.started(handle)  # the export this one is queued behind, if any
             paused = handle.run_front()  # gathered: the gathers, collective; else nothing left to do
-            how = (f": gathered in {paused:.3f}s (training paused); writing in the background" if handle.mode ==
-                   "gathered" else f" started in the background; training paused {paused:.3f}s for it")
-            runner.logger.info(f"[sa2va_hooks] export of iter {point['iter']} to {out}{how}")
+            runner.logger.info(f"[sa2va_hooks] export of iter {point['iter']} to {out}"
+                               f"{describe_start(handle.mode, ahead, paused)}")
         except Exception as e:  # noqa: BLE001 - an export must never stop training
             log_failed(runner, point["iter"], out, e)
 

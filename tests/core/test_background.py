@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 
 import pytest
 import torch
@@ -222,3 +223,46 @@ def test_a_writer_thread_that_died_never_blocks_the_gathers(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="no CUDA stream"):
         job.result()
     assert sorted(os.listdir(tmp_path)) == []  # its staging directory removed too
+
+
+def test_a_job_started_after_another_runs_once_that_one_ended_even_if_it_failed(tmp_path):
+    """``start(after=job)``: the queued export's thread waits for the running one (held by an
+    observer until the test releases it, a state, not a delay), then runs, although that one
+    failed. Its capture, in a second buffer set, is of its own moment: a step after it does not
+    reach the files."""
+    from sa2va_hooks.core.observer import ExportObserver
+
+    class Held(ExportObserver):
+        def __init__(self) -> None:
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def tensor_producing(self, entry) -> None:
+            self.entered.set()
+            assert self.release.wait(60), "the test never released the first export"
+            raise OSError(28, "No space left on device")
+
+    class Seen(ExportObserver):
+        def __init__(self) -> None:
+            self.names: list[str] = []
+
+        def tensor_producing(self, entry) -> None:
+            self.names.append(entry.name)
+
+    pm = _peft()
+    first_sets, second_sets = SnapshotBuffers(), SnapshotBuffers()
+    held, seen = Held(), Seen()
+    first = prepare_background_export(pm, tmp_path / "first", buffers=first_sets, observer=held).start()
+    assert held.entered.wait(60)
+    train_like(pm, seed=3)
+    reference = export_hf(pm, tmp_path / "reference")
+    second = prepare_background_export(pm, tmp_path / "second", buffers=second_sets, observer=seen)
+    second.start(after=first)
+    train_like(pm, seed=4)  # training goes on while both are in flight
+    assert second.running and seen.names == [], "the queued export ran while the first was still running"
+    held.release.set()
+    assert second.wait(60) and first.wait(0)
+    assert isinstance(first.error, OSError) and not (tmp_path / "first").exists()
+    manifest = second.result()
+    assert seen.names and second.queued_s > 0
+    assert manifest.root_digest == reference.root_digest
+    assert verify_snapshot(tmp_path / "second") == []

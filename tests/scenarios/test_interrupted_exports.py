@@ -130,7 +130,8 @@ def test_training_never_waits_longer_than_timeout_s_for_an_export(tiny_base, tmp
     ex.ExportTask._run = held_run
     try:
         runner = train_tiny(tmp_path, tiny_base, max_iters=3, save_interval=1,
-                            hooks=[dict(type="FingerprintHook"), dict(type="HFExportHook", timeout_s=0.5)])
+                            hooks=[dict(type="FingerprintHook"),
+                                   dict(type="HFExportHook", when_busy="wait", timeout_s=0.5)])
     finally:
         ex.ExportTask._run = real_run
         release.set()
