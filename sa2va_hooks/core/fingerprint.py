@@ -179,8 +179,11 @@ def digest_tensor_v1(name: str, host: torch.Tensor) -> str:
 
 def chunk_digest(data) -> bytes:
     """The 16-byte xxh3-128 digest (canonical, big-endian) of one chunk: any bytes-like object
-    (bytes, memoryview, a uint8 numpy array). v2 hashes each ``CHUNK_BYTES`` chunk with this."""
-    return xxhash.xxh3_128_digest(data)
+    (bytes, memoryview, a uint8 numpy array). v2 hashes each ``CHUNK_BYTES`` chunk with this.
+    Through the hasher object on purpose: its constructor and ``update`` release the GIL while
+    hashing, the one-shot ``xxhash.xxh3_128_digest`` does not (python-xxhash 3.x), and the chunks
+    of a tensor hash on several threads."""
+    return xxhash.xxh3_128(data).digest()
 
 
 def digest_from_chunks(name: str, dtype: "torch.dtype | str", shape: Sequence[int],

@@ -69,7 +69,7 @@ def _v2_reference(name: str, t: torch.Tensor, chunk: int) -> str:
     raw = _raw(t)
     h = xxhash.xxh3_128(_header(name, t))
     for i in range(0, len(raw), chunk):
-        h.update(xxhash.xxh3_128(raw[i:i + chunk]).digest())
+        h.update(xxhash.xxh3_128_digest(raw[i:i + chunk]))
     return h.hexdigest()
 
 
