@@ -147,3 +147,21 @@ def test_a_digest_algorithm_this_version_does_not_know_is_reported_not_compared(
     problems = verify_snapshot(snap)
     assert problems == [f"unverifiable tensor {name}: its digest algorithm 'blake3(name,dtype,shape,bytes);v9' is "
                         f"unknown to this sa2va_hooks (written by a newer one?); upgrade to check it"], problems
+
+
+def test_cli_fingerprint_of_a_v1_snapshot_is_consistent_and_a_v1_previous_snapshot_is_never_linked(
+        snapshot_factory, tmp_path, capsys):
+    from sa2va_hooks.cli import main
+    from sa2va_hooks.core.manifest import ExportManifest
+    from sa2va_hooks.core.publish import _Previous
+    snap = snapshot_factory(tmp_path)
+    v2_entries = dict(ExportManifest.load(snap).tensors)
+    _as_v1_snapshot(snap)
+    assert main(["fingerprint", str(snap)]) == 0
+    assert "consistent: True" in capsys.readouterr().out
+    previous = _Previous(snap, ExportManifest.load(snap))
+    fname = sorted({e["file"] for e in v2_entries.values()})[0]
+    slots = [type("Slot", (), {"name": n})() for n, e in v2_entries.items() if e["file"] == fname]
+    # even equal digest strings are not linked when the previous record names another algorithm: write instead
+    previous.tensors = {n: {**e, "algorithm": V1} for n, e in v2_entries.items()}
+    assert previous.same_shard(fname, slots, {n: e["digest"] for n, e in v2_entries.items()}) is False
