@@ -1,5 +1,5 @@
 """Benchmark: tensor digest v1 (one serial xxh3 stream) against v2 (xxh3 of 16 MiB chunks, hashed on
-a pool of threads), on one host tensor, as the checkpoint's fingerprinting pays it (decision 58).
+a pool of threads), on one host tensor, as the checkpoint's fingerprinting pays it (decision 59).
 
 For threads = 1..MAX_THREADS (default min(8, cpu_count)) it prints one JSON line: the best of REPEAT
 timings of v1 and of v2 on a pool of that many threads, the throughput, and the speed-up v1/v2.

@@ -10,7 +10,7 @@ tensor never collides with the original. The algorithm string records every
 setting that changes the output, so two fingerprints are only ever compared when
 they were made the same way.
 
-Two digest versions exist; new code writes only v2 (decision 58):
+Two digest versions exist; new code writes only v2 (decision 59):
 
 - v1, ``xxh3_128(name,dtype,shape,bytes)``: one serial xxh3 stream per tensor. A 1.1 GB
   embedding hashes on one core however many there are, while training waits.

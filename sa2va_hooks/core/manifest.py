@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from .errors import BadInputError, MissingFileError, NotRegularFileError  # noqa: F401 - NotRegularFileError re-exported
 from .vocab import DIGEST_V1, MANIFEST_FILE, STORABLE_DTYPES  # noqa: F401 - re-exported
 
-# v2: tensor digests are v2 (chunked, decision 58) and the top-level ``digest_algorithm`` says so. A
+# v2: tensor digests are v2 (chunked, decision 59) and the top-level ``digest_algorithm`` says so. A
 # v1 manifest (v1 digests, no such field) is still read and verified; each tensor entry's own
 # ``algorithm`` decides how its digest is recomputed.
 MANIFEST_FORMAT = "sa2va_hooks.export_manifest/v2"

@@ -8,7 +8,7 @@ the code alone. The manifest is compared without the fields that record versions
 (``provenance.versions``, ``provenance.created``, ``provenance.training_paused_s``), and the golden
 files are per stack because ``config.json`` records the transformers version.
 
-Digest v2 (decision 58) changed the digests the manifest holds, not the data: the pins stay the v1
+Digest v2 (decision 59) changed the digests the manifest holds, not the data: the pins stay the v1
 ones, and each fresh export is checked in two steps, with digests written here with xxhash directly
 (not sa2va_hooks' functions): every v2 digest in the manifest (tensors from the files, trained
 tensors from the model) and both roots equal the independent v2 recomputation; then the manifest's
