@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .core.fingerprint import FingerprintSet, compare_fingerprints, digest_tensor, fingerprint_state, root_digest
+from .core.fingerprint import (DIGEST_ALGORITHM, FingerprintSet, compare_fingerprints, digest_tensor_as,
+                               fingerprint_state, root_digest)
+from .core.vocab import DIGEST_V1
 from .core.errors import exit_code
 from .core.manifest import ExportManifest
 from .core.verify import verify_snapshot
@@ -125,8 +127,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _fingerprint_dir(path: Path) -> dict:
+    """Digests of a directory's tensors: made as its manifest's entries were (v1 or v2), so the root
+    compares with the recorded one; the current algorithm for a tensor no manifest names."""
     d = TensorDir(path)
-    digests = {n: digest_tensor(n, d.get(n)) for n in sorted(d.names())}
+    entries = d.manifest["tensors"] if d.manifest else {}
+    algorithms = {n: entries[n].get("algorithm", DIGEST_V1) if n in entries else DIGEST_ALGORITHM for n in d.names()}
+    digests = {n: digest_tensor_as(algorithms[n], n, d.get(n)) for n in sorted(d.names())}
     out = {"kind": "snapshot", "path": str(path), "tensors": len(digests), "root": root_digest(digests)}
     if d.manifest:
         out["manifest_root"] = d.manifest["root_digest"]
@@ -139,15 +145,19 @@ def _fingerprint_dir(path: Path) -> dict:
 def _fingerprint_checkpoint(path: Path, allow_pickle: bool) -> dict:
     from .offline.checkpoint_io import extract_state_dict, load_checkpoint, recorded_fingerprints
     ckpt = load_checkpoint(path, allow_pickle=allow_pickle)
-    saved = FingerprintSet.of(fingerprint_state(extract_state_dict(ckpt, path).items()))
+    rec = recorded_fingerprints(ckpt, path)
+    state = extract_state_dict(ckpt, path)
+    saved = FingerprintSet.of(fingerprint_state(state.items()))
     out = {"kind": "checkpoint", "path": str(path), "tensors": len(saved.tensors), "bytes": saved.nbytes,
            "root": saved.root}
-    rec = recorded_fingerprints(ckpt, path)
     if rec.trained is not None:
         out.update(recorded_root=rec.trained.root, recorded_source=rec.source, frozen_root=rec.frozen_root)
         if set(rec.trained.tensors) <= set(saved.tensors):  # a full state dict (FSDP 'full') holds frozen ones too
-            out["consistent"] = not compare_fingerprints(
-                rec.trained.tensors, {k: saved.tensors[k] for k in rec.trained.tensors})
+            # a record of another digest version (v1: written before digest v2) is recomputed in its version
+            older = {k: fp.algorithm for k, fp in rec.trained.tensors.items() if fp.algorithm != DIGEST_ALGORITHM}
+            again = {k: saved.tensors[k] for k in rec.trained.tensors} | fingerprint_state(
+                ((k, state[k]) for k in older), algorithms=older)
+            out["consistent"] = not compare_fingerprints(rec.trained.tensors, again)
         else:
             out["note"] = ("the checkpoint saves tensors under other names than training used (e.g. PEFT-style "
                            "without the adapter name); use tools/export.py or verify --checkpoint to check them")

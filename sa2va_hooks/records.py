@@ -7,6 +7,8 @@ from .core.errors import BadTypeError
 
 BASELINE_KEY = "sa2va_hooks/baseline"  # trainable fingerprints before training (resumed with the run)
 FROZEN_ROOT_KEY = "sa2va_hooks/frozen_root"  # root digest of the frozen parameters at the first start
+# the tensor digest algorithm that root was made with; absent (a run started before digest v2): v1
+FROZEN_ROOT_ALGORITHM_KEY = "sa2va_hooks/frozen_root_algorithm"
 META_KEY = "sa2va_hooks"  # key inside checkpoint["meta"] (classic Runner, which calls before_save_checkpoint)
 # the record of the checkpoint being saved: message_hub runtime info is saved into every checkpoint
 # by every runner and strategy (DeepSpeed included), so this is where the fingerprints travel

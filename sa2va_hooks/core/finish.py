@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from .errors import MismatchError
-from .fingerprint import FingerprintSet, root_digest
+from .fingerprint import DIGEST_ALGORITHM, FingerprintSet, root_digest
 from .loadcheck import check_snapshot_loads
 from .manifest import MANIFEST_FILE, ExportManifest, TrainingEffect, package_versions, sha256_file
 from .plan import ConverterProtocol, ExportPlan, SnapshotContext
@@ -70,7 +70,7 @@ def describe_snapshot(staging: Path, parts: list, ep: ExportPlan, *, model: nn.M
         provenance={**provenance, "versions": package_versions(), "load_check": load_check,
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         tied=ep.tied, dropped=ep.dropped, renamed=ep.renamed, notes=notes, readback_verified=readback,
-        storage=storage)
+        storage=storage, digest_algorithm=DIGEST_ALGORITHM)
     write_json(staging / MANIFEST_FILE, manifest.to_json())
     _verify_staged(staging, out_dir)
     return manifest

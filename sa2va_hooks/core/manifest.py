@@ -17,9 +17,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 from .errors import BadInputError, MissingFileError, NotRegularFileError  # noqa: F401 - NotRegularFileError re-exported
-from .vocab import MANIFEST_FILE, STORABLE_DTYPES  # noqa: F401 - re-exported
+from .vocab import DIGEST_V1, MANIFEST_FILE, STORABLE_DTYPES  # noqa: F401 - re-exported
 
-MANIFEST_FORMAT = "sa2va_hooks.export_manifest/v1"
+# v2: tensor digests are v2 (chunked, decision 59) and the top-level ``digest_algorithm`` says so. A
+# v1 manifest (v1 digests, no such field) is still read and verified; each tensor entry's own
+# ``algorithm`` decides how its digest is recomputed.
+MANIFEST_FORMAT = "sa2va_hooks.export_manifest/v2"
+READABLE_FORMATS = ("sa2va_hooks.export_manifest/v1", MANIFEST_FORMAT)
 _VERSIONED = ("sa2va_hooks", "torch", "transformers", "peft", "safetensors", "mmengine", "xtuner", "deepspeed")
 
 
@@ -164,7 +168,8 @@ def _size_ok(v: object) -> bool:
 _TOP = {"format": (str, True), "converter": (str, True), "dtype": (str, True), "tensors": (dict, True),
         "root_digest": (str, True), "files": (dict, True), "trained": (dict, True), "training_effect": (dict, True),
         "provenance": (dict, False), "tied": (dict, False), "dropped": (dict, False), "renamed": (dict, False),
-        "notes": (list, False), "readback_verified": (bool, False), "storage": (dict, False)}
+        "notes": (list, False), "readback_verified": (bool, False), "storage": (dict, False),
+        "digest_algorithm": (str, False)}
 _TENSOR = {"file": _is_rel_file, "digest": _is_hex, "dtype": lambda v: isinstance(v, str) and v in STORABLE_DTYPES,
            "shape": _shape_ok}
 _FILE = {"size": _size_ok}
@@ -182,8 +187,9 @@ def manifest_problems(d: object) -> list[str]:
                 out.append(f"{key}: missing")
         elif not isinstance(d[key], typ):
             out.append(f"{key}: expected {typ.__name__}, got {type(d[key]).__name__}")
-    if "format" in d and d["format"] != MANIFEST_FORMAT:
-        out.append(f"format: {d['format']!r} is not {MANIFEST_FORMAT!r} (written by another version?)")
+    if "format" in d and d["format"] not in READABLE_FORMATS:
+        out.append(f"format: {d['format']!r} is not one of {', '.join(map(repr, READABLE_FORMATS))} "
+                   "(written by a newer version?)")
     if isinstance(d.get("root_digest"), str) and not _is_hex(d["root_digest"]):
         out.append(f"root_digest: {d['root_digest']!r} is not a hex digest")
     out += _entry_problems(d.get("tensors"), "tensors", _TENSOR, {})
@@ -234,6 +240,8 @@ class ExportManifest:
     readback_verified: bool = False
     # bytes this export wrote, and bytes it hard-linked from the previous snapshot (file -> source)
     storage: dict = dataclasses.field(default_factory=dict)
+    # the digest algorithm of the tensors (each entry names its own too); a v1 manifest has none: v1
+    digest_algorithm: str = DIGEST_V1
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> dict:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .dist import RankGroup, agree, describe
 from .entry import ProducedTensor, TensorEntry
-from .fingerprint import Fingerprint, FingerprintSet, fingerprint_tensor, tensor_stats
+from .fingerprint import DIGEST_ALGORITHM, Fingerprint, FingerprintSet, fingerprint_tensor, tensor_stats
 from .host import HostStager
 from .latch import _Latch
 from .merge import NonFiniteError, non_finite_names
@@ -168,18 +168,23 @@ def _put(queue: _ByteQueue, entry: TensorEntry, stager: HostStager, observer: Ex
 
 
 # -- whole parameters, for the fingerprints ------------------------------------------------------
-def fingerprint_whole(model: nn.Module, keep, group: RankGroup | None = None) -> dict[str, Fingerprint]:
+def fingerprint_whole(model: nn.Module, keep, group: RankGroup | None = None, *,
+                      algorithms: Mapping[str, str] | None = None,
+                      algorithm: str = DIGEST_ALGORITHM) -> dict[str, Fingerprint]:
     """Fingerprints of the parameters ``keep`` accepts, each read whole (gathered one module at a
     time under ZeRO-3). Collective: every rank walks the same modules; rank r hashes every
     ``world``-th tensor and the results are exchanged, so the work is split and the answer is the
-    same on every rank and for every world size. An empty or partial tensor is an error."""
+    same on every rank and for every world size. An empty or partial tensor is an error.
+    ``algorithm`` (or ``algorithms``, per name) is another digest version only to compare with a
+    record made in it."""
+    algorithms = algorithms or {}
     group = group or RankGroup.current()
     stager = HostStager()
     mine: dict[str, dict] = {}
     latch = _Latch()
     for i, (name, p) in enumerate(iter_whole_parameters(model, keep)):
         if not latch.failed and i % group.world == group.rank:
-            fp = latch.call(_fingerprint_one, name, p, stager)
+            fp = latch.call(_fingerprint_one, name, p, stager, algorithms.get(name, algorithm))
             if fp is not None:
                 mine[name] = fp
     stager.close()
@@ -187,7 +192,7 @@ def fingerprint_whole(model: nn.Module, keep, group: RankGroup | None = None) ->
     return {n: Fingerprint.from_json(fp) for part in group.all_gather(mine) for n, fp in part.items()}
 
 
-def _fingerprint_one(name: str, p: torch.Tensor, stager: HostStager) -> dict:
+def _fingerprint_one(name: str, p: torch.Tensor, stager: HostStager, algorithm: str) -> dict:
     check_full(name, p)
     t = live(p).detach()
     host = stager.to_host(t)
@@ -195,17 +200,21 @@ def _fingerprint_one(name: str, p: torch.Tensor, stager: HostStager) -> dict:
         # hashing goes through numpy, which pins the storage (not resizable); the engine must
         # free a gathered CPU parameter's storage when the gather ends, so hash a copy
         host = host.clone()
-    return fingerprint_tensor(name, t, host=host).to_json()
+    return fingerprint_tensor(name, t, host=host, algorithm=algorithm).to_json()
 
 
-def trained_fingerprints(model: nn.Module, group: RankGroup | None = None) -> FingerprintSet:
-    """Fingerprints of every trainable parameter under its training-time (checkpoint) name."""
-    return FingerprintSet.of(fingerprint_whole(model, lambda p: p.requires_grad, group))
+def trained_fingerprints(model: nn.Module, group: RankGroup | None = None, *,
+                         algorithms: Mapping[str, str] | None = None) -> FingerprintSet:
+    """Fingerprints of every trainable parameter under its training-time (checkpoint) name;
+    ``algorithms`` (name -> digest algorithm) recomputes them as a stored record made them."""
+    return FingerprintSet.of(fingerprint_whole(model, lambda p: p.requires_grad, group, algorithms=algorithms))
 
 
-def frozen_root(model: nn.Module, group: RankGroup | None = None) -> str:
-    """One digest over every frozen parameter: catches a changed base model or pretrained_pth."""
-    return FingerprintSet.of(fingerprint_whole(model, lambda p: not p.requires_grad, group)).root
+def frozen_root(model: nn.Module, group: RankGroup | None = None, *, algorithm: str = DIGEST_ALGORITHM) -> str:
+    """One digest over every frozen parameter: catches a changed base model or pretrained_pth.
+    ``algorithm``: the tensor digests' version, to compare with a root recorded in an older one."""
+    return FingerprintSet.of(fingerprint_whole(model, lambda p: not p.requires_grad, group,
+                                               algorithm=algorithm)).root
 
 
 # -- partitioned parameters, assembled in the export's thread -------------------------------------

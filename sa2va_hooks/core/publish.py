@@ -23,6 +23,7 @@ from typing import Iterator, Mapping, Sequence
 from .dist import RankFailedError, RankFailure, RankGroup, agree, describe
 from .entry import TensorEntry
 from .errors import OutputExistsError
+from .fingerprint import DIGEST_ALGORITHM, DIGEST_V1
 from .manifest import MANIFEST_FILE, ExportManifest, is_regular_file
 from .shards import ShardPlan, safetensors_header
 from .writer import check_free_space, exchange, fsync_path
@@ -109,7 +110,8 @@ def staging_dir_for(out_dir: Path) -> Path:
 class _Previous:
     """The previous complete snapshot of this run: its manifest says which tensors each shard
     holds, with their digests; a shard is reused only when names, order, dtypes, shapes (the
-    header, byte for byte) and every digest are equal."""
+    header, byte for byte) and every digest are equal, made with the current digest algorithm (a
+    snapshot of an older digest version is never linked from: its shards are written afresh)."""
 
     def __init__(self, path: Path, manifest: ExportManifest) -> None:
         self.path, self.tensors = path, manifest.tensors
@@ -128,7 +130,8 @@ class _Previous:
         names = {n for n, t in self.tensors.items() if isinstance(t, dict) and t.get("file") == fname}
         if names != {s.name for s in slots} or not is_regular_file(prev):  # a symlink or FIFO: never opened
             return False
-        if any(self.tensors[s.name].get("digest") != digests[s.name] for s in slots):
+        if any(self.tensors[s.name].get("algorithm", DIGEST_V1) != DIGEST_ALGORITHM or
+               self.tensors[s.name].get("digest") != digests[s.name] for s in slots):
             return False
         header = safetensors_header(slots)
         with open(prev, "rb") as f:

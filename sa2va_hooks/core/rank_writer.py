@@ -198,7 +198,8 @@ def _count_effect(effect: TrainingEffect, produced: ProducedTensor, trained: Fin
     differs = produced.differs_from_base
     if role == ROLE_TRAINABLE and baseline is not None:
         src = produced.entry.sources[0]
-        if src in baseline and src in trained.tensors:
+        if src in baseline and src in trained.tensors and baseline[src].algorithm == trained.tensors[src].algorithm:
+            # a baseline of another digest version (a run resumed across v1 -> v2) cannot say; merge's answer stands
             differs = baseline[src].digest != trained.tensors[src].digest
     if role == ROLE_LORA and produced.delta_rel_norm is not None:
         effect.lora_rel_delta[name] = produced.delta_rel_norm

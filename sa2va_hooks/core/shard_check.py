@@ -17,7 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import BadValueError
-from .fingerprint import Fingerprint, compare_fingerprints, digest_tensor
+from .fingerprint import (DIGEST_ALGORITHM, DIGEST_V1, Fingerprint, compare_fingerprints, digest_tensor_as,
+                          is_known_algorithm)
 from .manifest import ExportManifest, NotRegularFileError, file_kind, is_regular_file, open_regular
 from .workers import Workers
 from .shards import _ST_DTYPES
@@ -57,23 +58,29 @@ def header_sha256(path: Path) -> str:
     return hashlib.sha256(read_safetensors_header(path)[0]).hexdigest()
 
 
-def hash_safetensors_file(path: Path, workers: int | None = None) -> dict[str, str]:
+def hash_safetensors_file(path: Path, workers: int | None = None,
+                          algorithms: Mapping[str, str] | None = None) -> dict[str, str]:
     """Digest of every tensor in one file, read back from disk through the safetensors library
     (which proves the format, not only the bytes). The digest covers name, dtype, shape and
     bytes, so the fp64 statistics are not recomputed here. The tensors are split between a few
     threads, each with its own handle: reading and xxhash both release the GIL, so a large shard
     is read back at disk speed rather than at one core's hashing speed. A path that is not a regular
-    file (a symlink, a FIFO) raises :class:`NotRegularFileError` and is never opened."""
+    file (a symlink, a FIFO) raises :class:`NotRegularFileError` and is never opened.
+
+    ``algorithms`` (name -> algorithm) hashes a tensor as its stored record names, so a v1 manifest is
+    checked in v1; any other tensor is hashed with the current algorithm."""
     if not is_regular_file(path):
         raise NotRegularFileError(path, file_kind(os.lstat(path).st_mode))
     with safe_open(str(path), framework="pt") as f:
         names = list(f.keys())
+    algorithms = algorithms or {}
     workers = max(1, min(workers or min(4, os.cpu_count() or 1), len(names)))
     parts = [names[i::workers] for i in range(workers)]
 
     def hash_part(part: list[str]) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
-            return {name: digest_tensor(name, f.get_tensor(name)) for name in part}
+            return {name: digest_tensor_as(algorithms.get(name, DIGEST_ALGORITHM), name, f.get_tensor(name))
+                    for name in part}
 
     if workers == 1:
         return hash_part(names)
@@ -121,16 +128,22 @@ def tensor_header_problems(fname: str, header: dict, manifest: ExportManifest, d
 def check_shard_data(root: Path, tensors: Mapping[str, Mapping], files: list[str]) -> tuple[list[str], dict[str, str]]:
     """Read ``files`` back through safetensors and compare every tensor with its manifest entry
     (``tensors``: name -> entry with file, dtype, shape, digest). Returns (problems, digests read).
-    ``verify`` runs it on every shard; an export runs it on each rank's own shards, before publishing."""
+    ``verify`` runs it on every shard; an export runs it on each rank's own shards, before publishing.
+    Each tensor is recomputed with the digest algorithm its entry names (v1 when it names none); one
+    this version does not know is reported, never compared."""
     expected = {name: Fingerprint.from_json({**t, "name": name}) for name, t in tensors.items() if t["file"] in files}
+    problems = [f"unverifiable tensor {name}: its digest algorithm {fp.algorithm!r} is unknown to this "
+                f"sa2va_hooks (written by a newer one?); upgrade to check it" for name, fp in sorted(expected.items())
+                if not is_known_algorithm(fp.algorithm)]
+    algorithms = {name: fp.algorithm if is_known_algorithm(fp.algorithm) else DIGEST_V1
+                  for name, fp in expected.items()}
     got: dict[str, str] = {}
-    problems = []
     for fname in files:
         path = root / fname
         if not is_regular_file(path):
             continue  # already reported as a missing file, a symlink or not a regular file
         try:
-            file_fps = hash_safetensors_file(path)
+            file_fps = hash_safetensors_file(path, algorithms=algorithms)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             problems.append(f"unreadable shard {fname}: {e}")
             continue
@@ -142,7 +155,10 @@ def check_shard_data(root: Path, tensors: Mapping[str, Mapping], files: list[str
             got[name] = fp
     unread = {n for n in expected if not is_regular_file(root / tensors[n]["file"]) or
               any(p.startswith(f"unreadable shard {tensors[n]['file']}") for p in problems)}
-    problems += [_with_file(str(m), tensors.get(m.name)) for m in compare_fingerprints(expected, got)
+    unknown = {n for n, fp in expected.items() if not is_known_algorithm(fp.algorithm)}
+    problems += [_with_file(str(m), tensors.get(m.name))
+                 for m in compare_fingerprints({n: fp for n, fp in expected.items() if n not in unknown},
+                                               {n: d for n, d in got.items() if n not in unknown})
                  if not (m.kind == "missing" and m.name in unread)]
     return problems, got
 

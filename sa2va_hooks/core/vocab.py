@@ -12,6 +12,11 @@ SINGLE_FILE = "model.safetensors"  # a snapshot of one shard (transformers' name
 INDEX_FILE = "model.safetensors.index.json"  # a sharded snapshot's weight map (transformers' name)
 SIDECAR_SUFFIX = ".fingerprints.json"  # FingerprintHook's record beside a checkpoint: <checkpoint><suffix>
 
+# -- digests ---------------------------------------------------------------------------------------
+# the first tensor digest version: what a record that names no algorithm was made with (the current
+# version and its chunk size live in core/fingerprint.py)
+DIGEST_V1 = "xxh3_128(name,dtype,shape,bytes);v1"
+
 # -- safetensors ---------------------------------------------------------------------------------
 SHARD_METADATA = MappingProxyType({"format": "pt"})  # what transformers writes and expects in a header
 # torch's dtype names (``str(dtype)`` without "torch.") -> safetensors' dtype codes (the format's spec):

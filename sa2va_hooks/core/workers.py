@@ -40,6 +40,11 @@ class Workers:
             raise first
         return [f.result() for f in futures]
 
+    def owns_current_thread(self) -> bool:
+        """Whether the caller is one of these threads: work it submits here and waits for could
+        wait for itself (every thread busy waiting), so it runs such work inline instead."""
+        return threading.current_thread() in self._threads
+
     def shutdown(self) -> None:
         """Stop the threads once the work queued so far is done (does not wait)."""
         for _ in self._threads:

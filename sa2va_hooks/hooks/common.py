@@ -23,8 +23,10 @@ from ..core.vocab import SIDECAR_SUFFIX  # noqa: F401 - re-exported
 from ..core.checkpoint_export import ExportHandle
 from ..export import (MANIFEST_FILE, Capture, Fingerprint, PieceExchange, SnapshotBuffers, checkpoint_export_mode,
                       clean_leftovers, frozen_root, remove_snapshot, trained_fingerprints)
-from ..records import (BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY,  # noqa: F401 - re-exported
-                       build_callable_cfg)
+from ..core.fingerprint import DIGEST_ALGORITHM
+from ..core.vocab import DIGEST_V1
+from ..records import (BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_ALGORITHM_KEY,  # noqa: F401 - re-exported
+                       FROZEN_ROOT_KEY, META_KEY, build_callable_cfg)
 
 # trained fingerprints FingerprintHook computed at this iteration's checkpoint, handed to
 # HFExportHook so the same tensors are not hashed twice; process-local (process_state)
@@ -129,7 +131,9 @@ def ensure_baseline(runner) -> tuple[dict[str, Fingerprint], str, str | None]:
     were before training and the root digest of the frozen ones. Collective under ZeRO-3: every
     rank calls it from ``before_train``.
 
-    Returns (baseline, frozen root now, frozen root recorded at the first start or None).
+    Returns (baseline, frozen root now, frozen root recorded at the first start or None). When the
+    recorded root was made with an older digest algorithm (a run started before digest v2, resumed),
+    "now" is recomputed in that algorithm too, so the two are comparable.
     """
     model = unwrapped_model(runner)
     hub = runner.message_hub
@@ -140,6 +144,12 @@ def ensure_baseline(runner) -> tuple[dict[str, Fingerprint], str, str | None]:
     recorded_frozen = hub.get_info(FROZEN_ROOT_KEY)
     if recorded_frozen is None:
         hub.update_info(FROZEN_ROOT_KEY, frozen_now)
+        hub.update_info(FROZEN_ROOT_ALGORITHM_KEY, DIGEST_ALGORITHM)
+    else:
+        if hub.get_info(FROZEN_ROOT_ALGORITHM_KEY) is None:  # recorded before digest v2 named it
+            hub.update_info(FROZEN_ROOT_ALGORITHM_KEY, DIGEST_V1)
+        if hub.get_info(FROZEN_ROOT_ALGORITHM_KEY) != DIGEST_ALGORITHM:
+            frozen_now = frozen_root(model, algorithm=hub.get_info(FROZEN_ROOT_ALGORITHM_KEY))
     stored = hub.get_info(BASELINE_KEY)
     if stored is None:
         baseline = trained_fingerprints(model).tensors

@@ -28,7 +28,7 @@ from mmengine.registry import HOOKS
 
 from ..export import (FingerprintSet, RankGroup, checkpoint_export_mode, fingerprint_capture, fingerprint_pieces,
                       trained_fingerprints)
-from .common import (CHECKPOINT_RECORD_KEY, CURRENT_TRAINED_KEY, META_KEY, SIDECAR_SUFFIX,
+from .common import (CHECKPOINT_RECORD_KEY, FROZEN_ROOT_ALGORITHM_KEY, CURRENT_TRAINED_KEY, META_KEY, SIDECAR_SUFFIX,
                      allow_mmengine_checkpoint_globals, background_exports, checkpoint_due, checkpoint_hook,
                      checkpoint_point, ensure_baseline, max_keep_ckpts, process_state, unwrapped_model)
 
@@ -43,10 +43,12 @@ class FingerprintHook(Hook):
         self._pending: dict | None = None  # record waiting for its checkpoint path (sidecar)
         self._last: FingerprintSet | None = None
         self._frozen_root: str | None = None
+        self._frozen_root_algorithm: str | None = None
 
     def before_train(self, runner) -> None:
         baseline, frozen_now, recorded = ensure_baseline(runner)
         self._frozen_root = frozen_now
+        self._frozen_root_algorithm = runner.message_hub.get_info(FROZEN_ROOT_ALGORITHM_KEY)  # ensure_baseline set it
         if recorded is not None and recorded != frozen_now:
             runner.logger.error(
                 f"[sa2va_hooks] the frozen parameters changed since this run started: root digest {frozen_now}, "
@@ -89,7 +91,8 @@ class FingerprintHook(Hook):
 
     # -- the record ------------------------------------------------------------------------------
     def _make_record(self, trained: FingerprintSet, it: int | None, epoch: int | None) -> dict:
-        return {"trained": trained.to_json(), "frozen_root": self._frozen_root, "iter": it, "epoch": epoch}
+        return {"trained": trained.to_json(), "frozen_root": self._frozen_root,
+                "frozen_root_algorithm": self._frozen_root_algorithm, "iter": it, "epoch": epoch}
 
     def _fingerprints(self, runner, it: int) -> FingerprintSet:
         """The trainable parameters' fingerprints now. With background exports on and whole

@@ -21,11 +21,11 @@ import torch
 
 from ..compat import allow_mmengine_checkpoint_globals, unsafe_globals_in_checkpoint
 from ..core.fingerprint import Fingerprint, FingerprintSet
-from ..records import BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_KEY, META_KEY
+from ..records import BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_ALGORITHM_KEY, FROZEN_ROOT_KEY, META_KEY
 from .zero_checkpoint import (NotRegularFileError, UnsafeCheckpointError, ZeroCheckpointError,  # noqa: F401
                               consolidate, regular_file, resolve_tag_dir)
 from ..core.errors import BadInputError, BadValueError, MissingFileError
-from ..core.vocab import SIDECAR_SUFFIX
+from ..core.vocab import DIGEST_V1, SIDECAR_SUFFIX
 
 
 def load_checkpoint(path: str | Path, *, allow_pickle: bool = False,
@@ -181,6 +181,7 @@ class Recorded:
     source: str  # "checkpoint meta" | "sidecar FILE" | "none"
     iteration: int | None = None
     epoch: int | None = None
+    frozen_root_algorithm: str = DIGEST_V1  # the tensor digests' version under frozen_root (v1 when unnamed)
 
 
 def recorded_fingerprints(ckpt: Mapping[str, Any], path: str | Path) -> Recorded:
@@ -198,10 +199,16 @@ def recorded_fingerprints(ckpt: Mapping[str, Any], path: str | Path) -> Recorded
         record, source = read_sidecar(sidecar), f"sidecar {sidecar}"
     baseline = info.get(BASELINE_KEY)
     baseline = {k: Fingerprint.from_json(v) for k, v in baseline.items()} if baseline else None
+    hub_algorithm = info.get(FROZEN_ROOT_ALGORITHM_KEY) or DIGEST_V1
     if record is None:
-        return Recorded(None, info.get(FROZEN_ROOT_KEY), baseline, "none", meta.get("iter"), meta.get("epoch"))
-    return Recorded(FingerprintSet.from_json(record["trained"]), record.get("frozen_root") or info.get(FROZEN_ROOT_KEY),
-                    baseline, source, record.get("iter", meta.get("iter")), record.get("epoch", meta.get("epoch")))
+        return Recorded(None, info.get(FROZEN_ROOT_KEY), baseline, "none", meta.get("iter"), meta.get("epoch"),
+                        hub_algorithm)
+    if record.get("frozen_root"):
+        frozen, algorithm = record["frozen_root"], record.get("frozen_root_algorithm") or DIGEST_V1
+    else:
+        frozen, algorithm = info.get(FROZEN_ROOT_KEY), hub_algorithm
+    return Recorded(FingerprintSet.from_json(record["trained"]), frozen, baseline, source,
+                    record.get("iter", meta.get("iter")), record.get("epoch", meta.get("epoch")), algorithm)
 
 
 class SidecarFormatError(BadInputError, ValueError):

@@ -121,9 +121,10 @@ def _check_recorded(model: nn.Module, recorded, lines: list[str]) -> dict:
         lines.append("WARNING: the checkpoint has no recorded fingerprints (trained before sa2va_hooks?); the export "
                      "is exported as loaded but cannot be proven equal to what training had in memory")
         return {"checked": False, "reason": "no fingerprints recorded"}
-    now = trained_fingerprints(model)
+    # recomputed with the digest algorithms the record names: a checkpoint of an older version still checks
+    now = trained_fingerprints(model, algorithms={n: fp.algorithm for n, fp in recorded.trained.tensors.items()})
     problems = [str(p) for p in compare_fingerprints(recorded.trained.tensors, now.tensors)]
-    frozen_now = frozen_root(model)
+    frozen_now = frozen_root(model, algorithm=recorded.frozen_root_algorithm)
     if recorded.frozen_root and recorded.frozen_root != frozen_now:
         problems.append(f"mismatch frozen root digest: expected {recorded.frozen_root} (recorded at before_train), "
                         f"got {frozen_now}: the base model directory, pretrained_pth or seed differs from training")

@@ -35,7 +35,7 @@ VALID = {
     "training_effect": {},
 }
 DEFAULTS = {"provenance": {}, "tied": {}, "dropped": {}, "renamed": {}, "notes": [], "readback_verified": False,
-            "storage": {}}
+            "storage": {}, "digest_algorithm": "xxh3_128(name,dtype,shape,bytes);v1"}  # naming none: v1
 
 
 def valid() -> dict:
@@ -207,3 +207,12 @@ def test_load_never_follows_a_manifest_symlink_or_reads_a_directory(tmp_path):
     (snap / MANIFEST_FILE).mkdir()
     with pytest.raises(ManifestError, match="a directory"):
         ExportManifest.load(snap)
+
+
+def test_a_v1_manifest_is_still_read_and_says_its_digests_are_v1():
+    d = {**valid(), "format": "sa2va_hooks.export_manifest/v1"}
+    assert manifest_problems(d) == []
+    assert ExportManifest.from_json(d).digest_algorithm == "xxh3_128(name,dtype,shape,bytes);v1"
+    assert MANIFEST_FORMAT == "sa2va_hooks.export_manifest/v2"
+    with pytest.raises(ManifestError, match="format: 'sa2va_hooks.export_manifest/v3' is not one of"):
+        ExportManifest.from_json({**valid(), "format": "sa2va_hooks.export_manifest/v3"})

@@ -8,6 +8,13 @@ the code alone. The manifest is compared without the fields that record versions
 (``provenance.versions``, ``provenance.created``, ``provenance.training_paused_s``), and the golden
 files are per stack because ``config.json`` records the transformers version.
 
+Digest v2 (decision 59) changed the digests the manifest holds, not the data: the pins stay the v1
+ones, and each fresh export is checked in two steps, with digests written here with xxhash directly
+(not sa2va_hooks' functions): every v2 digest in the manifest (tensors from the files, trained
+tensors from the model) and both roots equal the independent v2 recomputation; then the manifest's
+"v1 view" (those digests replaced by independently recomputed v1 ones, format v1) must be byte for
+byte the pinned v1 manifest, and the v1 root over the files the pinned root digest.
+
 To re-pin after an intended change of the written bytes (say why in the commit):
 ``SA2VA_GOLDEN_WRITE=1 SA2VA_STACK=<stack> python -m pytest tests/scenarios/test_golden.py`` on each stack.
 """
@@ -21,6 +28,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import xxhash
+from safetensors import safe_open
 
 from conftest import tiny_qwen2, train_like
 from sa2va_hooks import export_hf
@@ -52,27 +62,71 @@ export_hf(engine.module, sys.argv[1], dtype="bf16", max_shard_size=30000)
 '''
 
 
-def _causal_lm_tied(out: Path) -> Path:
+V1 = "xxh3_128(name,dtype,shape,bytes);v1"
+V1_FORMAT = "sa2va_hooks.export_manifest/v1"
+V2_CHUNK = 16 << 20
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _head(name: str, t: torch.Tensor) -> bytes:
+    return json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode()
+
+
+def _v1(name: str, t: torch.Tensor) -> str:
+    return xxhash.xxh3_128(_head(name, t) + _raw(t)).hexdigest()
+
+
+def _v2(name: str, t: torch.Tensor) -> str:
+    raw, h = _raw(t), xxhash.xxh3_128(_head(name, t))
+    for i in range(0, len(raw), V2_CHUNK):
+        h.update(xxhash.xxh3_128_digest(raw[i:i + V2_CHUNK]))
+    return h.hexdigest()
+
+
+def _root(digests: dict[str, str]) -> str:
+    return xxhash.xxh3_128("\n".join(sorted(f"{n}={d}" for n, d in digests.items())).encode()).hexdigest()
+
+
+def _trained(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _causal_lm_model():
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(tiny_qwen2(seed=7, tie=True), LoraConfig(r=4, lora_alpha=8,
                                                                     target_modules=["q_proj", "v_proj", "up_proj"]))
     train_like(model, seed=8)
+    return model
+
+
+def _causal_lm_tied(out: Path) -> tuple[Path, dict]:
+    model = _causal_lm_model()
     export_hf(model, out, dtype="bf16", max_shard_size=20000)
-    return out
+    return out, _trained(model)
 
 
-def _tiny_sa2va(out: Path, base: Path) -> Path:
-    import torch
-
+def _tiny_sa2va(out: Path, base: Path) -> tuple[Path, dict]:
     from sa2va_demo.tiny_sa2va import TinySa2VA
     torch.manual_seed(0)
     model = TinySa2VA(base_dir=str(base))
     train_like(model, seed=9)
     export_hf(model, out, converter="tiny_sa2va", dtype="fp32")
-    return out
+    return out, _trained(model)
 
 
-def _zero3(out: Path, work: Path) -> Path:
+def _zero3_trained() -> dict[str, torch.Tensor]:
+    """The ZeRO-3 script's trainable tensors, rebuilt here from the same seeds (no step is taken there)."""
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(tiny_qwen2(seed=11, tie=True),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    train_like(model, seed=12)
+    return _trained(model)
+
+
+def _zero3(out: Path, work: Path) -> tuple[Path, dict]:
     pytest.importorskip("deepspeed", reason="the ZeRO-3 case needs DeepSpeed")
     script = work / "zero3.py"
     script.write_text(ZERO3)
@@ -83,24 +137,53 @@ def _zero3(out: Path, work: Path) -> Path:
                            str(port), str(script), str(out)], cwd=work, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+    return out, _zero3_trained()
 
 
-def _pinned(snapshot: Path) -> dict:
-    """What is pinned of a snapshot: sha256 of every file's bytes, the manifest's without its
-    volatile fields, and the root digest."""
-    files = {}
+def _v1_view(snapshot: Path, manifest: dict, trained: dict[str, torch.Tensor], problems: list[str]) -> dict:
+    """The manifest as the v1 code wrote it, its v2 digests checked on the way (``problems``)."""
+    v1, v2 = {}, {}
+    for name, entry in manifest["tensors"].items():
+        with safe_open(str(snapshot / entry["file"]), framework="pt") as f:
+            t = f.get_tensor(name)
+        v1[name], v2[name] = _v1(name, t), _v2(name, t)
+        if (entry["digest"], entry["algorithm"]) != (v2[name], manifest["digest_algorithm"]):
+            problems.append(f"tensor {name}: manifest digest {entry['digest']} != independent v2 {v2[name]}")
+        entry.update(digest=v1[name], algorithm=V1)
+    if manifest["root_digest"] != _root(v2):
+        problems.append(f"root digest {manifest['root_digest']} != independent v2 root {_root(v2)}")
+    manifest["root_digest"] = _root(v1)
+    section, t1, t2 = manifest["trained"], {}, {}
+    for name, fp in section["tensors"].items():
+        t1[name], t2[name] = _v1(name, trained[name]), _v2(name, trained[name])
+        if fp["digest"] != t2[name]:
+            problems.append(f"trained {name}: manifest digest {fp['digest']} != independent v2 {t2[name]}")
+        fp.update(digest=t1[name], algorithm=V1)
+    if section["root"] != _root(t2):
+        problems.append(f"trained root {section['root']} != independent v2 root {_root(t2)}")
+    section["root"] = _root(t1)
+    if manifest.pop("digest_algorithm") != "xxh3_128(name,dtype,shape,xxh3_128 per 16MiB chunk);v2":
+        problems.append("the manifest's digest_algorithm is not v2 with 16 MiB chunks")
+    manifest["format"] = V1_FORMAT
+    return manifest
+
+
+def _pinned(made: tuple[Path, dict]) -> dict:
+    """What is pinned of a snapshot: sha256 of every file's bytes, the manifest's (its v1 view) without
+    its volatile fields, and the v1 root digest; ``v2_problems``: its v2 digests that are wrong."""
+    snapshot, trained = made
+    files, problems = {}, []
     for path in sorted(p for p in snapshot.rglob("*") if p.is_file()):
         rel = path.relative_to(snapshot).as_posix()
         data = path.read_bytes()
         if rel == "export_manifest.json":
-            manifest = json.loads(data)
+            manifest = _v1_view(snapshot, json.loads(data), trained, problems)
             for key in VOLATILE:
                 manifest.get("provenance", {}).pop(key, None)
             data = json.dumps(manifest, sort_keys=True).encode()
+            root = manifest["root_digest"]
         files[rel] = hashlib.sha256(data).hexdigest()
-    root = json.loads((snapshot / "export_manifest.json").read_text())["root_digest"]
-    return {"root_digest": root, "files": files}
+    return {"root_digest": root, "files": files, "v2_problems": problems}
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +194,17 @@ def exported(tmp_path_factory, tiny_base) -> dict[str, dict]:
             "zero3_two_ranks": _pinned(_zero3(work / "zero3", work))}
 
 
+def test_the_manifests_v2_digests_equal_an_independent_recomputation(exported):
+    problems = [f"{case}: {p}" for case, got in sorted(exported.items()) for p in got["v2_problems"]]
+    assert problems == [], "\n".join(problems)
+
+
 def test_every_file_and_root_digest_equal_the_pinned_ones(exported):
     golden = GOLDEN_DIR / f"{STACK}.json"
     if os.environ.get("SA2VA_GOLDEN_WRITE") == "1":
         GOLDEN_DIR.mkdir(exist_ok=True)
-        golden.write_text(json.dumps(exported, indent=1, sort_keys=True) + "\n")
+        pins = {case: {k: v for k, v in got.items() if k != "v2_problems"} for case, got in exported.items()}
+        golden.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
         pytest.skip(f"wrote {golden}: this run pinned, it compared nothing")
     assert golden.is_file(), f"no pinned files for the stack {STACK!r} ({golden}); see this module's docstring"
     want = json.loads(golden.read_text())
