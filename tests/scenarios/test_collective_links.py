@@ -56,10 +56,13 @@ else:
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
         from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
-        model = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True,
+        holder = torch.nn.Module()  # the model under FSDP as tests/fsdp_train.py has it: the LM as .llm
+        holder.llm = model
+        model = FullyShardedDataParallel(holder, device_id=torch.device("cpu"), use_orig_params=True,
                                          auto_wrap_policy=ModuleWrapPolicy({Qwen2DecoderLayer}))
-first = export_hf(model, f"{out}/iter_1", dtype="bf16")
-second = export_hf(model, f"{out}/iter_2", dtype="bf16", link_from=f"{out}/iter_1")
+conv = "causal_lm" if mode == "fsdp" else "auto"  # "auto" looks at the root's class, here FSDP's
+first = export_hf(model, f"{out}/iter_1", converter=conv, dtype="bf16")
+second = export_hf(model, f"{out}/iter_2", converter=conv, dtype="bf16", link_from=f"{out}/iter_1")
 if dist.get_rank() == 0:
     with open(f"{out}/result.json", "w") as f:
         json.dump({"first": first.storage, "second": second.storage, "roots": [first.root_digest, second.root_digest],
