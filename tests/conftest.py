@@ -113,6 +113,20 @@ def lora_qwen2():
     return pm
 
 
+def snapshot_tensors(snapshot: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a snapshot, whatever its shards (a model with frozen and trained tensors is
+    at least two files: the frozen ones get files of their own, to be hard-linked next time)."""
+    from safetensors.torch import load_file
+    shards = sorted(Path(snapshot).glob("*.safetensors"))
+    assert shards, f"no .safetensors file in {snapshot}"
+    out: dict[str, torch.Tensor] = {}
+    for f in shards:
+        part = load_file(f)
+        assert not set(part) & set(out), f"{f.name} repeats tensors of another shard"
+        out.update(part)
+    return out
+
+
 def snapshot_params(model: torch.nn.Module) -> dict:
     return {n: (p.detach().clone(), p._version) for n, p in model.named_parameters()}
 

@@ -192,7 +192,7 @@ class ExportTask:
     def _rank_writer(self, trained: FingerprintSet, previous: _Previous | None = None) -> RankWriter:
         return RankWriter(self.plan, self.group.rank, self.group.world, trained=trained, baseline=self.baseline,
                           progress=self.progress, collective=needs_gather(self.model), previous=previous,
-                          observer=self.observer)
+                          group=self.group, observer=self.observer)
 
     def _conclude(self, trained: FingerprintSet, staging: Path, rank_writer: RankWriter | None,
                   error: BaseException | None) -> ExportManifest:

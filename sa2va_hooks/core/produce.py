@@ -73,6 +73,10 @@ def _check_finite(entry: TensorEntry, out: torch.Tensor) -> None:
 
 
 class Producer(Protocol):
+    # Whether a file's tensors can be produced a second time (a failed hard link falls back to
+    # writing the file, and under ZeRO-3 / FSDP every rank then enters its gathers again).
+    repeatable: bool
+
     def produce(self, entries: Sequence[TensorEntry], own: bool, latch: _Latch) -> Iterator[ProducedTensor]:
         """One file's part: its tensors in plan order when this rank writes the file (``own``),
         none once ``latch`` is set. A produced tensor's host bytes are valid until the next one
@@ -88,6 +92,8 @@ class Producer(Protocol):
 class SyncProducer:
     """Produces in the writer's thread. ``collective`` (ZeRO-3, FSDP): the gathers of every file
     are entered, the files other ranks write included, so all ranks enter them in one order."""
+
+    repeatable = True
 
     def __init__(self, observer: ExportObserver, collective: bool) -> None:
         self.observer, self.collective = observer, collective
@@ -113,7 +119,10 @@ class SyncProducer:
 class QueueProducer:
     """The writer thread's side of a gathered export: takes this rank's tensors from the queue
     the training thread fills (:func:`feed_gathered`), in plan order. Each item's bytes are
-    released to the queue's budget once the writer asks for the next one."""
+    released to the queue's budget once the writer asks for the next one. Not repeatable: the
+    training thread gathers and queues each tensor once."""
+
+    repeatable = False
 
     def __init__(self, queue: _ByteQueue) -> None:
         self.queue = queue

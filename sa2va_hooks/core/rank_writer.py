@@ -13,6 +13,16 @@ returns the error for the agreement instead of raising.
 A shard of frozen tensors is first hashed, tensor by tensor; when every digest equals the same
 shard's in the previous snapshot, that file is hard-linked and read back instead of written.
 Otherwise (or if the linked file does not read back right) it is written.
+
+When producing a tensor is collective (ZeRO-3, FSDP: every rank enters its gather, in one order),
+the owner alone cannot hash a shard and then, if the link fails, produce it again: it would enter
+gathers the others do not. So a frozen shard is then linked in steps every rank takes alike
+(:meth:`RankWriter._link_together`): every rank runs the producer over the file once (the owner
+hashes, the others only enter the gathers), the owner's decision is broadcast, and if it did not
+link, every rank produces the file again to write it. Whether a file goes through those steps is
+agreed once per export, before any rank can diverge (:meth:`RankWriter._agree_linking`). This
+needs a producer that can produce a file twice (``Producer.repeatable``); the queue the training
+thread fills once (gathered exports) cannot, so those exports write every file.
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ from typing import Mapping
 
 from safetensors import SafetensorError
 
+from .dist import RankGroup, StoreGroup
 from .entry import ProducedTensor, TensorEntry, TensorRecord
 from .finish import read_back
 from .fingerprint import Fingerprint, FingerprintSet, digest_tensor
@@ -41,15 +52,17 @@ _log = logging.getLogger("sa2va_hooks")
 
 class RankWriter:
     """This rank's writing of one export. ``previous`` (a complete earlier snapshot) is used for
-    hard links only when no gather is needed: hashing a shard before deciding never changes the
-    order of the gathers then."""
+    hard links of frozen-only shards. Without gathers the owner links on its own; with them
+    (``collective``) the ranks link together over ``group`` (the export's ranks), and without a
+    ``group`` a collective export links nothing."""
 
     def __init__(self, plan: ShardPlan, rank: int, world: int, *, trained: FingerprintSet,
                  baseline: Mapping[str, Fingerprint] | None, progress: bool, collective: bool,
-                 previous: _Previous | None = None, observer: ExportObserver = NO_OBSERVER) -> None:
+                 previous: _Previous | None = None, group: RankGroup | StoreGroup | None = None,
+                 observer: ExportObserver = NO_OBSERVER) -> None:
         self.plan, self.rank, self.observer = plan, rank, observer  # plan: of TensorEntry
         self.trained, self.baseline = trained, baseline
-        self.previous = None if collective else previous
+        self.previous, self.collective, self.group = previous, collective, group
         self.owners = assign_shards(plan, world)
         self.tensors: dict[str, TensorRecord] = {}
         self.effect = TrainingEffect()
@@ -66,9 +79,14 @@ class RankWriter:
         """Write (or link) this rank's files, then read them back; returns the first error."""
         latch, mine = _Latch(), []
         try:
+            together = self._agree_linking(producer, latch)
             for fname, entries in self.plan.files:
                 own = self.owners[fname] == self.rank
-                if own and not latch.failed and self._linkable(entries):
+                frozen = all(e.frozen_only for e in entries)
+                if together and frozen:
+                    if self._link_together(staging, fname, entries, own, producer, latch):
+                        continue
+                elif own and frozen and not self.collective and self._can_link(producer) and not latch.failed:
                     if latch.call(self._link, staging, fname, entries, producer, latch) or latch.failed:
                         continue
                 self._write_file(staging, fname, entries, own, producer, latch)
@@ -133,15 +151,44 @@ class RankWriter:
         self.bar.update(produced.entry.nbytes)
 
     # -- hard links from the previous snapshot --------------------------------------------------
-    def _linkable(self, entries: list[TensorEntry]) -> bool:
-        return self.previous is not None and all(e.frozen_only for e in entries)
+    def _can_link(self, producer: Producer) -> bool:
+        """A link that fails falls back to producing the file again: the producer must allow it."""
+        return self.previous is not None and producer.repeatable
+
+    def _agree_linking(self, producer: Producer, latch: _Latch) -> bool:
+        """Collective exports: whether the frozen-only files go through :meth:`_link_together`, the
+        same answer on every rank. Asked once, before the first file, by every rank alike (the
+        conditions are the same everywhere: the mode, the producer's kind, the plan); the answer is
+        whether any rank has a previous snapshot, so a rank that could not load it (it decides "not
+        linked" for its files) never takes the others out of step."""
+        if not (self.collective and self.group is not None and producer.repeatable
+                and any(all(e.frozen_only for e in entries) for _, entries in self.plan.files)):
+            return False
+        answers = latch.call(self.group.all_gather, self.previous is not None)
+        return bool(answers) and any(answers)
+
+    def _link_together(self, staging: Path, fname: str, entries: list[TensorEntry], own: bool, producer: Producer,
+                       latch: _Latch) -> bool:
+        """One frozen-only file of a collective export, on every rank: the producer runs over the file
+        once (the owner hashes and tries the link, the others enter the gathers only), then the
+        owner's decision is broadcast. True (nothing more to do) when it linked, or when the owner
+        has failed (its error is latched; a second pass would write nothing). False: every rank
+        produces the file again, so the gathers stay in one order on every rank. A rank whose
+        broadcast fails latches it and takes the second pass, as the owner does unless it linked."""
+        if own:
+            done = bool(latch.call(self._link, staging, fname, entries, producer, latch)) or latch.failed
+        else:
+            for _ in producer.produce(entries, False, latch):
+                pass  # nothing is yielded to a rank that does not write the file; its gathers are entered
+            done = None
+        return bool(latch.call(self.group.broadcast, done, self.owners[fname]))
 
     def _link(self, staging: Path, fname: str, entries: list[TensorEntry], producer: Producer,
               latch: _Latch) -> bool:
         """Hash the shard's tensors; link the previous snapshot's file when they are equal."""
         for produced in producer.produce(entries, True, latch):
             self._record(produced, self._hasher.submit(digest_tensor, produced.entry.name, produced.host).result())
-        if latch.failed:
+        if latch.failed or self.previous is None:  # no previous here: hashed for the gathers' sake only
             return False
         digests = {e.name: self.tensors[e.name].digest for e in entries}
         src, dst = self.previous.path / fname, staging / fname

@@ -106,11 +106,16 @@ def plan_shard_groups(groups: Sequence[Sequence[Slot]], max_shard_size: int | st
     """Shards that never mix groups: each group is split on its own, in its own order, and the
     files are numbered group after group. Exported with the frozen tensors as the first group,
     the frozen shards hold the same tensors in the same order at every export, so their bytes
-    repeat and a later export can hard-link them. A model that fits one file stays one file."""
+    repeat and a later export can hard-link them.
+
+    Two non-empty groups never share a file, even when the whole model fits one shard: the limit
+    caps a file's size, it is no reason to merge groups. Merging them when the model fits (as this
+    did before) left nothing to link for every model under ``max_shard_size`` (5GB by default), so
+    each export rewrote its frozen bytes. Only a single group (nothing frozen, or nothing trained)
+    is planned as :func:`plan_shards` plans it, into ``model.safetensors`` when it fits."""
     groups = [list(g) for g in groups if g]
-    flat = [s for g in groups for s in g]
-    if len(groups) <= 1 or sum(s.nbytes for s in flat) <= parse_size(max_shard_size):
-        return plan_shards(flat, max_shard_size)
+    if len(groups) <= 1:
+        return plan_shards([s for g in groups for s in g], max_shard_size)
     parts = [slots for g in groups for _, slots in plan_shards(g, max_shard_size).files]
     n = len(parts)
     return ShardPlan([(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(parts)])

@@ -8,16 +8,14 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from conftest import tiny_qwen2, train_like
+from conftest import snapshot_tensors, tiny_qwen2, train_like
 from sa2va_hooks import export_hf
 from sa2va_hooks.converters.base import ConversionError
 from sa2va_hooks.core.loadcheck import SnapshotLoadError, check_snapshot_loads
 from sa2va_hooks.core.manifest import ExportManifest
-from sa2va_hooks.core.vocab import SINGLE_FILE
 from sa2va_demo.tiny_sa2va import TinySa2VA, TinySa2VAConverter, make_tiny_base
 
 
@@ -40,7 +38,7 @@ def tied_sa2va(tmp_path_factory):
 
 def test_tied_sa2va_writes_lm_head_and_unties(tied_sa2va, tmp_path):
     m = export_hf(tied_sa2va, tmp_path / "out", converter="tiny_sa2va")
-    files = load_file(tmp_path / "out" / SINGLE_FILE)
+    files = snapshot_tensors(tmp_path / "out")
     assert torch.equal(files["language_model.lm_head.weight"], files["language_model.model.embed_tokens.weight"])
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["llm_config"]["tie_word_embeddings"] is False and cfg["tie_word_embeddings"] is False

@@ -9,11 +9,10 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_unchanged, config_dtype, snapshot_params, tiny_qwen2, train_like
+from conftest import assert_unchanged, config_dtype, snapshot_params, snapshot_tensors, tiny_qwen2, train_like
 from sa2va_hooks import export_hf
 from sa2va_hooks.core.merge import dequantized_weight
 
@@ -97,7 +96,7 @@ def test_qlora_export_dequantizes_and_merges_like_peft_in_fp32(bits, tmp_path):
 
     twin = _fp32_twin(qmodel, pm)
     ref = {k: v.to(torch.bfloat16) for k, v in twin.merge_and_unload().state_dict().items()}
-    got = load_file(tmp_path / "out" / "model.safetensors")
+    got = snapshot_tensors(tmp_path / "out")
     assert set(got) == set(ref)
     assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
     k = "model.layers.0.self_attn.q_proj.weight"

@@ -16,13 +16,12 @@ import json
 import pytest
 import torch
 from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model)
-from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSpeechSeq2Seq,
                           GPT2Config, GPT2LMHeadModel, ResNetConfig, ResNetForImageClassification, WhisperConfig,
                           WhisperForConditionalGeneration)
 
-from conftest import (assert_unchanged, build_or_skip_on_old_peft, config_dtype, snapshot_params, tiny_qwen2,
-                      train_like)
+from conftest import (assert_unchanged, build_or_skip_on_old_peft, config_dtype, snapshot_params,
+                      snapshot_tensors, tiny_qwen2, train_like)
 from sa2va_hooks import export_hf
 
 G = torch.Generator().manual_seed(7)
@@ -159,7 +158,7 @@ def test_variant_export_matches_peft_and_reloads(case, tmp_path):
     manifest = export_hf(live, tmp_path / "out", dtype=dtype)
     assert_unchanged(live, before)
 
-    got = load_file(tmp_path / "out" / "model.safetensors")
+    got = snapshot_tensors(tmp_path / "out")
     ref = _reference(live, dtype)
     assert set(got) <= set(ref) and set(ref) - set(got) == set(manifest.tied), (set(ref) ^ set(got))
     not_exact = [k for k in got if not torch.equal(got[k], ref[k])]
@@ -214,7 +213,7 @@ def test_only_active_adapter_is_merged_and_inactive_ones_are_reported(tmp_path):
             if ".other." in n:
                 p.normal_()
     m = export_hf(pm, tmp_path / "out")
-    got = load_file(tmp_path / "out" / "model.safetensors")
+    got = snapshot_tensors(tmp_path / "out")
     ref = _reference(pm, None)
     assert all(torch.equal(got[k], ref[k]) for k in got)
     assert any("adapter 'other' is present on 3 module(s)" in n and "not merged" in n for n in m.notes)
@@ -233,7 +232,7 @@ def test_vblora_is_merged_by_peft_own_math(tmp_path):
     pm = get_peft_model(tiny_qwen2(), VBLoRAConfig(r=2, target_modules=["q_proj"], vector_length=8, num_vectors=8))
     train_like(pm)
     m = export_hf(pm, tmp_path / "out")
-    got = load_file(tmp_path / "out" / "model.safetensors")
+    got = snapshot_tensors(tmp_path / "out")
     ref = _reference(pm, None)
     assert all(torch.equal(got[k], ref[k]) for k in got)
     assert m.training_effect["trained_differ_from_base"] >= 2

@@ -8,8 +8,10 @@ What is pinned, and against what:
 - ``plan_shards``: the greedy, order-preserving rule stated in its docstring, as properties that
   determine the greedy split uniquely (concatenation = input, no shard over the limit unless it is a
   single tensor, no shard could have taken the next tensor), plus hand-worked cases and file names;
-- ``plan_shard_groups``: groups never share a file, numbering runs across groups, one file when all
-  fits, and the frozen group's files do not depend on the trained group (the hard-link rationale);
+- ``plan_shard_groups``: groups never share a file at any limit (one larger than the whole model
+  included: the limit caps a file, it never merges groups), numbering runs across groups, a single
+  group is planned as ``plan_shards`` plans it (one file when it fits), and the frozen group's
+  files do not depend on the trained group (the hard-link rationale);
 - ``safetensors_header``: parsed and compared with the header ``safetensors.torch.save`` writes for the
   same tensors in the same order, and the header + data loads back with safetensors itself;
 - ``assign_shards``: the documented rule (largest file first, to the least loaded rank, ties to the
@@ -153,9 +155,19 @@ def test_groups_never_share_a_file_and_numbering_runs_across_groups():
                            ("model-00003-of-00003.safetensors", ["x0"])]
 
 
-def test_groups_that_fit_together_are_one_file_in_group_order():
-    plan = plan_shard_groups([slots_of(30, prefix="f"), slots_of(20, 50, prefix="x")], 100)
-    assert names(plan) == [(SINGLE_FILE, ["f0", "x0", "x1"])]
+@pytest.mark.parametrize("limit", [100, 101, 10**4, "5GB"])
+def test_groups_that_would_fit_one_file_still_get_files_of_their_own(limit):
+    """At the default 5GB a small model fits one file; the frozen tensors still get their own, so
+    the next export can hard-link it."""
+    plan = plan_shard_groups([slots_of(30, prefix="f"), slots_of(20, 50, prefix="x")], limit)
+    assert names(plan) == [("model-00001-of-00002.safetensors", ["f0"]),
+                           ("model-00002-of-00002.safetensors", ["x0", "x1"])]
+
+
+@pytest.mark.parametrize("limit", [10**4, "5GB"])
+def test_one_group_that_fits_is_one_file(limit):
+    assert names(plan_shard_groups([slots_of(30, 20, prefix="f"), []], limit)) == [(SINGLE_FILE, ["f0", "f1"])]
+    assert names(plan_shard_groups([[], slots_of(30, prefix="x")], limit)) == [(SINGLE_FILE, ["x0"])]
 
 
 def test_empty_groups_are_ignored_and_one_group_is_plain_planning():
@@ -185,9 +197,25 @@ def test_group_properties_on_random_sizes(seed):
     flat = [s.name for _, slots in plan.files for s in slots]
     assert flat == [s.name for g in groups for s in g]
     for _, slots in plan.files:
-        assert len({s.name[0] for s in slots}) <= 1 or len(plan.files) == 1, "a file mixes groups"
-    if sum(s.nbytes for g in groups for s in g) <= limit:
+        assert len({s.name[0] for s in slots}) <= 1, "a file mixes groups"
+    nonempty = [g for g in groups if g]
+    if len(nonempty) == 1 and sum(s.nbytes for s in nonempty[0]) <= limit:
         assert [f for f, _ in plan.files] == [SINGLE_FILE]
+    else:
+        assert SINGLE_FILE not in [f for f, _ in plan.files]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_frozen_and_trained_never_share_a_file_at_any_limit(seed):
+    rng = random.Random(200 + seed)
+    frozen = slots_of(*[rng.randint(0, 150) for _ in range(rng.randint(1, 8))], prefix="f")
+    trained = slots_of(*[rng.randint(0, 150) for _ in range(rng.randint(1, 8))], prefix="x")
+    total = sum(s.nbytes for s in frozen + trained)
+    for limit in (1, 50, total, total + 1, 10 * total + 10, "5GB"):
+        plan = plan_shard_groups([frozen, trained], limit)
+        kinds = [{s.name[0] for s in slots} for _, slots in plan.files]
+        assert all(len(k) == 1 for k in kinds), (limit, names(plan))
+        assert kinds[0] == {"f"} and kinds[-1] == {"x"}, (limit, names(plan))
 
 
 # -- safetensors_header against safetensors' own writer -----------------------------------------------

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 from peft import LoraConfig
-from safetensors.torch import load_file
 
-from conftest import assert_unchanged, snapshot_params, train_like, transformers_class_or_skip, xtuner_or_skip
+from conftest import (assert_unchanged, snapshot_params, snapshot_tensors, train_like, transformers_class_or_skip,
+                      xtuner_or_skip)
 from sa2va_hooks import export_hf
 from sa2va_hooks.compat import apply_torch_cpu_bf16_shim
 from sa2va_hooks.converters.base import ConversionError
@@ -56,7 +56,7 @@ def test_llava_export_loads_as_llava_for_conditional_generation(tmp_path):
     assert cfg["text_config"]["vocab_size"] == hf.language_model.get_input_embeddings().weight.shape[0]
 
     # every exported LLM and vision tensor equals PEFT's own merge of the same modules
-    got = load_file(tmp_path / "out" / "model.safetensors")
+    got = snapshot_tensors(tmp_path / "out")
     llm_ref = copy.deepcopy(model.llm).merge_and_unload().state_dict()
     vis_ref = copy.deepcopy(model.visual_encoder).merge_and_unload().state_dict()
     assert all(torch.equal(got["language_model." + k], v) for k, v in llm_ref.items())
@@ -108,7 +108,7 @@ def test_internvl_export_of_xtuner_internvl_v1_5(tmp_path):
     hf, info = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True, torch_dtype=torch.float32,
                                          output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    got = load_file(tmp_path / "out" / "model.safetensors")
+    got = snapshot_tensors(tmp_path / "out")
     llm_ref = copy.deepcopy(model.model.language_model).merge_and_unload().state_dict()
     assert all(torch.equal(got["language_model." + k], v) for k, v in llm_ref.items())
     assert torch.equal(got["mlp1.1.weight"], model.model.mlp1[1].weight)
@@ -159,7 +159,7 @@ def test_sa2va_qwen_export_loads_with_remote_code(tmp_path):
     assert text_cfg["vocab_size"] == len(tok) and out_cfg["template"] == "qwen2_vl_chat"
     assert (tmp_path / "out" / "preprocessor_config.json").is_file()
     assert (tmp_path / "out" / "tokenizer.json").is_file()
-    got = load_file(tmp_path / "out" / "model.safetensors")
+    got = snapshot_tensors(tmp_path / "out")
     assert all(torch.equal(got["model." + k], v.to(torch.bfloat16)) for k, v in ref.items())
     ids = torch.randint(4, 60, (2, 6), generator=G)
     with torch.no_grad():

@@ -60,6 +60,22 @@ def test_resumed_run_reproduces_the_same_digests(trained_run, tiny_base, tmp_pat
     assert not (tmp_path / "hf" / "iter_3").exists()  # resumed after iteration 3
 
 
+def test_frozen_shards_are_linked_at_the_default_shard_size(trained_run):
+    """The tiny model is far under the default 5GB, yet its frozen tensors get files of their own,
+    so the export at iteration 6 hard-links them from iteration 3's snapshot."""
+    import os
+    _, work = trained_run
+    first, second = (ExportManifest.load(work / "hf" / f"iter_{it}") for it in (3, 6))
+    trained = {t["file"] for t in second.tensors.values() if t["role"] != "frozen"}
+    frozen = {t["file"] for t in second.tensors.values()} - trained
+    assert frozen and trained, "no file of frozen tensors only"
+    assert first.storage["bytes_linked"] == 0
+    assert set(second.storage["linked_from"]) == frozen
+    assert second.storage["bytes_linked"] == sum((work / "hf" / "iter_6" / f).stat().st_size for f in frozen) > 0
+    for f in frozen:
+        assert os.stat(work / "hf" / "iter_6" / f).st_ino == os.stat(work / "hf" / "iter_3" / f).st_ino
+
+
 def test_failed_export_is_logged_and_training_goes_on(tiny_base, tmp_path, monkeypatch):
     from sa2va_hooks.core import pipeline
 
@@ -105,7 +121,7 @@ def test_verify_cli_detects_a_flipped_byte(trained_run, tmp_path):
     cmd = [sys.executable, "-m", "sa2va_hooks", "verify", str(snap)]
     ok = subprocess.run(cmd, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    shard = snap / "model.safetensors"
+    shard = sorted(snap.glob("*.safetensors"))[-1]  # the trained tensors' file (the frozen ones come first)
     data = bytearray(shard.read_bytes())
     data[-100] ^= 0x01
     shard.write_bytes(bytes(data))
@@ -134,7 +150,7 @@ def test_disk_full_during_a_later_export_keeps_the_earlier_snapshot(tiny_base, t
 
     def fail_on_second_export(path, slots):
         calls["n"] += 1
-        if calls["n"] > 1:  # the disk fills up halfway through the second export's file
+        if "iter_6" in str(path):  # the disk fills up halfway through the second export's file
             with open(path, "wb") as f:
                 f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device", str(path))

@@ -10,7 +10,7 @@ from mmengine.runner import Runner
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from conftest import assert_unchanged, snapshot_params
+from conftest import assert_unchanged, snapshot_params, snapshot_tensors
 from sa2va_hooks import export_hf
 from sa2va_hooks.core.manifest import ExportManifest
 from sa2va_demo.hf_code.configuration_tiny_sa2va import TinySa2VAConfig
@@ -39,7 +39,7 @@ def _base_tensors(base_dir, initial_model) -> dict[str, torch.Tensor]:
 def test_sa2va_export_keys_trained_and_frozen_tensors(trained_run, tiny_base):
     runner, work = trained_run
     snap = work / "hf" / "iter_6"
-    exported = load_file(snap / "model.safetensors")
+    exported = snapshot_tensors(snap)
     cfg = json.loads((snap / "config.json").read_text())
     hf_keys = set(TinySa2VAChatModel(TinySa2VAConfig(**cfg)).state_dict())
     assert set(exported) == hf_keys

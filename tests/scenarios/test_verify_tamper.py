@@ -38,6 +38,10 @@ def pristine(tmp_path_factory, trained_run):
     gen.do_sample, gen.top_k = True, 7  # a non-default generation_config.json is written
     export_hf(pm, root / "sharded", dtype="bf16", max_shard_size="12KB")
     assert len(list((root / "sharded").glob("*.safetensors"))) >= 3
+    # every tensor trained: one group, so one model.safetensors (a model with frozen tensors is at least
+    # two files, the frozen ones apart, so the sa2va snapshot no longer is one)
+    export_hf(tiny_qwen2(seed=13), root / "single", dtype="bf16")
+    assert [p.name for p in (root / "single").glob("*.safetensors")] == ["model.safetensors"]
     return root
 
 
@@ -194,8 +198,9 @@ CASES = {
     "shard_byte_appended": ("sharded", lambda d: _shard(d).open("ab").write(b"\0"), 1, "model-00001"),
     "shard_deleted": ("sharded", lambda d: _shard(d).unlink(), 1, "missing file model-00001"),
     "shard_renamed": ("sharded", _rename_shard, 1, "extra file renamed.safetensors"),
-    "single_shard_data_byte": ("sa2va", _data_byte("middle"), 1, "model.safetensors"),
-    "single_shard_metadata": ("sa2va", _replace_in_header(b'"pt"', b'"tp"'), 1, "__metadata__ of model.safetensors"),
+    "single_shard_data_byte": ("single", _data_byte("middle"), 1, "model.safetensors"),
+    "single_shard_metadata": ("single", _replace_in_header(b'"pt"', b'"tp"'), 1, "__metadata__ of model.safetensors"),
+    "sa2va_frozen_shard_data_byte": ("sa2va", _data_byte("middle"), 1, "model-00001-of-00002.safetensors"),
     # the index
     "index_weight_map_retargeted": ("sharded", _edit_json("model.safetensors.index.json", _retarget_index), 1,
                                     "index maps"),
@@ -260,7 +265,7 @@ def test_the_table_is_large_enough():
     assert len([c for c in CASES.values() if c[2] != 0]) >= 40
 
 
-@pytest.mark.parametrize("which", ["sa2va", "sharded"])
+@pytest.mark.parametrize("which", ["sa2va", "sharded", "single"])
 def test_untouched_snapshots_verify(pristine, which):
     rc, out = _verify(pristine / which)
     assert rc == 0 and out.startswith("OK:"), out

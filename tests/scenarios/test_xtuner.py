@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sa2va_hooks.compat import allow_mmengine_checkpoint_globals, apply_torch_cpu_bf16_shim
 from sa2va_hooks.core.fingerprint import FingerprintSet, fingerprint_tensor
 from sa2va_hooks.core.verify import verify_snapshot
 
-from conftest import peft_saved_form, xtuner_or_skip
+from conftest import peft_saved_form, snapshot_tensors, xtuner_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +61,7 @@ def test_xtuner_train_entry_point_exports_what_peft_merges(xtuner_run):
         assert {k: fingerprint_tensor(k, v).digest for k, v in ckpt["state_dict"].items()} == \
             {k: fp.digest for k, fp in recorded.tensors.items()}
         ref = {k: v.to(torch.bfloat16) for k, v in pm.merge_and_unload().state_dict().items()}
-        got = load_file(snap / "model.safetensors")
+        got = snapshot_tensors(snap)
         assert set(got) == set(ref)
         assert [k for k in ref if not torch.equal(ref[k], got[k])] == []
 
