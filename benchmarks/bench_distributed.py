@@ -38,7 +38,8 @@ Each distributed run:
 Environment: SIZE (tiny, 0.5b, 1.5b, 7b), SEQ (tokens per sample; default 1024, 32 for tiny),
 INTERVAL (default 2 tiny, 8 at 1.5b and below, 10 at 7b), EXPORTS (default 2), ITERS (default
 EXPORTS*INTERVAL + INTERVAL - 1: the last INTERVAL-1 let the last export finish), REF_ITERS
-(default max(INTERVAL, 4)), WARMUP (default 2), NOPRE=1 (skip step 1), WORK, BENCH_OUT/OUT.
+(default max(INTERVAL, 4)), WARMUP (default 2), MAX_SHARD (the in-loop export's max_shard_size;
+default 2GB, 4MB for tiny), NOPRE=1 (skip step 1), WORK, BENCH_OUT/OUT.
 All are printed in the "config" line.
 Writes JSON lines to $OUT (or BENCH_OUT) /bench_distributed.jsonl; rank 0 prints a table of
 both ranks' figures next to the issue's targets at the end of each run.
@@ -75,6 +76,7 @@ EXPORTS = int(os.environ.get("EXPORTS", "2"))
 ITERS = int(os.environ.get("ITERS", str(EXPORTS * INTERVAL + INTERVAL - 1)))
 REF_ITERS = int(os.environ.get("REF_ITERS", str(max(INTERVAL, 4))))
 WARMUP = min(int(os.environ.get("WARMUP", "2")), REF_ITERS - 2)
+MAX_SHARD = os.environ.get("MAX_SHARD", "4MB" if SIZE == "tiny" else "2GB")
 TARGETS = {"whole_cost_s": 0.3, "overlap_slowdown_pct": 5.0, "paused_s": 0.3}
 CUDA = torch.cuda.is_available()  # without CUDA: a CPU smoke run (gloo, fp32, tests/dist_launch.py's workarounds)
 DEVICE = "cuda" if CUDA else "cpu"
@@ -230,7 +232,7 @@ def distributed(mode: str) -> None:
     from sa2va_hooks.hooks import hf_export_hook
     from sa2va_hooks.hooks.common import checkpoint_point, unwrapped_model
 
-    log("config", mode=mode, seq=SEQ, interval=INTERVAL, exports=EXPORTS, iters=ITERS, ref_iters=REF_ITERS,
+    log("config", mode=mode, seq=SEQ, max_shard_size=MAX_SHARD, interval=INTERVAL, exports=EXPORTS, iters=ITERS, ref_iters=REF_ITERS,
         warmup=WARMUP, world=int(os.environ.get("WORLD_SIZE", "1")), cuda=CUDA,
         device=torch.cuda.get_device_name(0) if CUDA else "cpu", torch=torch.__version__)
     iters: dict[int, tuple[float, float]] = {}  # iteration (1-based) -> (start, end), perf_counter
@@ -332,7 +334,7 @@ def distributed(mode: str) -> None:
         env_cfg=dict(dist_cfg=dict(backend="nccl" if CUDA else "gloo")),
         default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=10**6, save_last=False),
                            logger=dict(type="LoggerHook", interval=max(INTERVAL, 1))),
-        custom_hooks=[clock, PhasedExport(interval=INTERVAL, dtype="bf16", max_shard_size="2GB", keep_last=1),
+        custom_hooks=[clock, PhasedExport(interval=INTERVAL, dtype="bf16", max_shard_size=MAX_SHARD, keep_last=1),
                       ClockEnd()])
     collect = _Collect()
     runner.logger.addHandler(collect)

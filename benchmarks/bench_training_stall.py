@@ -39,7 +39,8 @@ of them are frozen).
 Environment: SIZES, PROBE (sizes for the idle-GPU probe), EVERY (checkpoint interval, default per
 size: 4 tiny, 40 at 0.5b/1.5b, 50 at 7b), CHECKPOINTS (default 3), ITERS (iterations per run,
 default EVERY*(CHECKPOINTS+1)-1: the last EVERY-1 iterations let the last export finish; no
-checkpoint at the last iteration), LORA (all|attn), ANCHORS=0 (skip (b) and (c)), SEQ (tokens per
+checkpoint at the last iteration), LORA (all|attn), ANCHORS=0 (skip (b) and (c)), MAX_SHARD (HFExportHook's max_shard_size; its
+default, 4MB for tiny so that the frozen tensors get shards of their own), SEQ (tokens per
 sample, default 2048; 16 for tiny), WORK, BENCH_OUT.
 
   SIZES=0.5b,1.5b,7b python benchmarks/bench_training_stall.py     # GPU; BENCH_OUT=results dir
@@ -256,10 +257,12 @@ def train(model, size: str, mode: str) -> dict:
     every, iters = every_of(size), iters_of(size)
     work = WORK / f"{size}_{mode}"
     shutil.rmtree(work, ignore_errors=True)
+    shard = os.environ.get("MAX_SHARD") or ("4MB" if size == "tiny" else None)  # tiny: frozen shards of their own
+    extra = {"max_shard_size": shard} if shard else {}
     hooks = {"none": [],
              "sync": [dict(type="FingerprintHook"),
-                      dict(type="HFExportHook", dtype="bf16", keep_last=1, background=False)],
-             "async": [dict(type="FingerprintHook"), dict(type="HFExportHook", dtype="bf16", keep_last=1)]}[mode]
+                      dict(type="HFExportHook", dtype="bf16", keep_last=1, background=False, **extra)],
+             "async": [dict(type="FingerprintHook"), dict(type="HFExportHook", dtype="bf16", keep_last=1, **extra)]}[mode]
     timer = _timer_hook()
     stamps, stamp_hooks = _stamp_hooks()
     runner = Runner(
