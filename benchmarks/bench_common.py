@@ -48,3 +48,36 @@ class PeakRSS:
     @property
     def extra_gib(self) -> float:
         return round((self.peak - self.base) / 2**30, 3)
+
+
+_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+             "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def snapshot_roles(snapshot_dir) -> dict | None:
+    """Bytes of the exported tensors by role ("frozen", "lora_merged", "modules_to_save",
+    "trainable"), from a snapshot's manifest, and the frozen share of them: the share a later
+    export can hard-link instead of writing. None when there is no manifest."""
+    import json
+    import math
+    from pathlib import Path
+    path = Path(snapshot_dir) / "export_manifest.json"
+    if not path.is_file():
+        return None
+    by_role: dict[str, int] = {}
+    for t in json.loads(path.read_text())["tensors"].values():
+        n = math.prod(t["shape"]) * _ITEMSIZE.get(str(t["dtype"]).replace("torch.", ""), 2)
+        by_role[t["role"]] = by_role.get(t["role"], 0) + n
+    total = sum(by_role.values()) or 1
+    return {"bytes_by_role": by_role, "frozen_pct": round(100 * by_role.get("frozen", 0) / total, 1)}
+
+
+def second_export(exports: list[dict]) -> dict | None:
+    """Bytes written and hard-linked by the second export (the first that can link), as counts and
+    the written share; None with fewer than two exports."""
+    if len(exports) < 2:
+        return None
+    e = exports[1]
+    total = (e["written"] + e["linked"]) or 1
+    return {"written": e["written"], "linked": e["linked"], "written_pct": round(100 * e["written"] / total, 1)}

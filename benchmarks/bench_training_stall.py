@@ -15,9 +15,37 @@ lm_head, bf16, on one GPU), all in one process and side by side:
   (c) the disk floor: the snapshot's byte count written with fsync, same disk;
   (d) bytes written and hard-linked by each export (from the hook's log line);
   (e) peak extra resident memory and peak extra GPU memory of each mode over "none".
-Prints one JSON line per measurement and a table of ratios against (b) and (c).
+  (f) the WHOLE COST per export (issue 18): (sum of every iteration's time with the hooks - the
+      same sum without them) / number of exports, same iterations, seed and process. The first
+      max(1, EVERY//4) iterations (warm-up) are left out of both sums, and CheckpointHook's own save
+      (stamped around it, 4-22 s and disk-bound: it varies by seconds between runs) is taken out of
+      every checkpoint iteration in every mode ("whole_cost_per_export_s"; with it left in:
+      "whole_cost_raw_per_export_s"). The wait at the end of training for the last export is added
+      to the mode's sum. "whole_cost_noise_s" is the sd of an ordinary iteration in "none" times
+      sqrt(iterations) / exports: a whole cost below it is not distinguishable from zero;
+  (g) the slowdown of the iterations that overlap a background export: their mean time over the
+      mean of the same iteration indices in "none", minus 1, in percent. An export runs from the
+      hook's start (the "started in the background" log line minus its pause) to its "exported
+      ... in the background" log line, stamped as each line is logged; checkpoint iterations are
+      not counted (their cost is the pause);
+  (h) the bytes the second export wrote and hard-linked, against the frozen share of the snapshot
+      (tensors of role "frozen" in its manifest): LORA=attn (LoRA on attention only, no
+      modules_to_save) leaves most of the model frozen; LORA=all (default) only the norms.
+Prints one JSON line per measurement, a table of ratios against (b) and (c), and a table of the
+issue 18 figures next to their targets (whole cost <= 0.3 s per export at 7.6B, overlapping
+iterations <= 5 % slower, paused <= 0.3 s, second export writes <= 55 % of its bytes when >= 50 %
+of them are frozen).
+
+Environment: SIZES, PROBE (sizes for the idle-GPU probe), EVERY (checkpoint interval, default per
+size: 4 tiny, 40 at 0.5b/1.5b, 50 at 7b), CHECKPOINTS (default 3), ITERS (iterations per run,
+default EVERY*(CHECKPOINTS+1)-1: the last EVERY-1 iterations let the last export finish; no
+checkpoint at the last iteration), LORA (all|attn), ANCHORS=0 (skip (b) and (c)), MAX_SHARD (HFExportHook's max_shard_size; its
+default, 4MB for tiny so that the frozen tensors get shards of their own), SEQ (tokens per
+sample, default 2048; 16 for tiny), WORK, BENCH_OUT.
 
   SIZES=0.5b,1.5b,7b python benchmarks/bench_training_stall.py     # GPU; BENCH_OUT=results dir
+  SIZES=7b ANCHORS=0 EVERY=50 ITERS=199 python benchmarks/bench_training_stall.py   # issue 18 figures
+  SIZES=7b ANCHORS=0 LORA=attn EVERY=50 ITERS=199 python benchmarks/bench_training_stall.py  # hard links
   SIZES=tiny python benchmarks/bench_training_stall.py             # CPU smoke run (CI); no timing claims
   python benchmarks/bench_training_stall.py --plot results.jsonl out.png
 """
@@ -38,7 +66,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import PeakRSS, qwen2_config  # noqa: E402
+from bench_common import PeakRSS, qwen2_config, second_export, snapshot_roles  # noqa: E402
 
 OUT = Path(os.environ.get("BENCH_OUT") or os.environ.get("OUT") or "/tmp/bench_out")
 WORK = Path(os.environ.get("WORK", "/tmp/bench_stall"))
@@ -47,6 +75,22 @@ CUDA = torch.cuda.is_available()
 EVERY = {"tiny": 4, "0.5b": 40, "1.5b": 40, "7b": 50}
 SEQ = {"tiny": 16}
 CHECKPOINTS = int(os.environ.get("CHECKPOINTS", "3"))
+LORA = os.environ.get("LORA", "all")  # "all": every linear + modules_to_save; "attn": q/k/v/o only
+ANCHORS = os.environ.get("ANCHORS", "1") != "0"
+TARGETS = {"whole_cost_s": 0.3, "overlap_slowdown_pct": 5.0, "paused_s": 0.3, "second_written_pct": 55.0,
+           "frozen_pct_min": 50.0}
+
+
+def every_of(size: str) -> int:
+    return int(os.environ.get("EVERY", EVERY[size]))
+
+
+def iters_of(size: str) -> int:
+    return int(os.environ.get("ITERS", every_of(size) * (CHECKPOINTS + 1) - 1))
+
+
+def seq_of(size: str) -> int:
+    return int(os.environ.get("SEQ", SEQ.get(size, 2048)))
 T0 = time.time()
 
 
@@ -76,10 +120,13 @@ def build(size: str):
     with torch.device("cuda" if CUDA else "cpu"):
         model = Qwen2ForCausalLM(qwen2_config(size))
     torch.set_default_dtype(torch.float32)
+    if LORA not in ("all", "attn"):
+        raise SystemExit(f"LORA must be 'all' or 'attn', got {LORA!r}")
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
     pm = get_peft_model(model, LoraConfig(
         r=64 if size != "tiny" else 8, lora_alpha=128, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        modules_to_save=["embed_tokens", "lm_head"]))
+        target_modules=attn + ["gate_proj", "up_proj", "down_proj"] if LORA == "all" else attn,
+        modules_to_save=["embed_tokens", "lm_head"] if LORA == "all" else None))
 
     class CausalLM(BaseModel):
         """What xtuner's SupervisedFinetune is to the Runner: loss in forward, and a state dict of
@@ -157,7 +204,14 @@ def _stamp_hooks():
 
         return Stamp()
 
-    return stamps, [make(65, 0), make(80, 1), make(95, 2), make(100, 3)]
+    class EndStamp(Hook):  # after HFExportHook's after_train (same priority, registered after it)
+        priority = 100
+
+        def after_train(self, runner) -> None:
+            sync()
+            stamps.setdefault("end", {})[0] = time.perf_counter()
+
+    return stamps, [make(65, 0), make(80, 1), make(95, 2), make(100, 3), EndStamp()]
 
 
 class Collect(logging.Handler):
@@ -174,16 +228,24 @@ class Collect(logging.Handler):
         self.paused: dict[int, float] = {}
         self.waited: list[float] = []
         self.errors: list[str] = []
+        self.skipped: list[str] = []
+        self.windows: dict[int, list[float]] = {}  # iter -> [start, end] of its export (perf_counter)
 
     def emit(self, record) -> None:
         msg = record.getMessage()
+        now = time.perf_counter()
         if m := self.EXPORTED.search(msg):
             self.exports[int(m.group(1))] = {"s": float(m.group(2)), "written": int(m.group(3)),
                                              "linked": int(m.group(4))}
+            self.windows.setdefault(int(m.group(1)), [now - float(m.group(2)), now])[1] = now
         elif m := self.PAUSED.search(msg):
             self.paused[int(m.group(1))] = float(m.group(2))
+            start = now - float(m.group(2))  # the line follows the pause; the thread may have ended already
+            self.windows.setdefault(int(m.group(1)), [start, float("inf")])[0] = start
         elif m := self.WAITED.search(msg):
             self.waited.append(float(m.group(1)))
+        elif "SKIPPED" in msg:
+            self.skipped.append(msg)
         if record.levelno >= logging.ERROR:
             self.errors.append(msg)
 
@@ -192,24 +254,26 @@ def train(model, size: str, mode: str) -> dict:
     from mmengine.runner import Runner
     import sa2va_hooks  # noqa: F401 - registers the hooks
 
-    every = int(os.environ.get("EVERY", EVERY[size]))
-    iters = every * CHECKPOINTS
+    every, iters = every_of(size), iters_of(size)
     work = WORK / f"{size}_{mode}"
     shutil.rmtree(work, ignore_errors=True)
+    shard = os.environ.get("MAX_SHARD") or ("4MB" if size == "tiny" else None)  # tiny: frozen shards of their own
+    extra = {"max_shard_size": shard} if shard else {}
     hooks = {"none": [],
              "sync": [dict(type="FingerprintHook"),
-                      dict(type="HFExportHook", dtype="bf16", keep_last=1, background=False)],
-             "async": [dict(type="FingerprintHook"), dict(type="HFExportHook", dtype="bf16", keep_last=1)]}[mode]
+                      dict(type="HFExportHook", dtype="bf16", keep_last=1, background=False, **extra)],
+             "async": [dict(type="FingerprintHook"), dict(type="HFExportHook", dtype="bf16", keep_last=1, **extra)]}[mode]
     timer = _timer_hook()
     stamps, stamp_hooks = _stamp_hooks()
     runner = Runner(
         model=model, work_dir=str(work), experiment_name=f"stall_{size}_{mode}_{uuid.uuid4().hex[:6]}",
-        train_dataloader=dict(dataset=RandomTokens(qwen2_config(size).vocab_size, SEQ.get(size, 2048)),
+        train_dataloader=dict(dataset=RandomTokens(qwen2_config(size).vocab_size, seq_of(size)),
                               sampler=dict(type="DefaultSampler", shuffle=False), batch_size=1, num_workers=0,
                               collate_fn=dict(type="default_collate")),
         train_cfg=dict(by_epoch=False, max_iters=iters, val_interval=10**9),
         optim_wrapper=dict(optimizer=dict(type="AdamW", lr=1e-5)),
-        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=every, by_epoch=False, max_keep_ckpts=1),
+        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=every, by_epoch=False, max_keep_ckpts=1,
+                                           save_last=False),
                            logger=dict(type="LoggerHook", interval=every)),
         custom_hooks=hooks + [timer] + stamp_hooks, randomness=dict(seed=0), log_level="WARNING",
         env_cfg=dict(dist_cfg=dict(backend="nccl")))
@@ -232,8 +296,20 @@ def train(model, size: str, mode: str) -> dict:
     saving = [stamps[i][2] - stamps[i][1] for i in ckpt]
     snap = work / "hf"
     sizes = [p.stat().st_size for p in snap.rglob("*") if p.is_file()] if snap.is_dir() else []
+    snaps = sorted(snap.glob("iter_*"), key=lambda p: int(p.name.split("_")[1])) if snap.is_dir() else []
+    roles = snapshot_roles(snaps[-1]) if snaps else None
     shutil.rmtree(work, ignore_errors=True)
-    return {"mode": mode, "total_s": round(total, 2), "ckpt_iter_s": [round(times[i], 3) for i in ckpt],
+    # iterations that overlap a background export (its window from the hook's log lines), not a checkpoint's
+    bounds = timer.stamps
+    overlap = sorted({i for w in collect.windows.values() for i in range(len(times))
+                      if i not in ckpt and bounds[i] < w[1] and bounds[i + 1] > w[0]})
+    end_wait = stamps.get("end", {}).get(0, bounds[-1]) - bounds[-1]
+    return {"mode": mode, "every": every, "iters": iters, "seq": seq_of(size), "lora": LORA,
+            "iter_s": [round(x, 4) for x in times], "ckpt_idx": ckpt,
+            "ckpt_save_all_s": [round(stamps[i][2] - stamps[i][1], 4) for i in ckpt],
+            "overlap_idx": overlap, "end_wait_s": round(end_wait, 3), "skipped": collect.skipped,
+            "snapshot_roles": roles,
+            "total_s": round(total, 2), "ckpt_iter_s": [round(times[i], 3) for i in ckpt],
             "in_loop_hooks_s": [round(x, 4) for x in ours], "in_loop_fingerprint_s": [round(x, 4) for x in fingerprint],
             "checkpoint_save_s": [round(x, 3) for x in saving],
             "after_iter_mean_s": round(statistics.mean(times[i] for i in after), 4),
@@ -282,13 +358,17 @@ def measure(size: str) -> dict:
     model = build(size)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    log("model", size=size, params_b=round(params / 1e9, 3), trainable_gib=round(trainable / 2**30, 3))
+    log("model", size=size, params_b=round(params / 1e9, 3), trainable_gib=round(trainable / 2**30, 3), lora=LORA,
+        every=every_of(size), iters=iters_of(size), seq=seq_of(size), exports_expected=iters_of(size) // every_of(size))
     runs = {}
     for mode in ("none", "sync", "async"):
         runs[mode] = log("train", size=size, **train(model, size, mode))
     nbytes = runs["async"]["snapshot_bytes"] or runs["sync"]["snapshot_bytes"]
-    floor = log("disk_floor", size=size, gib=round(nbytes / 2**30, 3), s=round(disk_floor(nbytes), 2))
-    peft = log("peft_merge_and_unload_save_pretrained", size=size, **peft_merge_save(model))
+    if ANCHORS:
+        floor = log("disk_floor", size=size, gib=round(nbytes / 2**30, 3), s=round(disk_floor(nbytes), 2))
+        peft = log("peft_merge_and_unload_save_pretrained", size=size, **peft_merge_save(model))
+    else:  # ANCHORS=0: the issue 18 figures only
+        floor, peft = {"s": None}, {"s": None}
     return summarize(size, params, nbytes, runs, floor, peft)
 
 
@@ -314,13 +394,76 @@ def summarize(size: str, params: int, nbytes: int, runs: dict, floor: dict, peft
                      "extra_gpu_gib": (round(r["gpu_peak_gib"] - runs["none"]["gpu_peak_gib"], 2)
                                        if r["gpu_peak_gib"] is not None else None),
                      "paused_s": list(r["paused_s"].values()), "waited_s": r["waited_s"], "errors": r["errors"]}
+        row[mode].update(issue18(runs["none"], r))
     sync_export = statistics.mean(row["sync"]["export_s"] or [float("nan")])
     row["async"]["stall_vs_sync_export"] = round(row["async"]["in_loop_mean_s"] / sync_export, 4)
     async_export = statistics.mean(row["async"]["export_s"] or [float("nan")])
     row["async"]["export_vs_floor"] = round(async_export / floor["s"], 3) if floor["s"] else None
-    row["async"]["export_vs_peft"] = round(async_export / peft["s"], 3)
+    row["async"]["export_vs_peft"] = round(async_export / peft["s"], 3) if peft["s"] else None
     row["sync"]["export_vs_floor"] = round(sync_export / floor["s"], 3) if floor["s"] else None
+    row["lora"], row["every"], row["iters"], row["seq"] = LORA, r["every"], r["iters"], r["seq"]
+    row["frozen_pct"] = (runs["async"]["snapshot_roles"] or runs["sync"]["snapshot_roles"] or {}).get("frozen_pct")
+    row["targets"] = TARGETS
     return log("summary", **row)
+
+
+def issue18(none: dict, r: dict) -> dict:
+    """Issue 18's figures of one mode against "none": the whole cost per export, the slowdown of
+    the iterations that overlap a background export, the pause, the second export's bytes."""
+    n, every = len(r["iter_s"]), r["every"]
+    warm = max(1, every // 4)
+    save_r, save_n = dict(zip(r["ckpt_idx"], r["ckpt_save_all_s"])), dict(zip(none["ckpt_idx"], none["ckpt_save_all_s"]))
+    idx = range(warm, min(n, len(none["iter_s"])))
+    raw = sum(r["iter_s"][i] for i in idx) + r["end_wait_s"] - sum(none["iter_s"][i] for i in idx) - none["end_wait_s"]
+    saves = sum(save_r.get(i, 0.0) for i in idx) - sum(save_n.get(i, 0.0) for i in idx)
+    exports = max(len(r["exports"]), 1)
+    ordinary = [none["iter_s"][i] for i in idx if i not in save_n]
+    noise = statistics.stdev(ordinary) * len(idx) ** 0.5 / exports if len(ordinary) > 1 else None
+    ov = [i for i in r["overlap_idx"] if i < len(none["iter_s"])]
+    slowdown = (100 * (statistics.mean(r["iter_s"][i] for i in ov) / statistics.mean(none["iter_s"][i] for i in ov) - 1)
+                if ov else None)
+    exports_list = [r["exports"][k] for k in sorted(r["exports"], key=int)]
+    return {"exports_done": len(r["exports"]), "skipped": len(r["skipped"]), "warmup_iters_left_out": warm,
+            "whole_cost_per_export_s": round((raw - saves) / exports, 3),
+            "whole_cost_raw_per_export_s": round(raw / exports, 3),
+            "whole_cost_noise_s": round(noise, 3) if noise is not None else None,
+            "end_wait_s": r["end_wait_s"], "overlap_iters": len(ov),
+            "overlap_slowdown_pct": round(slowdown, 2) if slowdown is not None else None,
+            "paused_max_s": max(r["in_loop_hooks_s"]) if r["in_loop_hooks_s"] else None,
+            "second_export": second_export(exports_list)}
+
+
+def verdict(value, target: float, le: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value} ({'met' if (value <= target if le else value >= target) else 'MISSED'})"
+
+
+def targets_table(rows: list[dict]) -> str:
+    t = TARGETS
+    lines = [f"issue 18 targets: whole cost <= {t['whole_cost_s']} s/export at 7.6B; iterations overlapping a background "
+             f"export <= {t['overlap_slowdown_pct']} % slower; paused <= {t['paused_s']} s (max over exports, "
+             f"FingerprintHook + HFExportHook in the loop); second export writes <= {t['second_written_pct']} % of its "
+             f"bytes when >= {t['frozen_pct_min']} % are frozen",
+             "| size | LoRA | mode | exports | whole cost s/export (noise; with saves) | overlapping iters | "
+             "overlap slowdown % | paused s: in loop max (hook log) | 2nd export written % (written / linked B) | "
+             "frozen % | extra RSS GiB | extra GPU GiB |", "|" + "---|" * 12]
+    for r in rows:
+        for mode in ("sync", "async"):
+            m = r[mode]
+            sec = m["second_export"]
+            written = (verdict(sec["written_pct"], t["second_written_pct"]) if sec and r["frozen_pct"] is not None
+                       and r["frozen_pct"] >= t["frozen_pct_min"] else (sec["written_pct"] if sec else None))
+            hook_paused = max(m["paused_s"]) if m["paused_s"] else None
+            lines.append(
+                f"| {r['size']} | {r['lora']} | {mode} | {m['exports_done']} (skipped {m['skipped']}) | "
+                f"{verdict(m['whole_cost_per_export_s'], t['whole_cost_s'])} ({m['whole_cost_noise_s']}; "
+                f"{m['whole_cost_raw_per_export_s']}) | {m['overlap_iters']} | "
+                f"{verdict(m['overlap_slowdown_pct'], t['overlap_slowdown_pct'])} | "
+                f"{verdict(m['paused_max_s'], t['paused_s'])} ({hook_paused}) | {written} "
+                f"({sec['written'] if sec else None} / {sec['linked'] if sec else None}) | {r['frozen_pct']} | "
+                f"{m['extra_rss_gib']} | {m['extra_gpu_gib']} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -435,6 +578,7 @@ def main() -> None:
         probe(size)
     rows = [measure(size) for size in filter(None, os.environ.get("SIZES", "tiny").split(","))]
     print(table(rows), flush=True)
+    print(targets_table(rows), flush=True)
     shutil.rmtree(WORK, ignore_errors=True)
 
 
