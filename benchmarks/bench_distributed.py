@@ -232,7 +232,8 @@ def distributed(mode: str) -> None:
     from sa2va_hooks.hooks import hf_export_hook
     from sa2va_hooks.hooks.common import checkpoint_point, unwrapped_model
 
-    log("config", mode=mode, seq=SEQ, max_shard_size=MAX_SHARD, interval=INTERVAL, exports=EXPORTS, iters=ITERS, ref_iters=REF_ITERS,
+    log("config", mode=mode, seq=SEQ, max_shard_size=MAX_SHARD, interval=INTERVAL, exports=EXPORTS, iters=ITERS,
+        ref_iters=REF_ITERS,
         warmup=WARMUP, world=int(os.environ.get("WORLD_SIZE", "1")), cuda=CUDA,
         device=torch.cuda.get_device_name(0) if CUDA else "cpu", torch=torch.__version__)
     iters: dict[int, tuple[float, float]] = {}  # iteration (1-based) -> (start, end), perf_counter
@@ -386,7 +387,8 @@ def summarize(mode: str, iters: dict, exports: list[dict], collect: _Collect, ph
             "ref_iter_sd_s": round(statistics.stdev(ref), 4) if len(ref) > 1 else None,
             "hooked_iter_s": [round(e - s, 4) for _, (s, e) in sorted(hooked.items())],
             "end_wait_s": round(phase.get("end_wait_s", 0.0), 3), "waited_s": collect.waited,
-            "paused_s": [x["hook_s"] for x in exports], "paused_max_s": max((x["hook_s"] for x in exports), default=None),
+            "paused_s": [x["hook_s"] for x in exports],
+            "paused_max_s": max((x["hook_s"] for x in exports), default=None),
             "hook_log_paused_s": [collect.paused.get(x["iter"]) for x in exports],
             "whole_cost_per_export_s": round((hooked_sum - ref_mean * len(hooked)) / n, 3),
             "whole_cost_noise_s": (round(statistics.stdev(ref) * len(hooked) ** 0.5 / n, 3) if len(ref) > 1 else None),
@@ -398,6 +400,11 @@ def summarize(mode: str, iters: dict, exports: list[dict], collect: _Collect, ph
             "ref_peak_rss_gib": round(phase["ref_rss"].peak / 2**30, 3),
             "ref_peak_gpu_gib": round(phase["ref_gpu"], 3) if phase.get("ref_gpu") is not None else None,
             "targets": TARGETS}
+
+
+def _second(sec: dict | None) -> str | None:
+    """The second export's bytes: written / linked (written %)."""
+    return f"{sec['written']} / {sec['linked']} ({sec['written_pct']})" if sec else None
 
 
 def _met(value, target: float) -> str:
@@ -415,11 +422,12 @@ def table(mode: str, rows: list[dict]) -> str:
     for rank, r in enumerate(rows):
         sec = r["second_export"]
         lines.append(
-            f"| {mode} {SIZE} | {rank} | {r['exports_done']} ({r['skipped']}) | {_met(r['paused_max_s'], t['paused_s'])} "
+            f"| {mode} {SIZE} | {rank} | {r['exports_done']} ({r['skipped']}) | "
+            f"{_met(r['paused_max_s'], t['paused_s'])} "
             f"({r['paused_s']}; {r['hook_log_paused_s']}) | {_met(r['whole_cost_per_export_s'], t['whole_cost_s'])} "
             f"({r['whole_cost_noise_s']}) | {r['ref_iter_mean_s']} | {r['overlap_iters']} | "
             f"{_met(r['overlap_slowdown_pct'], t['overlap_slowdown_pct'])} | "
-            f"{(str(sec['written']) + ' / ' + str(sec['linked']) + ' (' + str(sec['written_pct']) + ')') if sec else None} | "
+            f"{_second(sec)} | "
             f"{r['extra_rss_gib']} (+{r['capture_buffers_gib']}) | {r['extra_gpu_gib']} | {r['end_wait_s']} |")
     return "\n".join(lines)
 

@@ -39,7 +39,8 @@ of them are frozen).
 Environment: SIZES, PROBE (sizes for the idle-GPU probe), EVERY (checkpoint interval, default per
 size: 4 tiny, 40 at 0.5b/1.5b, 50 at 7b), CHECKPOINTS (default 3), ITERS (iterations per run,
 default EVERY*(CHECKPOINTS+1)-1: the last EVERY-1 iterations let the last export finish; no
-checkpoint at the last iteration), LORA (all|attn), ANCHORS=0 (skip (b) and (c)), MAX_SHARD (HFExportHook's max_shard_size; its
+checkpoint at the last iteration), LORA (all|attn), ANCHORS=0 (skip (b) and (c)), MAX_SHARD
+(HFExportHook's max_shard_size; its
 default, 4MB for tiny so that the frozen tensors get shards of their own), SEQ (tokens per
 sample, default 2048; 16 for tiny), WORK, BENCH_OUT.
 
@@ -262,7 +263,8 @@ def train(model, size: str, mode: str) -> dict:
     hooks = {"none": [],
              "sync": [dict(type="FingerprintHook"),
                       dict(type="HFExportHook", dtype="bf16", keep_last=1, background=False, **extra)],
-             "async": [dict(type="FingerprintHook"), dict(type="HFExportHook", dtype="bf16", keep_last=1, **extra)]}[mode]
+             "async": [dict(type="FingerprintHook"),
+                       dict(type="HFExportHook", dtype="bf16", keep_last=1, **extra)]}[mode]
     timer = _timer_hook()
     stamps, stamp_hooks = _stamp_hooks()
     runner = Runner(
@@ -412,7 +414,8 @@ def issue18(none: dict, r: dict) -> dict:
     the iterations that overlap a background export, the pause, the second export's bytes."""
     n, every = len(r["iter_s"]), r["every"]
     warm = max(1, every // 4)
-    save_r, save_n = dict(zip(r["ckpt_idx"], r["ckpt_save_all_s"])), dict(zip(none["ckpt_idx"], none["ckpt_save_all_s"]))
+    save_r = dict(zip(r["ckpt_idx"], r["ckpt_save_all_s"], strict=False))
+    save_n = dict(zip(none["ckpt_idx"], none["ckpt_save_all_s"], strict=False))
     idx = range(warm, min(n, len(none["iter_s"])))
     raw = sum(r["iter_s"][i] for i in idx) + r["end_wait_s"] - sum(none["iter_s"][i] for i in idx) - none["end_wait_s"]
     saves = sum(save_r.get(i, 0.0) for i in idx) - sum(save_n.get(i, 0.0) for i in idx)
@@ -441,7 +444,8 @@ def verdict(value, target: float, le: bool = True) -> str:
 
 def targets_table(rows: list[dict]) -> str:
     t = TARGETS
-    lines = [f"issue 18 targets: whole cost <= {t['whole_cost_s']} s/export at 7.6B; iterations overlapping a background "
+    lines = [f"issue 18 targets: whole cost <= {t['whole_cost_s']} s/export at 7.6B; iterations overlapping a "
+             "background "
              f"export <= {t['overlap_slowdown_pct']} % slower; paused <= {t['paused_s']} s (max over exports, "
              f"FingerprintHook + HFExportHook in the loop); second export writes <= {t['second_written_pct']} % of its "
              f"bytes when >= {t['frozen_pct_min']} % are frozen",
