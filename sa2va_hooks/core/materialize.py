@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import BadInputError
-from .snapshot import live
+from .snapshot import live, own_parameters
 from .sharding import logical_shape as sharded_shape
 from .vocab import CHUNK_ELEMENTS
 
@@ -152,7 +152,9 @@ def _private_copy(module: nn.Module) -> nn.Module:
     """A shallow copy of ``module`` whose own parameters and floating buffers are private fp32
     copies. Nested ``base_layer``s (a tuner layer around a tuner layer) are privatised too."""
     proxy = copy.copy(module)
-    proxy._parameters = {k: _fp32_param(v) for k, v in module._parameters.items()}
+    proxy._parameters = {k: _fp32_param(v) for k, v in own_parameters(module).items()}
+    for k in proxy._parameters:  # a plain tensor FSDP set in the parameter's place mid-forward
+        proxy.__dict__.pop(k, None)
     proxy._buffers = {k: None if v is None else live(v).detach().float().clone() if v.is_floating_point() else v
                       for k, v in module._buffers.items()}
     proxy._modules = dict(module._modules)
@@ -163,7 +165,7 @@ def _private_copy(module: nn.Module) -> nn.Module:
 
 def _private_adapter_container(container: nn.Module) -> nn.Module:
     if isinstance(container, nn.ParameterDict):
-        return nn.ParameterDict({k: _fp32_param(v) for k, v in container.items()})
+        return nn.ParameterDict({k: _fp32_param(v) for k, v in own_parameters(container).items()})
     if isinstance(container, nn.ModuleDict):
         return nn.ModuleDict({k: _private_copy(v) for k, v in container.items()})
     return container

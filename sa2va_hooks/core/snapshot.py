@@ -34,6 +34,20 @@ _SUBSTITUTE: contextvars.ContextVar[Mapping[int, torch.Tensor] | None] = context
     "sa2va_hooks_substitute", default=None)
 
 
+# the modules' own parameters as they were at the capture, by the module's id: FSDP (use_orig_params)
+# swaps a module's parameters for plain tensors while its forward runs, so a background reader must
+# not look them up in the live module then
+_MODULE_PARAMS: contextvars.ContextVar[Mapping[int, dict] | None] = contextvars.ContextVar(
+    "sa2va_hooks_module_params", default=None)
+
+
+def own_parameters(module: nn.Module) -> Mapping[str, torch.Tensor | None]:
+    """``module._parameters``, or what it held at the capture while one is substituted."""
+    recorded = _MODULE_PARAMS.get()
+    held = None if recorded is None else recorded.get(id(module))
+    return module._parameters if held is None else held
+
+
 class ModelChangedError(ExportFailedError, RuntimeError):
     """A tensor that a background export reads from the live model was written meanwhile."""
 
@@ -66,9 +80,11 @@ def substituted(capture: "Capture | None") -> Iterator[None]:
     if capture is not None:
         capture.wait()  # every copy into the buffers is complete before anything reads them
     token = _SUBSTITUTE.set(None if capture is None else capture.by_id)
+    params = _MODULE_PARAMS.set(None if capture is None else capture.module_params)
     try:
         yield
     finally:
+        _MODULE_PARAMS.reset(params)
         _SUBSTITUTE.reset(token)
 
 
@@ -89,6 +105,7 @@ class Capture:
     pieces: dict[int, tuple[Piece, torch.Tensor]] = dataclasses.field(default_factory=dict)
     live_pieces: dict[int, Piece] = dataclasses.field(default_factory=dict)
     partitioned: bool = False
+    module_params: dict[int, dict] = dataclasses.field(default_factory=dict)  # see own_parameters
 
     def wait(self, name: str | None = None) -> None:
         """Wait until the copy of ``name`` (or of everything) into its host buffer is complete."""
@@ -250,7 +267,8 @@ class SnapshotBuffers:
         versions = {piece.name: (piece.storage, piece.storage._version) for piece in live.values()}
         nbytes = sum(b.numel() * b.element_size() for _, b in pieces.values()) + \
             sum(b.numel() * b.element_size() for b in by_name.values())
-        return Capture(by_id, by_name, versions, nbytes, trainable, {}, ready, pieces, live, True)
+        module_params = {id(m): dict(m._parameters) for m in model.modules()}
+        return Capture(by_id, by_name, versions, nbytes, trainable, {}, ready, pieces, live, True, module_params)
 
 
 def _whole_trainable(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -104,3 +104,29 @@ def test_fingerprints_of_the_capture_equal_those_of_the_live_tensors_then(stats)
         assert (got[n].digest, got[n].dtype, got[n].shape) == (ref[n].digest, ref[n].dtype, ref[n].shape)
         assert got[n].norm == pytest.approx(ref[n].norm, rel=1e-12)
         assert got[n].sum == pytest.approx(ref[n].sum, rel=1e-9, abs=1e-12)
+
+
+def test_a_background_reader_merges_from_the_parameters_a_module_held_at_the_capture():
+    """FSDP (use_orig_params) replaces a module's parameters by plain tensors while its forward runs; an
+    export reading the module then must use what the module held at the capture, not the live
+    attribute (seen on 2 H200s: KeyError 'weight', then 'data is not allocated yet'). Reference: PEFT's
+    own merge_and_unload of an untouched copy."""
+    import copy
+
+    from conftest import lora_qwen2
+    from sa2va_hooks.core.materialize import MergeGroup
+    from sa2va_hooks.core.snapshot import substituted
+
+    pm = lora_qwen2()
+    want = copy.deepcopy(pm).merge_and_unload().model.layers[0].self_attn.q_proj.weight.detach()
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    capture = Capture({}, {}, {}, 0, partitioned=True, module_params={id(m): dict(m._parameters) for m in pm.modules()})
+    base = layer.base_layer
+    del base._parameters["weight"]  # as FSDP does mid-forward: a plain tensor, its storage freed
+    base.weight = torch.empty(0)
+    with substituted(capture):
+        got = MergeGroup(layer, "q_proj", ["default"]).take("weight")
+    assert torch.equal(got, want)
+    from sa2va_hooks.core.materialize import UnsupportedModuleError
+    with pytest.raises(UnsupportedModuleError, match="must match the size"):  # the live module, without it
+        MergeGroup(layer, "q_proj", ["default"]).take("weight")
