@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -165,36 +163,6 @@ class ExportJob:
                 self.on_done(self)
             except Exception:  # noqa: BLE001 - a callback bug must not vanish silently
                 logging.getLogger("sa2va_hooks").exception("the export's completion callback failed")
-
-
-# How long a thread that wants the GIL waits before asking the holder to drop it, while an export runs.
-# CPython's default (5 ms) lets the export thread's Python work (merging, planning each file) hold the
-# training thread up to 5 ms at each of its hand-offs (every blocking call of an iteration); on 2
-# H200s the iterations overlapping an export ran 22-35 % slower with it. SA2VA_HOOKS_SWITCH_INTERVAL
-# (seconds; 0 leaves the interpreter's setting alone) overrides it.
-SWITCH_INTERVAL_S = float(os.environ.get("SA2VA_HOOKS_SWITCH_INTERVAL", "0.0002"))
-_switch_lock = threading.Lock()
-_switch_users = [0, None]  # exports running, the interval before the first
-
-
-@contextlib.contextmanager
-def _quick_handoffs():
-    """Shorten the interpreter's GIL switch interval while any export runs, then restore it."""
-    if SWITCH_INTERVAL_S <= 0:
-        yield
-        return
-    with _switch_lock:
-        if _switch_users[0] == 0:
-            _switch_users[1] = sys.getswitchinterval()
-            sys.setswitchinterval(min(SWITCH_INTERVAL_S, _switch_users[1]))
-        _switch_users[0] += 1
-    try:
-        yield
-    finally:
-        with _switch_lock:
-            _switch_users[0] -= 1
-            if _switch_users[0] == 0:
-                sys.setswitchinterval(_switch_users[1])
 
 
 def _own_stream(model: nn.Module):
