@@ -475,6 +475,9 @@ def main() -> None:
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         except ImportError:
             pass
+    if os.environ.get("DUMP_AFTER"):  # a run that may hang: every thread's stack to stderr after N seconds
+        import faulthandler
+        faulthandler.dump_traceback_later(float(os.environ["DUMP_AFTER"]), repeat=False)
     mode = sys.argv[1]
     if mode == "single":
         single()
