@@ -171,6 +171,15 @@ def _private_adapter_container(container: nn.Module) -> nn.Module:
     return container
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    """The module's ``weight`` parameter, read from its own parameters (as held at the capture, see
+    :func:`.snapshot.own_parameters`), never through ``getattr``: DeepSpeed ZeRO-3 gathers a parameter
+    that is read through the module while a forward runs (collective: from an export's thread that
+    deadlocks with the training thread; seen on 2 H200s)."""
+    w = own_parameters(module).get("weight")
+    return torch.empty(0) if w is None else w
+
+
 def _merge_proxy(layer: nn.Module) -> nn.Module:
     """A private fp32 stand-in for a PEFT tuner layer, on which PEFT's own ``merge`` can run.
 
@@ -181,7 +190,7 @@ def _merge_proxy(layer: nn.Module) -> nn.Module:
     """
     proxy = _private_copy(layer)
     base = layer._modules.get("base_layer")
-    if isinstance(base, nn.Module) and quantization_of(getattr(base, "weight", torch.empty(0))):
+    if isinstance(base, nn.Module) and quantization_of(_weight(base)):
         # QLoRA: merge into the dequantized base in fp32 instead of re-quantizing, as PEFT's
         # bnb layers would; the export is written in the export dtype.
         proxy._modules["base_layer"] = _plain_linear(base)
@@ -231,7 +240,7 @@ def _plain_merge_for(layer: nn.Module):
     """For a LoRA layer over a bitsandbytes base, the merge of PEFT's plain LoRA Linear (which
     adds in place), instead of the bnb layer's (which re-quantizes the result)."""
     base = layer._modules.get("base_layer")
-    if isinstance(base, nn.Module) and quantization_of(getattr(base, "weight", torch.empty(0))):
+    if isinstance(base, nn.Module) and quantization_of(_weight(base)):
         from peft.tuners.lora.layer import Linear as LoraLinear
         if hasattr(layer, "lora_A"):
             return LoraLinear.merge

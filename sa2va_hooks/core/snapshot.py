@@ -42,10 +42,12 @@ _MODULE_PARAMS: contextvars.ContextVar[Mapping[int, dict] | None] = contextvars.
 
 
 def own_parameters(module: nn.Module) -> Mapping[str, torch.Tensor | None]:
-    """``module._parameters``, or what it held at the capture while one is substituted."""
+    """``module._parameters``, or what it held at the capture while one is substituted. Raw
+    entries either way: DeepSpeed ZeRO-3's parameter dict gathers a parameter read by key while
+    a forward runs, a collective that a background reader must never start."""
     recorded = _MODULE_PARAMS.get()
     held = None if recorded is None else recorded.get(id(module))
-    return module._parameters if held is None else held
+    return dict(dict.items(module._parameters)) if held is None else held
 
 
 class ModelChangedError(ExportFailedError, RuntimeError):
@@ -267,7 +269,8 @@ class SnapshotBuffers:
         versions = {piece.name: (piece.storage, piece.storage._version) for piece in live.values()}
         nbytes = sum(b.numel() * b.element_size() for _, b in pieces.values()) + \
             sum(b.numel() * b.element_size() for b in by_name.values())
-        module_params = {id(m): dict(m._parameters) for m in model.modules()}
+        # dict.items: the raw entries (DeepSpeed's ZeROOrderedDict gathers a parameter read by key in a forward)
+        module_params = {id(m): dict(dict.items(m._parameters)) for m in model.modules()}
         return Capture(by_id, by_name, versions, nbytes, trainable, {}, ready, pieces, live, True, module_params)
 
 
