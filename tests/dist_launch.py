@@ -63,9 +63,9 @@ def _cpu_workarounds() -> None:
         from mmengine.model import BaseDataPreprocessor
         BaseDataPreprocessor.cuda = lambda self, *a, **k: self
     atexit.register(_destroy_process_group)  # 6.
-    try:
-        import deepspeed.comm.torch as ds_torch
-        ds_torch.build_shm_op = lambda: None  # 3.
+    try:  # 3. by module path: "import deepspeed.comm.torch as x" binds torch itself (deepspeed.comm's attribute)
+        import importlib
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     except ImportError:
         pass
 
