@@ -19,7 +19,7 @@ from .core.manifest import MANIFEST_FILE, ExportManifest  # noqa: F401
 from .core.observer import ExportObserver
 from .core.pipeline import ExportTask  # noqa: F401
 from .core.plan import parse_dtype, reserve_staging  # noqa: F401
-from .core.partitions import PieceExchange  # noqa: F401
+from .core.partitions import PieceExchange, partition_support  # noqa: F401
 from .core.produce import fingerprint_pieces, fingerprint_whole, frozen_root, trained_fingerprints  # noqa: F401
 from .core.publish import clean_leftovers, remove_snapshot  # noqa: F401
 from .core.shards import parse_size  # noqa: F401

@@ -22,7 +22,7 @@ from ..core.sharding import is_fsdp_module
 from ..core.vocab import SIDECAR_SUFFIX  # noqa: F401 - re-exported
 from ..core.checkpoint_export import ExportHandle
 from ..export import (MANIFEST_FILE, Capture, Fingerprint, PieceExchange, SnapshotBuffers, checkpoint_export_mode,
-                      clean_leftovers, frozen_root, remove_snapshot, trained_fingerprints)
+                      clean_leftovers, frozen_root, partition_support, remove_snapshot, trained_fingerprints)
 from ..core.fingerprint import DIGEST_ALGORITHM
 from ..core.vocab import DIGEST_V1
 from ..records import (BASELINE_KEY, CHECKPOINT_RECORD_KEY, FROZEN_ROOT_ALGORITHM_KEY,  # noqa: F401 - re-exported
@@ -232,7 +232,8 @@ class BackgroundExports:
             self.exchange, self.fp_exchange = PieceExchange.create(timeout_s), PieceExchange.create(timeout_s)
         if mode == "gathered":
             self.when_busy = "wait" if when_busy == "queue" else when_busy
-            runner.logger.info("[sa2va_hooks] parameters are partitioned (DeepSpeed ZeRO-3 or FSDP): at each export "
+            runner.logger.warning("[sa2va_hooks] parameters are partitioned (DeepSpeed ZeRO-3 or FSDP) in a way whose "
+                               f"pieces cannot be copied as they are ({partition_support(model)}): at each export "
                                "the training thread gathers them (collective) and copies them to the host; the "
                                "writing, read-back and publishing run in the background. When an export is still "
                                f"running at the next checkpoint: {self.when_busy}"

@@ -1,8 +1,8 @@
 """HFExportHook: a verified HF snapshot of the in-memory model at each checkpoint.
 
 Thin by design: it reads runner state, decides when, and calls ``start_checkpoint_export``,
-which chooses how (synchronous; captured, then a background thread; gathered by the training
-thread under ZeRO-3 / FSDP, then written by a thread). It never raises into the training loop
+which chooses how (synchronous; captured, then a background thread; under ZeRO-3 / FSDP each
+rank's own pieces captured, then assembled and written by a thread). It never raises into the training loop
 (a failed export is logged as an error and training goes on), and never changes a parameter.
 
 When: in ``after_train_iter`` / ``after_train_epoch`` on every rank, just after CheckpointHook
@@ -53,8 +53,8 @@ class HFExportHook(Hook):
             merged, written, read back and verified while training goes on, and the snapshot
             holds exactly the weights of its checkpoint iteration. ``False`` exports
             synchronously, training waiting until the snapshot is published. Under ZeRO-3 and
-            FSDP (partitioned parameters) training also pauses for the gathers (only a collective
-            gather, in the training thread, can read those parameters); the writing is in the background.
+            FSDP each rank copies only its own pieces of the trainable parameters; the export's
+            thread assembles the tensors over a gloo group of its own.
         when_busy: what a checkpoint does while the previous background export is still
             running. ``"queue"`` (the default): capture now into a second buffer set and queue the
             export behind the running one (training pauses only for the capture); with one already
