@@ -202,6 +202,22 @@ def test_every_snapshot_verifies_and_equals_peft_merge_of_its_checkpoint(runs, c
         assert [k for k in want if not torch.equal(want[k], got[k])] == []
 
 
+@pytest.mark.parametrize("mode", list(LAUNCH))
+def test_frozen_shards_of_the_second_export_are_hard_linked(runs, mode):
+    """The hook's default (background; under ZeRO-3 and FSDP assembled from every rank's pieces): the files of
+    frozen tensors only are linked from iteration 3's snapshot, on every strategy, and only those."""
+    work, _, _ = runs[mode]
+    second = json.loads((work / "hf" / "iter_6" / "export_manifest.json").read_text())
+    files = {t["file"] for t in second["tensors"].values()}
+    trained = {t["file"] for t in second["tensors"].values() if t["role"] != "frozen"}
+    frozen = files - trained
+    assert frozen and trained, "no file of frozen tensors only"
+    assert set(second["storage"]["linked_from"]) == frozen
+    for f in frozen:
+        assert os.stat(work / "hf" / "iter_6" / f).st_ino == os.stat(work / "hf" / "iter_3" / f).st_ino
+    assert second["storage"]["bytes_linked"] == sum((work / "hf" / "iter_6" / f).stat().st_size for f in frozen)
+
+
 @pytest.mark.parametrize("mode", XTUNER_MODES)
 def test_single_process_reexport_has_the_same_root_digest(runs, cwd, mode):
     work, _, _ = runs[mode]
