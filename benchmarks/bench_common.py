@@ -81,3 +81,11 @@ def second_export(exports: list[dict]) -> dict | None:
     e = exports[1]
     total = (e["written"] + e["linked"]) or 1
     return {"written": e["written"], "linked": e["linked"], "written_pct": round(100 * e["written"] / total, 1)}
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display on the benchmark machines)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt

@@ -64,7 +64,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import PeakRSS, qwen2_config, second_export  # noqa: E402
+from bench_common import PeakRSS, pyplot, qwen2_config, second_export  # noqa: E402
 
 OUT = Path(os.environ.get("BENCH_OUT") or os.environ.get("OUT") or "/tmp/bench_out")
 WORK = Path(os.environ.get("WORK", "/tmp/bench_dist"))
@@ -434,9 +434,7 @@ def table(mode: str, rows: list[dict]) -> str:
 
 def plot(jsonl: Path, png: Path) -> None:
     """Paused and whole cost per export (the larger of the ranks') per strategy and size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     runs: dict[tuple[str, str], list[dict]] = {}
     for r in rows:

@@ -67,7 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import PeakRSS, qwen2_config, second_export, snapshot_roles  # noqa: E402
+from bench_common import PeakRSS, pyplot, qwen2_config, second_export, snapshot_roles  # noqa: E402
 
 OUT = Path(os.environ.get("BENCH_OUT") or os.environ.get("OUT") or "/tmp/bench_out")
 WORK = Path(os.environ.get("WORK", "/tmp/bench_stall"))
@@ -487,9 +487,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(jsonl: Path, png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if '"summary"' in line]
     rows.sort(key=lambda r: r["params_b"])
     x = [r["params_b"] for r in rows]
@@ -502,8 +500,12 @@ def plot(jsonl: Path, png: Path) -> None:
     ax1.legend()
     ax2.plot(x, [r["snapshot_gib"] / statistics.mean(r["async"]["export_s"]) for r in rows], "o-",
              label="background export")
-    ax2.plot(x, [r["snapshot_gib"] / r["disk_floor_s"] for r in rows], "o--", label="disk floor (write+fsync)")
-    ax2.plot(x, [r["snapshot_gib"] / r["peft_s"] for r in rows], "o:", label="PEFT merge+save_pretrained")
+    for key, style, label in (("disk_floor_s", "o--", "disk floor (write+fsync)"),
+                              ("peft_s", "o:", "PEFT merge+save_pretrained")):
+        anchored = [r for r in rows if r[key]]  # ANCHORS=0 runs have none
+        if anchored:
+            ax2.plot([r["params_b"] for r in anchored], [r["snapshot_gib"] / r[key] for r in anchored], style,
+                     label=label)
     ax2.set(xlabel="parameters (billions)", ylabel="GiB/s", title="Export throughput")
     ax2.legend()
     fig.tight_layout()
