@@ -101,14 +101,28 @@ def partitioned_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor
             yield clean_name(f"{mname}.{n}" if mname else n), p
 
 
+def pieces(model: nn.Module) -> list[tuple[nn.Parameter, Piece]]:
+    """This rank's :class:`Piece` of every partitioned parameter, in one walk. Raises
+    :class:`UnsupportedShardingError` (naming the parameter) when one cannot be read as it is."""
+    try:
+        return [(p, piece_of(name, p)) for name, p in partitioned_parameters(model)
+                if is_zero3_partitioned(p) or is_fsdp_sharded(p)]
+    except (AttributeError, IndexError) as e:  # an FSDP/DeepSpeed layout other than the one read here
+        raise UnsupportedShardingError(f"this engine's partition layout is not one sa2va_hooks reads ({e})") from e
+
+
+def is_captured(p: nn.Parameter, piece: Piece) -> bool:
+    """Whether a capture copies this piece (trainable, or sharing storage with a trainable one)
+    rather than leaving it to be read live by the export (frozen, storage not shared)."""
+    return p.requires_grad or piece.shared
+
+
 def partition_support(model: nn.Module) -> str | None:
     """None when every parameter's local piece can be read (then exports need no gather in the
     training thread), else why not."""
     try:
-        for name, p in partitioned_parameters(model):
-            if is_zero3_partitioned(p) or is_fsdp_sharded(p):
-                piece_of(name, p)
-    except (UnsupportedShardingError, AttributeError, IndexError) as e:
+        pieces(model)
+    except UnsupportedShardingError as e:
         return str(e)
     return None
 
@@ -131,25 +145,6 @@ class PartitionBuffers:
             buf.zero_()  # touch every page now, not during the first capture
             self._buffers[piece.name] = buf
         return buf
-
-
-def captured_pieces(model: nn.Module) -> Iterator[tuple[nn.Parameter, Piece]]:
-    """The partitioned parameters whose piece a capture copies: trainable, or sharing storage with
-    a trainable one."""
-    for name, p in partitioned_parameters(model):
-        if is_zero3_partitioned(p) or is_fsdp_sharded(p):
-            piece = piece_of(name, p)
-            if p.requires_grad or piece.shared:
-                yield p, piece
-
-
-def live_pieces(model: nn.Module) -> Iterator[tuple[nn.Parameter, Piece]]:
-    """The partitioned parameters a background export reads live: frozen, storage not shared."""
-    for name, p in partitioned_parameters(model):
-        if is_zero3_partitioned(p) or is_fsdp_sharded(p):
-            piece = piece_of(name, p)
-            if not (p.requires_grad or piece.shared):
-                yield p, piece
 
 
 class PieceExchange:

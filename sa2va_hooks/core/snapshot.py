@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from .fingerprint import Fingerprint, digest_tensor, dtype_name, tensor_stats, tensor_stats_pending
-from .partitions import (PartitionBuffers, Piece, captured_pieces, live_pieces, partition_support,
-                         partitioned_parameters)
+from .partitions import PartitionBuffers, Piece, is_captured, partitioned_parameters, pieces
 from .sharding import UnsupportedShardingError, clean_name, is_partitioned, iter_whole_parameters, needs_gather
 from .workers import Workers
 from .errors import ExportFailedError
@@ -194,9 +193,10 @@ class SnapshotBuffers:
         """Allocate every buffer a capture of ``model`` will need; returns the bytes allocated.
         A partitioned model gets buffers for this rank's pieces only (not collective)."""
         if needs_gather(model):
-            for _, piece in captured_pieces(model):
-                self._pieces.buffer(piece)
-            for name, t in _captured_buffers(model):
+            for p, piece in pieces(model):
+                if is_captured(p, piece):
+                    self._pieces.buffer(piece)
+            for name, t in _captured_tensors(model, parameters=False):
                 self._buffer(name, t)
             return self.nbytes
         for name, t in _captured_tensors(model):
@@ -217,12 +217,13 @@ class SnapshotBuffers:
         by_name: dict[str, torch.Tensor] = {}
         ready: dict[str, torch.cuda.Event] = {}
         if needs_gather(model):
-            why = partition_support(model)
-            if why is not None:
+            try:
+                found = pieces(model)
+            except UnsupportedShardingError as e:
                 raise UnsupportedShardingError(
-                    f"a capture copies this rank's partition of each parameter, but {why} Export it with export_hf, or "
-                    "let HFExportHook gather it in the training thread (mode 'gathered').")
-            return self._capture_pieces(model)
+                    f"a capture copies this rank's partition of each parameter, but {e} Export it with export_hf, or "
+                    "let HFExportHook gather it in the training thread (mode 'gathered').") from e
+            return self._capture_pieces(model, found)
         items = list(_captured_tensors(model))
         trained = [(n, t) for n, t in items if isinstance(t, nn.Parameter) and t.requires_grad]
         trainable = [n for n, _ in trained]
@@ -241,49 +242,46 @@ class SnapshotBuffers:
                        trainable, found, ready)
 
 
-    def _capture_pieces(self, model: nn.Module) -> Capture:
+    def _capture_pieces(self, model: nn.Module, found: list[tuple[nn.Parameter, Piece]]) -> Capture:
         """Partitioned parameters: copy this rank's piece of what training changes (and the
         buffers, whole), and record the version of every piece read live later. Local: no
         collective, no gather."""
         by_id: dict[int, torch.Tensor] = {}
         by_name: dict[str, torch.Tensor] = {}
         ready: dict[str, torch.cuda.Event] = {}
-        pieces: dict[int, tuple[Piece, torch.Tensor]] = {}
+        copied: dict[int, tuple[Piece, torch.Tensor]] = {}
+        live: dict[int, Piece] = {}
         trainable = []
         for name, p in _whole_trainable(model):  # a trainable parameter outside the engine's sharding
             self._copy(name, p, by_id, by_name, ready)
             trainable.append(name)
-        for p, piece in captured_pieces(model):
+        for p, piece in found:
+            if not is_captured(p, piece):
+                live[id(p)] = piece
+                continue
             buf = self._pieces.buffer(piece)
             src = piece.read()
             buf.copy_(src, non_blocking=src.device.type == "cuda")
             if src.device.type == "cuda":
                 ready[piece.name] = torch.cuda.Event()
                 ready[piece.name].record()
-            pieces[id(p)] = (piece, buf)
+            copied[id(p)] = (piece, buf)
             if p.requires_grad:
                 trainable.append(piece.name)
-        for name, t in _captured_buffers(model):
+        for name, t in _captured_tensors(model, parameters=False):
             self._copy(name, t, by_id, by_name, ready)
-        live = dict((id(p), piece) for p, piece in live_pieces(model))
         versions = {piece.name: (piece.storage, piece.storage._version) for piece in live.values()}
-        nbytes = sum(b.numel() * b.element_size() for _, b in pieces.values()) + \
+        nbytes = sum(b.numel() * b.element_size() for _, b in copied.values()) + \
             sum(b.numel() * b.element_size() for b in by_name.values())
         # dict.items: the raw entries (DeepSpeed's ZeROOrderedDict gathers a parameter read by key in a forward)
         module_params = {id(m): dict(dict.items(m._parameters)) for m in model.modules()}
-        return Capture(by_id, by_name, versions, nbytes, trainable, {}, ready, pieces, live, True, module_params)
+        return Capture(by_id, by_name, versions, nbytes, trainable, {}, ready, copied, live, True, module_params)
 
 
 def _whole_trainable(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for name, p in partitioned_parameters(model):
         if p.requires_grad and not is_partitioned(p):
             yield name, p
-
-
-def _captured_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The persistent buffers (whole under ZeRO-3 and FSDP, which partition parameters only)."""
-    for name, t in _captured_tensors(model, parameters=False):
-        yield name, t
 
 
 def _queue_stats(tensors: list[torch.Tensor]):
