@@ -52,6 +52,7 @@ sample, default 2048; 16 for tiny), WORK, BENCH_OUT.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -78,6 +79,10 @@ SEQ = {"tiny": 16}
 CHECKPOINTS = int(os.environ.get("CHECKPOINTS", "3"))
 LORA = os.environ.get("LORA", "all")  # "all": every linear + modules_to_save; "attn": q/k/v/o only
 ANCHORS = os.environ.get("ANCHORS", "1") != "0"
+MODES = [m for m in os.environ.get("MODES", "none,sync,async").split(",") if m]
+# attribution runs (issue 18, item 3): the background export again, with its threads reniced ("nice"), or the
+# training thread given a core of its own ("pin"), or both ("nice_pin"); each against "none"
+ASIDE = [a for a in os.environ.get("ASIDE", "").split(",") if a]
 TARGETS = {"whole_cost_s": 0.3, "overlap_slowdown_pct": 5.0, "paused_s": 0.3, "second_written_pct": 55.0,
            "frozen_pct_min": 50.0}
 
@@ -174,16 +179,33 @@ def _timer_hook():
 
         def __init__(self) -> None:
             self.stamps: list[float] = []
+            self.launched: list[float] = []  # the CPU is done with train_step (no sync yet: the GPU may lag)
 
         def before_train_iter(self, runner, batch_idx, data_batch=None) -> None:
             sync()
             self.stamps.append(time.perf_counter())
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+            self.launched.append(time.perf_counter())  # first of all hooks: before RuntimeInfoHook's .item()
 
         def after_train(self, runner) -> None:  # before HFExportHook waits for its last export
             sync()
             self.stamps.append(time.perf_counter())
 
     return IterStamps()
+
+
+def _hog_hook(hog: Hog, every: int):
+    from mmengine.hooks import Hook
+
+    class HogTrigger(Hook):
+        priority = "LOWEST"
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+            if (runner.iter + 1) % every == 0 and runner.iter + 1 < runner.max_iters:
+                hog.trigger()
+
+    return HogTrigger()
 
 
 def _stamp_hooks():
@@ -251,7 +273,105 @@ class Collect(logging.Handler):
             self.errors.append(msg)
 
 
-def train(model, size: str, mode: str) -> dict:
+def _aside(kind: str, stop) -> None:
+    """Bench-only attribution: renice (19) and/or move off core 0 every sa2va_hooks thread as it
+    appears (polled every 10 ms), core 0 left to the training thread with "pin"."""
+    import threading
+    seen: set[int] = set()
+    others = set(range(1, os.cpu_count() or 2))
+    while not stop.wait(0.01):
+        for t in threading.enumerate():
+            if t.name.startswith("sa2va_hooks") and t.native_id and t.native_id not in seen:
+                seen.add(t.native_id)
+                with contextlib.suppress(OSError):  # the thread may have ended meanwhile
+                    if "nice" in kind:
+                        os.setpriority(os.PRIO_PROCESS, t.native_id, 19)
+                    if "pin" in kind:
+                        os.sched_setaffinity(t.native_id, others)
+
+
+HOG_S, HOG_GIB = float(os.environ.get("HOG_S", "8")), float(os.environ.get("HOG_GIB", "2"))
+
+
+def _hog_loop(requests, replies, path: str) -> None:
+    """Export-like host work without an export: hash a buffer with the export's digest pool and write it
+    once, for HOG_S seconds per request. Runs as a thread of the training process ("hog_in") or in a
+    process of its own ("hog_out"): the same work with and without a shared GIL."""
+    from sa2va_hooks.core.fingerprint import digest_tensor
+    buf = torch.ones(int(HOG_GIB * 2**30), dtype=torch.uint8)
+    replies.put(0.0)  # ready
+    while (seconds := requests.get()) is not None:
+        t0, wrote = time.perf_counter(), False
+        while time.perf_counter() - t0 < seconds:
+            digest_tensor("hog", buf)
+            if not wrote:
+                with open(path, "wb") as f:
+                    f.write(buf.numpy().data)
+                    os.fsync(f.fileno())
+                wrote = True
+        replies.put(seconds)
+
+
+class Hog:
+    """Starts the hog loop before training; each checkpoint iteration triggers HOG_S seconds of it;
+    ``windows`` holds (start, end) of each, as the export windows do."""
+
+    def __init__(self, kind: str, path: Path) -> None:
+        import multiprocessing
+        import queue
+        import threading
+        if kind == "hog_out":
+            ctx = multiprocessing.get_context("spawn")
+            self.requests, self.replies = ctx.Queue(), ctx.Queue()
+            self.worker = ctx.Process(target=_hog_loop, args=(self.requests, self.replies, str(path)), daemon=True)
+        else:
+            self.requests, self.replies = queue.Queue(), queue.Queue()
+            self.worker = threading.Thread(target=_hog_loop, args=(self.requests, self.replies, str(path)),
+                                           daemon=True)
+        self.worker.start()
+        self.windows: list[list[float]] = []
+        self.replies.get()  # the worker is ready (a process has imported torch and sa2va_hooks)
+        self.waiter = threading.Thread(target=self._ends, daemon=True)
+        self.waiter.start()
+
+    def _ends(self) -> None:
+        while self.replies.get() is not None:  # requests are served in order: the first open window ended
+            next(w for w in self.windows if w[1] == float("inf"))[1] = time.perf_counter()
+
+    def trigger(self) -> None:
+        self.windows.append([time.perf_counter(), float("inf")])
+        self.requests.put(HOG_S)
+
+    def drain(self) -> None:
+        """Wait for the last window to end (as the hook waits for its last export at the end)."""
+        while any(w[1] == float("inf") for w in self.windows):
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.replies.put(None)
+
+
+def train(model, size: str, mode: str, aside: str = "") -> dict:
+    import threading
+    stop = threading.Event()
+    watcher = threading.Thread(target=_aside, args=(aside, stop), daemon=True)
+    everything = os.sched_getaffinity(0)
+    if aside:
+        if "pin" in aside:
+            os.sched_setaffinity(0, {0})
+        watcher.start()
+    hog = Hog(aside, WORK / "hog.bin") if aside.startswith("hog") else None
+    try:
+        return _train(model, size, "none" if hog else mode, hog)
+    finally:
+        if hog:
+            hog.close()
+        stop.set()
+        os.sched_setaffinity(0, everything)
+
+
+def _train(model, size: str, mode: str, hog: Hog | None = None) -> dict:
     from mmengine.runner import Runner
     import sa2va_hooks  # noqa: F401 - registers the hooks
 
@@ -277,7 +397,8 @@ def train(model, size: str, mode: str) -> dict:
         default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=every, by_epoch=False, max_keep_ckpts=1,
                                            save_last=False),
                            logger=dict(type="LoggerHook", interval=every)),
-        custom_hooks=hooks + [timer] + stamp_hooks, randomness=dict(seed=0), log_level="WARNING",
+        custom_hooks=hooks + [timer] + stamp_hooks + ([_hog_hook(hog, every)] if hog else []),
+        randomness=dict(seed=0), log_level="WARNING",
         env_cfg=dict(dist_cfg=dict(backend="nccl")))
     collect = Collect()
     runner.logger.addHandler(collect)
@@ -290,6 +411,9 @@ def train(model, size: str, mode: str) -> dict:
         total = time.perf_counter() - t
     runner.logger.removeHandler(collect)
     times = [b - a for a, b in zip(timer.stamps, timer.stamps[1:], strict=False)]
+    # the CPU's share of each iteration: from its start to the end of train_step's launches (the GIL and
+    # the CPU show here; a slower GPU shows only in the iteration's time)
+    cpu = [b - a for a, b in zip(timer.stamps, timer.launched, strict=False)]
     ckpt = [i for i in range(len(times)) if (i + 1) % every == 0]
     after = [i for c in ckpt for i in range(c + 1, min(c + 1 + every // 2, len(times)))]
     normal = [i for i in range(every // 4, len(times)) if i not in ckpt and i not in after]
@@ -303,11 +427,16 @@ def train(model, size: str, mode: str) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     # iterations that overlap a background export (its window from the hook's log lines), not a checkpoint's
     bounds = timer.stamps
+    if hog:
+        hog.drain()
+    for k, w in enumerate(hog.windows if hog else []):
+        collect.windows[f"hog{k}"] = w
+        collect.exports[f"hog{k}"] = {"s": round(w[1] - w[0], 2), "written": 0, "linked": 0}
     overlap = sorted({i for w in collect.windows.values() for i in range(len(times))
                       if i not in ckpt and bounds[i] < w[1] and bounds[i + 1] > w[0]})
     end_wait = stamps.get("end", {}).get(0, bounds[-1]) - bounds[-1]
     return {"mode": mode, "every": every, "iters": iters, "seq": seq_of(size), "lora": LORA,
-            "iter_s": [round(x, 4) for x in times], "ckpt_idx": ckpt,
+            "iter_s": [round(x, 4) for x in times], "cpu_s": [round(x, 4) for x in cpu], "ckpt_idx": ckpt,
             "ckpt_save_all_s": [round(stamps[i][2] - stamps[i][1], 4) for i in ckpt],
             "overlap_idx": overlap, "end_wait_s": round(end_wait, 3), "skipped": collect.skipped,
             "snapshot_roles": roles,
@@ -363,9 +492,16 @@ def measure(size: str) -> dict:
     log("model", size=size, params_b=round(params / 1e9, 3), trainable_gib=round(trainable / 2**30, 3), lora=LORA,
         every=every_of(size), iters=iters_of(size), seq=seq_of(size), exports_expected=iters_of(size) // every_of(size))
     runs = {}
-    for mode in ("none", "sync", "async"):
+    for mode in MODES:
         runs[mode] = log("train", size=size, **train(model, size, mode))
-    nbytes = runs["async"]["snapshot_bytes"] or runs["sync"]["snapshot_bytes"]
+    for kind in ASIDE:
+        r = train(model, size, "async", aside=kind)
+        log("aside", size=size, aside=kind, iter_s=r["iter_s"], cpu_s=r["cpu_s"], paused_s=r["paused_s"],
+            exports=r["exports"],
+            **issue18(runs["none"], r))
+    if not {"sync", "async"} & set(runs):
+        return {}
+    nbytes = runs.get("async", runs.get("sync", {})).get("snapshot_bytes", 0)
     if ANCHORS:
         floor = log("disk_floor", size=size, gib=round(nbytes / 2**30, 3), s=round(disk_floor(nbytes), 2))
         peft = log("peft_merge_and_unload_save_pretrained", size=size, **peft_merge_save(model))
@@ -378,7 +514,7 @@ def summarize(size: str, params: int, nbytes: int, runs: dict, floor: dict, peft
     base = statistics.mean(runs["none"]["ckpt_iter_s"])
     row = {"size": size, "params_b": round(params / 1e9, 3), "snapshot_gib": round(nbytes / 2**30, 3),
            "disk_floor_s": floor["s"], "peft_s": peft["s"]}
-    for mode in ("sync", "async"):
+    for mode in [m for m in ("sync", "async") if m in runs]:
         r = runs[mode]
         stalls = [round(c - base, 3) for c in r["ckpt_iter_s"]]
         export_s = [e["s"] for e in r["exports"].values()]
@@ -397,14 +533,16 @@ def summarize(size: str, params: int, nbytes: int, runs: dict, floor: dict, peft
                                        if r["gpu_peak_gib"] is not None else None),
                      "paused_s": list(r["paused_s"].values()), "waited_s": r["waited_s"], "errors": r["errors"]}
         row[mode].update(issue18(runs["none"], r))
-    sync_export = statistics.mean(row["sync"]["export_s"] or [float("nan")])
-    row["async"]["stall_vs_sync_export"] = round(row["async"]["in_loop_mean_s"] / sync_export, 4)
-    async_export = statistics.mean(row["async"]["export_s"] or [float("nan")])
-    row["async"]["export_vs_floor"] = round(async_export / floor["s"], 3) if floor["s"] else None
-    row["async"]["export_vs_peft"] = round(async_export / peft["s"], 3) if peft["s"] else None
-    row["sync"]["export_vs_floor"] = round(sync_export / floor["s"], 3) if floor["s"] else None
+    if "sync" in row and "async" in row:
+        sync_export = statistics.mean(row["sync"]["export_s"] or [float("nan")])
+        row["async"]["stall_vs_sync_export"] = round(row["async"]["in_loop_mean_s"] / sync_export, 4)
+        async_export = statistics.mean(row["async"]["export_s"] or [float("nan")])
+        row["async"]["export_vs_floor"] = round(async_export / floor["s"], 3) if floor["s"] else None
+        row["async"]["export_vs_peft"] = round(async_export / peft["s"], 3) if peft["s"] else None
+        row["sync"]["export_vs_floor"] = round(sync_export / floor["s"], 3) if floor["s"] else None
     row["lora"], row["every"], row["iters"], row["seq"] = LORA, r["every"], r["iters"], r["seq"]
-    row["frozen_pct"] = (runs["async"]["snapshot_roles"] or runs["sync"]["snapshot_roles"] or {}).get("frozen_pct")
+    roles = [runs[m]["snapshot_roles"] for m in ("async", "sync") if m in runs and runs[m]["snapshot_roles"]]
+    row["frozen_pct"] = roles[0].get("frozen_pct") if roles else None
     row["targets"] = TARGETS
     return log("summary", **row)
 
@@ -425,13 +563,16 @@ def issue18(none: dict, r: dict) -> dict:
     ov = [i for i in r["overlap_idx"] if i < len(none["iter_s"])]
     slowdown = (100 * (statistics.mean(r["iter_s"][i] for i in ov) / statistics.mean(none["iter_s"][i] for i in ov) - 1)
                 if ov else None)
-    exports_list = [r["exports"][k] for k in sorted(r["exports"], key=int)]
+    exports_list = [r["exports"][k] for k in sorted(r["exports"], key=lambda k: int(k.lstrip("hog")))]
+    cpu_ov = ([round(statistics.mean(x["cpu_s"][i] for i in ov), 4) for x in (r, none)]
+              if ov and "cpu_s" in r else None)
     return {"exports_done": len(r["exports"]), "skipped": len(r["skipped"]), "warmup_iters_left_out": warm,
             "whole_cost_per_export_s": round((raw - saves) / exports, 3),
             "whole_cost_raw_per_export_s": round(raw / exports, 3),
             "whole_cost_noise_s": round(noise, 3) if noise is not None else None,
             "end_wait_s": r["end_wait_s"], "overlap_iters": len(ov),
             "overlap_slowdown_pct": round(slowdown, 2) if slowdown is not None else None,
+            "overlap_cpu_s_vs_none": cpu_ov,
             "paused_max_s": max(r["in_loop_hooks_s"]) if r["in_loop_hooks_s"] else None,
             "second_export": second_export(exports_list)}
 
@@ -583,8 +724,9 @@ def main() -> None:
     for size in filter(None, os.environ.get("PROBE", "").split(",")):
         probe(size)
     rows = [measure(size) for size in filter(None, os.environ.get("SIZES", "tiny").split(","))]
-    print(table(rows), flush=True)
-    print(targets_table(rows), flush=True)
+    if {"none", "sync", "async"} <= set(MODES):
+        print(table(rows), flush=True)
+        print(targets_table(rows), flush=True)
     shutil.rmtree(WORK, ignore_errors=True)
 
 

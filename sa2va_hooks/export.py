@@ -15,6 +15,7 @@ from .core.dist import DEFAULT_TIMEOUT_S, RankGroup  # noqa: F401
 from .core.errors import BadInputError, BadValueError, ExportFailedError, MismatchError  # noqa: F401
 from .core.finish import ExportVerificationError  # noqa: F401
 from .core.fingerprint import Fingerprint, FingerprintSet
+from .core.host_process import HostProcess, HostProcessError  # noqa: F401
 from .core.manifest import MANIFEST_FILE, ExportManifest  # noqa: F401
 from .core.observer import ExportObserver
 from .core.pipeline import ExportTask  # noqa: F401
@@ -43,13 +44,14 @@ def start_export(model: nn.Module, out_dir: str | Path, *, converter: Any = "aut
                  progress: bool = False, trained: FingerprintSet | None = None, group: RankGroup | None = None,
                  link_from: str | Path | None = None, observer: ExportObserver | None = None,
                  capture: Capture | None = None, buffers: SnapshotBuffers | None = None,
-                 on_done: Callable[[ExportJob], None] | None = None) -> ExportJob:
-    """The same export on a background thread, after a capture of what training changes next."""
+                 on_done: Callable[[ExportJob], None] | None = None, host: HostProcess | None = None) -> ExportJob:
+    """The same export on a background thread, after a capture of what training changes next; with
+    ``host``, its hashing, writing and read-back run in that process (``core/host_process.py``)."""
     return _pipeline.start_export(model, out_dir, converter=resolve_converter(converter, model), dtype=dtype,
                                   max_shard_size=max_shard_size, provenance=provenance, baseline=baseline,
                                   overwrite=overwrite, readback=readback, progress=progress, trained=trained,
                                   group=group, link_from=link_from, observer=observer, capture=capture,
-                                  buffers=buffers, on_done=on_done)
+                                  buffers=buffers, on_done=on_done, host=host)
 
 
 def prepare_background_export(model: nn.Module, out_dir: str | Path, *, converter: Any = "auto", **kwargs: Any):

@@ -46,6 +46,7 @@ from .partitions import PieceExchange, partition_support
 from .pipeline import prepare_background_export, prepare_gathered_export, prepare_partitioned_export, run_export
 from .plan import ConverterProtocol
 from .fingerprint import Fingerprint, FingerprintSet
+from .host_process import HostProcess
 from .manifest import ExportManifest
 from .observer import ExportObserver
 from .sharding import needs_gather
@@ -155,7 +156,8 @@ def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter:
                             provenance: Mapping | None = None, baseline: Mapping[str, Fingerprint] | None = None,
                             overwrite: bool = False, readback: bool = True, progress: bool = False,
                             trained: FingerprintSet | None = None, link_from: str | Path | None = None,
-                            observer: ExportObserver | None = None, after: Waitable | None = None) -> ExportHandle:
+                            observer: ExportObserver | None = None, after: Waitable | None = None,
+                            host: HostProcess | None = None) -> ExportHandle:
     """Start the export of ``model`` as it is now to ``out_dir`` in ``mode`` (see the module
     docstring) and return its :class:`ExportHandle`. Collective: every rank calls it at the same
     point; then, for a background handle, ``run_front()`` at once.
@@ -179,7 +181,9 @@ def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter:
     would have); the background modes take it to the agreement, so every rank fails together
     instead of the others waiting in a collective this rank never enters. ``after`` (captured
     mode) queues this export behind another: prepared now, its thread runs once that one has
-    ended (``ExportJob.start``). The rest are ``export_hf``'s options.
+    ended (``ExportJob.start``). ``host`` (background modes): the process that hashes, writes and
+    reads back this rank's shards (:mod:`.host_process`); without one, threads of this process do.
+    The rest are ``export_hf``'s options.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -194,6 +198,7 @@ def start_checkpoint_export(model: nn.Module, out_dir: str | Path, *, converter:
         return ExportHandle(mode, out_dir, t0, manifest=manifest)
     front = front or RankGroup.current()
     group = group or RankGroup.background()
+    options["host"] = host
     if mode == "partitioned" and exchange is None:  # first: every rank gets here, whatever fails next
         exchange = PieceExchange.create(group.timeout_s or 600.0)
     handle: ExportHandle | None = None

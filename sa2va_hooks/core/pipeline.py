@@ -26,6 +26,7 @@ from torch import nn
 from .background import ExportJob, FrontFailedError, _ByteQueue
 from .dist import RankFailedError, RankFailure, RankGroup, agree, describe
 from .fingerprint import Fingerprint, FingerprintSet
+from .host_process import HostProcess
 from .finish import describe_snapshot
 from .manifest import ExportManifest
 from .observer import NO_OBSERVER, ExportObserver
@@ -138,8 +139,9 @@ class ExportTask:
                  readback: bool = True, progress: bool = False, trained: FingerprintSet | None = None,
                  group: RankGroup | None = None, link_from: str | Path | None = None,
                  capture: Capture | None = None, observer: ExportObserver | None = None,
-                 exchange: PieceExchange | None = None) -> None:
+                 exchange: PieceExchange | None = None, host: HostProcess | None = None) -> None:
         self.model, self.out_dir = model, Path(out_dir)
+        self.host = host  # hashes, writes and reads back this rank's shards in a process of its own
         self.exchange = exchange  # a partitioned capture's tensors are assembled over it
         # first, before anything can raise: every rank opens the same session, in the same order
         self.group = (group or RankGroup.current()).session(self.out_dir.name)
@@ -192,7 +194,7 @@ class ExportTask:
     def _rank_writer(self, trained: FingerprintSet, previous: _Previous | None = None) -> RankWriter:
         return RankWriter(self.plan, self.group.rank, self.group.world, trained=trained, baseline=self.baseline,
                           progress=self.progress, collective=needs_gather(self.model), previous=previous,
-                          group=self.group, observer=self.observer)
+                          group=self.group, observer=self.observer, host=self.host)
 
     def _conclude(self, trained: FingerprintSet, staging: Path, rank_writer: RankWriter | None,
                   error: BaseException | None) -> ExportManifest:

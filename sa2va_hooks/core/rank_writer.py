@@ -36,6 +36,7 @@ from .dist import RankGroup, StoreGroup
 from .entry import ProducedTensor, TensorEntry, TensorRecord
 from .finish import read_back
 from .fingerprint import Fingerprint, FingerprintSet, digest_tensor
+from .host_process import HostProcess, HostShard
 from .latch import _Latch
 from .manifest import TrainingEffect
 from .merge import ROLE_FROZEN, ROLE_LORA, ROLE_TRAINABLE
@@ -59,8 +60,9 @@ class RankWriter:
     def __init__(self, plan: ShardPlan, rank: int, world: int, *, trained: FingerprintSet,
                  baseline: Mapping[str, Fingerprint] | None, progress: bool, collective: bool,
                  previous: _Previous | None = None, group: RankGroup | StoreGroup | None = None,
-                 observer: ExportObserver = NO_OBSERVER) -> None:
+                 observer: ExportObserver = NO_OBSERVER, host: HostProcess | None = None) -> None:
         self.plan, self.rank, self.observer = plan, rank, observer  # plan: of TensorEntry
+        self.host = host  # hashes, writes and reads back in a process of its own (decision 62)
         self.trained, self.baseline = trained, baseline
         self.previous, self.collective, self.group = previous, collective, group
         self.owners = assign_shards(plan, world)
@@ -76,8 +78,22 @@ class RankWriter:
         return {"bytes_written": self.written, "bytes_linked": self.linked, "linked_from": dict(self.linked_from)}
 
     def write(self, staging: Path, producer: Producer, readback: bool) -> BaseException | None:
-        """Write (or link) this rank's files, then read them back; returns the first error."""
-        latch, mine = _Latch(), []
+        """Write (or link) this rank's files, then read them back; returns the first error. With a
+        host process, that process is this export's alone meanwhile."""
+        if self.host is None:
+            return self._write(staging, producer, readback)
+        with self.host.lock:
+            latch = _Latch()
+            latch.call(self.host.ensure_ring, max((e.nbytes for _, es in self.plan.files for e in es), default=0))
+            if latch.failed:  # every gather is still entered: the producer runs, nothing is written
+                self.host = None
+                self._write(staging, producer, readback, latch)
+                return latch.error
+            return self._write(staging, producer, readback)
+
+    def _write(self, staging: Path, producer: Producer, readback: bool,
+               latch: _Latch | None = None) -> BaseException | None:
+        latch, mine = latch or _Latch(), []
         try:
             together = self._agree_linking(producer, latch)
             for fname, entries in self.plan.files:
@@ -96,7 +112,11 @@ class RankWriter:
         finally:
             self.close(producer)
         if not latch.failed and readback:
-            latch.call(read_back, staging, mine, {n: r.to_json() for n, r in self.tensors.items() if r.file in mine})
+            expected = {n: r.to_json() for n, r in self.tensors.items() if r.file in mine}
+            if self.host is not None:
+                latch.call(self.host.call, "read_back", str(staging), mine, expected)
+            else:
+                latch.call(read_back, staging, mine, expected)
         return latch.error
 
     def close(self, producer: Producer | None = None) -> None:
@@ -116,7 +136,7 @@ class RankWriter:
         """Write one shard (or, under ZeRO-3, take part in its gathers only). After a failure the
         producer's tensors are still taken (its gathers entered, its queue emptied), not written."""
         record = not any(e.name in self.tensors for e in entries)  # hashed already by a failed _link
-        writer = latch.call(ShardWriter, staging / fname, entries) if own and not latch.failed else None
+        writer = latch.call(self._open, staging / fname, entries) if own and not latch.failed else None
         for produced in producer.produce(entries, own, latch):
             if writer is not None and not latch.failed:
                 latch.call(self._append, writer, produced, record)
@@ -126,9 +146,18 @@ class RankWriter:
             else:
                 latch.call(self._close_file, writer, fname)
 
-    def _append(self, writer: ShardWriter, produced: ProducedTensor, record: bool) -> None:
+    def _open(self, path: Path, entries: list[TensorEntry]) -> ShardWriter | HostShard:
+        if self.host is not None:
+            return HostShard(self.host, path, entries, self._record)
+        return ShardWriter(path, entries)
+
+    def _append(self, writer: ShardWriter | HostShard, produced: ProducedTensor, record: bool) -> None:
         """Append one tensor; its digest is computed on the helper thread meanwhile (both only
-        read the staged bytes), then recorded."""
+        read the staged bytes), then recorded. In the host process: handed over, recorded once
+        that process has hashed and written it."""
+        if isinstance(writer, HostShard):
+            writer.append(produced.entry, produced.host, produced, record)
+            return
         if not record:
             writer.append(produced.entry, produced.host)
             return
@@ -140,7 +169,7 @@ class RankWriter:
             raise
         self._record(produced, digest.result())
 
-    def _close_file(self, writer: ShardWriter, fname: str) -> None:
+    def _close_file(self, writer: ShardWriter | HostShard, fname: str) -> None:
         size = writer.close()
         self.written += size
         self.observer.file_done(fname, size, linked=False)
@@ -187,7 +216,7 @@ class RankWriter:
               latch: _Latch) -> bool:
         """Hash the shard's tensors; link the previous snapshot's file when they are equal."""
         for produced in producer.produce(entries, True, latch):
-            self._record(produced, self._hasher.submit(digest_tensor, produced.entry.name, produced.host).result())
+            self._record(produced, self._digest(produced))
         if latch.failed or self.previous is None:  # no previous here: hashed for the gathers' sake only
             return False
         digests = {e.name: self.tensors[e.name].digest for e in entries}
@@ -196,7 +225,7 @@ class RankWriter:
             if not self.previous.same_shard(fname, entries, digests):
                 return False
             link_shard(src, dst)
-            same = _holds(dst, digests)
+            same = self.host.call("holds", str(dst), digests) if self.host is not None else _holds(dst, digests)
         except OSError as e:  # whatever the errno: the shard is written from the model instead
             dst.unlink(missing_ok=True)
             self._link_failed(src, fname, e)
@@ -211,6 +240,12 @@ class RankWriter:
         self.observer.file_done(fname, size, linked=True)
         self.linked_from[fname] = f"{self.previous.path.name}/{fname} (linked)"
         return True
+
+    def _digest(self, produced: ProducedTensor) -> str:
+        if self.host is not None:
+            nbytes, dtype, shape = self.host.put(produced.host)
+            return self.host.call("digest", produced.entry.name, nbytes, dtype, shape)
+        return self._hasher.submit(digest_tensor, produced.entry.name, produced.host).result()
 
     def _link_failed(self, src: Path, fname: str, e: OSError) -> None:
         """A link that failed is a write, never a failed export: no link support (EXDEV, ENOSYS on a

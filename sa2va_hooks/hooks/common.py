@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import threading
 import time
@@ -18,10 +19,12 @@ from torch import nn
 
 from ..compat import allow_mmengine_checkpoint_globals  # noqa: F401 - re-exported for the hooks
 from ..core.dist import DEFAULT_TIMEOUT_S, RankGroup
+from ..core.errors import BadValueError
 from ..core.sharding import is_fsdp_module
 from ..core.vocab import SIDECAR_SUFFIX  # noqa: F401 - re-exported
 from ..core.checkpoint_export import ExportHandle
-from ..export import (MANIFEST_FILE, Capture, Fingerprint, PieceExchange, SnapshotBuffers, checkpoint_export_mode,
+from ..export import (MANIFEST_FILE, Capture, Fingerprint, HostProcess, PieceExchange, SnapshotBuffers,
+                      checkpoint_export_mode,
                       clean_leftovers, frozen_root, partition_support, remove_snapshot, trained_fingerprints)
 from ..core.fingerprint import DIGEST_ALGORITHM
 from ..core.vocab import DIGEST_V1
@@ -160,6 +163,26 @@ def ensure_baseline(runner) -> tuple[dict[str, Fingerprint], str, str | None]:
 
 
 WHEN_BUSY = ("queue", "wait", "skip")
+BACKGROUND = (True, False, "process", "thread")
+
+
+def background_choice(value) -> bool | str:
+    """HFExportHook's ``background``: True (a process of its own hashes, writes and reads back when the
+    model is on a GPU, threads otherwise), "process", "thread", or False (synchronous)."""
+    if not (value is True or value is False or (isinstance(value, str) and value in BACKGROUND)):
+        raise BadValueError(f"HFExportHook background must be True, False, 'process' or 'thread', got {value!r}")
+    return value
+
+
+def wants_host_process(background, model: nn.Module) -> bool:
+    """Where the export's host work goes (decision 62): a process of its own for a model on a GPU,
+    whose launch-bound training loop would wait for the GIL; threads on the CPU (no GPU to feed)."""
+    if background in ("process", "thread"):
+        return background == "process"
+    forced = os.environ.get("SA2VA_HOOKS_HOST_PROCESS")  # "1" or "0": for background=True, whatever the device
+    if forced in ("0", "1"):
+        return forced == "1"
+    return any(p.device.type == "cuda" for p in model.parameters())
 
 
 @dataclasses.dataclass
@@ -212,17 +235,24 @@ class BackgroundExports:
         self.group: RankGroup | None = None
         self.exchange: PieceExchange | None = None  # partitioned models: the gloo group exports assemble over
         self.fp_exchange: PieceExchange | None = None  # ... and the one the training thread's fingerprints use
+        self.host: HostProcess | None = None  # hashes, writes and reads back (decision 62); None: threads do
         self.timeout_s = DEFAULT_TIMEOUT_S  # the longest training waits for an export, and a rank for another
 
-    def prepare(self, runner, model: nn.Module, enabled: bool, when_busy: str, timeout_s: float) -> None:
+    def prepare(self, runner, model: nn.Module, enabled: bool | str, when_busy: str, timeout_s: float) -> None:
         """HFExportHook's options, from its ``before_train`` (every rank). Prepays what the first
         export would otherwise pay: the capture buffers (two sets under "queue"), allocated and
         touched once (pinned on a GPU). The store group is made once per process and kept (not
         collective). A partitioned model is exported by gathers in the training thread, which
         cannot run behind another export: there "queue" waits, as "wait" does (said here)."""
-        self.enabled, self.when_busy, self.timeout_s = enabled, when_busy, timeout_s
+        self.enabled, self.when_busy, self.timeout_s = bool(enabled), when_busy, timeout_s
         if not enabled:
             return
+        if wants_host_process(enabled, model) and self.host is None:
+            t0 = time.perf_counter()
+            self.host = HostProcess()
+            self.host.start()
+            runner.logger.info(f"[sa2va_hooks] background exports hash, write and read back in a process of their "
+                               f"own (pid {self.host.pid}, started in {time.perf_counter() - t0:.2f}s)")
         if self.group is None:
             self.group = RankGroup.background(timeout_s)
         mode = checkpoint_export_mode(model)
@@ -258,6 +288,9 @@ class BackgroundExports:
             runner.logger.error(f"[sa2va_hooks] the process waits for the export to {self.job.out_dir} at exit (it is "
                                 "not a daemon thread); if it is stopped first, that checkpoint has no snapshot: "
                                 "export it with tools/export.py")
+        elif self.host is not None:  # no export uses it any more
+            self.host.close()
+            self.host = None
         self.capture, self.capture_iter, self._capture_buffers, self._room = None, None, None, None
 
     # -- which buffers a capture goes into ------------------------------------------------------
@@ -324,7 +357,7 @@ class BackgroundExports:
         one's snapshot: it is the newest once this one runs)."""
         buffers = self.free_buffers()
         options = dict(group=self.group, buffers=buffers, capture=self.take_capture(it, buffers),
-                       exchange=self.exchange)
+                       exchange=self.exchange, host=self.host)
         held = self.in_flight()
         if held:
             options.update(after=_Behind(runner, held[-1], it), link_from=held[-1].handle.out_dir)

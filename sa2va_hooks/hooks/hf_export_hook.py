@@ -22,11 +22,11 @@ from mmengine.registry import HOOKS
 
 from ..export import (DEFAULT_TIMEOUT_S, BadValueError, FrontFailedError, converter_for_run, on_every_rank,
                       reserve_staging, start_checkpoint_export)
-from .common import (CURRENT_TRAINED_KEY, WHEN_BUSY, allow_mmengine_checkpoint_globals, background_exports,
-                     build_callable_cfg, checkpoint_due, checkpoint_point, catch_up_after_resume, complete_snapshots,
-                     config_sha256, describe_start, ensure_baseline, export_root, has_checkpoint_schedule, log_failed,
-                     log_skipped, process_state, remove_stale_staging, report_export, snapshot_keep_last,
-                     unwrapped_model)
+from .common import (CURRENT_TRAINED_KEY, WHEN_BUSY, allow_mmengine_checkpoint_globals, background_choice,
+                     background_exports, build_callable_cfg, checkpoint_due, checkpoint_point, catch_up_after_resume,
+                     complete_snapshots, config_sha256, describe_start, ensure_baseline, export_root,
+                     has_checkpoint_schedule, log_failed, log_skipped, process_state, remove_stale_staging,
+                     report_export, snapshot_keep_last, unwrapped_model)
 
 
 @HOOKS.register_module()
@@ -48,13 +48,13 @@ class HFExportHook(Hook):
             with ``[SEG]``) is used, then the config's top-level ``tokenizer`` (often the base one).
             A given tokenizer wins, and one that lacks a token the model's code needs is refused in
             ``before_train``.
-        background: export on a background thread (the default). Training pauses only while
-            the trainable tensors are copied into reused host buffers; the frozen rest is read,
-            merged, written, read back and verified while training goes on, and the snapshot
-            holds exactly the weights of its checkpoint iteration. ``False`` exports
-            synchronously, training waiting until the snapshot is published. Under ZeRO-3 and
-            FSDP each rank copies only its own pieces of the trainable parameters; the export's
-            thread assembles the tensors over a gloo group of its own.
+        background: export in the background (True, the default): training pauses only while the
+            trainable tensors (ZeRO-3/FSDP: this rank's pieces) are copied into reused host buffers;
+            a thread merges the rest (and assembles pieces over a gloo group of its own), and the
+            hashing, writing and read-back run in a process of their own when the model is on a
+            GPU (so they never hold the GIL training needs), in threads on the CPU. "process" or
+            "thread" chooses; ``False`` exports synchronously. The snapshot holds exactly the
+            weights of its checkpoint iteration.
         when_busy: what a checkpoint does while the previous background export is still
             running. ``"queue"`` (the default): capture now into a second buffer set and queue the
             export behind the running one (training pauses only for the capture); with one already
@@ -81,7 +81,7 @@ class HFExportHook(Hook):
             raise BadValueError(f"HFExportHook when_busy must be one of {', '.join(WHEN_BUSY)}, got {when_busy!r}")
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise BadValueError(f"HFExportHook timeout_s must be a positive number of seconds, got {timeout_s!r}")
-        self.timeout_s, self.background, self.when_busy = float(timeout_s), background, when_busy
+        self.timeout_s, self.background, self.when_busy = float(timeout_s), background_choice(background), when_busy
         self.out_dir, self.interval, self.converter, self.dtype = out_dir, interval, converter, dtype
         self.max_shard_size, self.keep_last, self.tokenizer = max_shard_size, keep_last, tokenizer
         self._last_exported_iter: int | None = None
