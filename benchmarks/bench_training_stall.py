@@ -362,6 +362,8 @@ def train(model, size: str, mode: str, aside: str = "") -> dict:
             os.sched_setaffinity(0, {0})
         watcher.start()
     hog = Hog(aside, WORK / "hog.bin") if aside.startswith("hog") else None
+    if aside == "thread":  # the export's host work in threads of this process, as before decision 62
+        os.environ["SA2VA_HOOKS_HOST_PROCESS"] = "0"
     try:
         return _train(model, size, "none" if hog else mode, hog)
     finally:
@@ -369,6 +371,7 @@ def train(model, size: str, mode: str, aside: str = "") -> dict:
             hog.close()
         stop.set()
         os.sched_setaffinity(0, everything)
+        os.environ.pop("SA2VA_HOOKS_HOST_PROCESS", None)
 
 
 def _train(model, size: str, mode: str, hog: Hog | None = None) -> dict:
