@@ -42,7 +42,14 @@ default EVERY*(CHECKPOINTS+1)-1: the last EVERY-1 iterations let the last export
 checkpoint at the last iteration), LORA (all|attn), ANCHORS=0 (skip (b) and (c)), MAX_SHARD
 (HFExportHook's max_shard_size; its
 default, 4MB for tiny so that the frozen tensors get shards of their own), SEQ (tokens per
-sample, default 2048; 16 for tiny), WORK, BENCH_OUT.
+sample, default 2048; 16 for tiny), WORK, BENCH_OUT, MODES (default none,sync,async; the tables
+need all three), ASIDE (attribution runs after the modes, each against "none" of the same run:
+"thread" = the export's host work in threads, not in the host process of decision 62; "nice",
+"pin", "nice_pin" = the export's threads reniced to 19 and/or the training thread alone on core 0;
+"hog_in", "hog_out" = no export, but HOG_S seconds (8) of the export's hashing of a HOG_GIB (2)
+buffer plus one write of it after each checkpoint, in a thread / in a process of its own).
+Every train row also has "cpu_s": each iteration's CPU part (from its start to the end of
+train_step's launches, before any sync), to tell a slower CPU from a slower GPU.
 
   SIZES=0.5b,1.5b,7b python benchmarks/bench_training_stall.py     # GPU; BENCH_OUT=results dir
   SIZES=7b ANCHORS=0 EVERY=50 ITERS=199 python benchmarks/bench_training_stall.py   # issue 18 figures

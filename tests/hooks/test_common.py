@@ -128,3 +128,30 @@ def test_background_exports_are_one_per_runner(tmp_path):
     assert common.background_exports(a) is not common.background_exports(b)
     st = common.background_exports(a)
     assert not st.busy and st.wait(a, "test") is True
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, 0, None, "Process"])
+def test_background_takes_true_false_process_or_thread_only(bad):
+    for good in (True, False, "process", "thread"):
+        assert common.background_choice(good) is good
+    with pytest.raises(common.BadValueError, match="background must be True, False, 'process' or 'thread'"):
+        common.background_choice(bad)
+
+
+def test_the_host_process_is_used_on_a_gpu_unless_chosen_otherwise(monkeypatch):
+    """Decision 62: background=True puts the host work in a process of its own when a parameter is on a
+    GPU (a stand-in module whose one parameter says so), in threads on the CPU; "process"/"thread" and
+    SA2VA_HOOKS_HOST_PROCESS=1/0 choose."""
+    class OnGpu(torch.nn.Module):
+        def parameters(self, recurse=True):
+            return iter([SimpleNamespace(device=torch.device("cuda", 0))])
+
+    cpu, gpu = torch.nn.Linear(2, 2), OnGpu()
+    monkeypatch.delenv("SA2VA_HOOKS_HOST_PROCESS", raising=False)
+    assert [common.wants_host_process(True, m) for m in (cpu, gpu)] == [False, True]
+    assert [common.wants_host_process("process", m) for m in (cpu, gpu)] == [True, True]
+    assert [common.wants_host_process("thread", m) for m in (cpu, gpu)] == [False, False]
+    monkeypatch.setenv("SA2VA_HOOKS_HOST_PROCESS", "1")
+    assert common.wants_host_process(True, cpu) and not common.wants_host_process("thread", cpu)
+    monkeypatch.setenv("SA2VA_HOOKS_HOST_PROCESS", "0")
+    assert not common.wants_host_process(True, gpu) and common.wants_host_process("process", gpu)

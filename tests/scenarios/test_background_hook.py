@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from sa2va_hooks.core.manifest import ExportManifest
@@ -45,6 +46,23 @@ def test_background_and_synchronous_hooks_write_the_same_snapshots(trained_run, 
         assert verify_snapshot(work_bg / "hf" / f"iter_{it}") == []
     assert "started in the background; training paused" in _log_text(work_bg)
     assert not _export_threads()  # after_run waited; no thread outlives the run
+
+
+def test_the_host_process_writes_the_same_snapshots_and_ends_with_the_run(trained_run, tiny_base, tmp_path):
+    """background="process" (the default on a GPU): hashing, writing and read-back in a process of the
+    hook's own; the snapshots are those of the threads (the demo run), and the process is gone after."""
+    import re
+    _, work_bg = trained_run
+    train_tiny(tmp_path, tiny_base, seed=0, data_seed=0, hooks=_hooks(background="process"))
+    for it in (3, 6):
+        proc = ExportManifest.load(tmp_path / "hf" / f"iter_{it}")
+        assert proc.root_digest == ExportManifest.load(work_bg / "hf" / f"iter_{it}").root_digest
+        assert verify_snapshot(tmp_path / "hf" / f"iter_{it}") == []
+    pid = int(re.search(r"in a process of their own \(pid (\d+)", _log_text(tmp_path)).group(1))
+    assert pid != os.getpid()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # after_train closed it (and waited for it)
+    assert "in a process of their own" not in _log_text(work_bg)  # the CPU default: threads
 
 
 def test_training_is_bit_identical_with_the_background_hook_and_without_hooks(trained_run, tiny_base, tmp_path):

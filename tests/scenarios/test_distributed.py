@@ -67,8 +67,9 @@ def _launch(cwd: Path, mode: str, *, hooks: bool = True, env_extra: dict | None 
         args += opts
     else:
         args += ["--cfg-options", *opts]
+    # the host work in a process of each rank's own, as on a GPU (decision 62): every launch mode covers it
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           **(env_extra or {})}
+           "SA2VA_HOOKS_HOST_PROCESS": "1", **(env_extra or {})}
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(next(_ports))]
     if mode == "fsdp":
         cmd = [*run, str(ROOT / "tests" / "fsdp_train.py"), str(work), str(cwd / "work_dirs" / "tiny_llm"),
@@ -180,6 +181,7 @@ def test_hooks_fire_and_record_what_each_checkpoint_holds(runs, mode):
         sidecar = json.loads((work / f"iter_{it}.pth.fingerprints.json").read_text())
         assert sidecar["trained"]["root"] == recorded.trained.root and sidecar["iter"] == it
         assert all(fp.shape != (0,) for fp in recorded.trained.tensors.values())
+    assert "hash, write and read back in a process of their own" in log  # rank 0 logs at INFO
     if mode in ("zero3", "fsdp"):  # each rank copied its own partitions; nothing gathered in the training thread
         assert "this rank's partitions of the trainable tensors" in log and "gathered in" not in log
 
