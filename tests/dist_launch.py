@@ -91,21 +91,25 @@ def _inject_failure() -> None:
     import errno
 
     import sa2va_hooks.core.rank_writer as ex
-    from sa2va_hooks.hooks import hf_export_hook
-    real_writer, real_export = ex.ShardWriter, hf_export_hook.HFExportHook._export_at
-    state = {"iter": None}
+    real_writer, real_host_shard = ex.ShardWriter, ex.HostShard
 
-    def export(self, runner, point):  # both the synchronous and the background export come here
-        state["iter"] = point["iter"]
-        return real_export(self, runner, point)
+    def injected(path) -> bool:
+        """By the shard's staging directory (``iter_N.incomplete-*``), not by the iteration training is at:
+        a background export may still be writing iteration 3 when training reaches 6."""
+        return it is None or Path(path).parent.name.split(".incomplete")[0] == f"iter_{int(it)}"
 
     def writer(path, slots):
-        if it is None or state["iter"] == int(it):
+        if injected(path):
             raise OSError(errno.ENOSPC, f"No space left on device (injected on rank {rank})", str(path))
         return real_writer(path, slots)
 
-    hf_export_hook.HFExportHook._export_at = export
-    ex.ShardWriter = writer
+    class HostShard(real_host_shard):  # the shard opened in the host process (decision 62); a class still
+        def __init__(self, host, path, entries, done) -> None:
+            if injected(path):
+                raise OSError(errno.ENOSPC, f"No space left on device (injected on rank {rank})", str(path))
+            super().__init__(host, path, entries, done)
+
+    ex.ShardWriter, ex.HostShard = writer, HostShard
 
 
 def main() -> None:
