@@ -175,7 +175,8 @@ class HostProcess:
         code = self._proc.poll() if self._proc is not None else None
         return (f"the export's host process (pid {self.pid}) ended unexpectedly (exit code {code}) while it hashed, "
                 "wrote or read back a shard; this export fails and publishes nothing, the next one starts a new "
-                "process")
+                "process. If the system log shows it was killed for memory, or this repeats, set "
+                "HFExportHook(background='thread') to do that work in threads of the training process")
 
     def _drop(self) -> None:
         for close in (self._conn.close if self._conn else None, self._ring.close if self._ring else None):
@@ -274,9 +275,11 @@ class _Server:
         pending = self.hasher.submit(digest_tensor, slot.name, t) if digest else None
         try:
             self.writer.append(slot, t)
-        finally:
-            value = pending.result() if pending is not None else None
-        return value
+        except BaseException:
+            if pending is not None:
+                pending.exception()  # wait: the parent reuses the buffer once answered; the write's error wins
+            raise
+        return pending.result() if pending is not None else None
 
     def digest(self, name: str, nbytes: int, dtype: torch.dtype, shape: tuple) -> str:
         from .fingerprint import digest_tensor

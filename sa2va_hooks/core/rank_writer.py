@@ -85,11 +85,9 @@ class RankWriter:
         with self.host.lock:
             latch = _Latch()
             latch.call(self.host.ensure_ring, max((e.nbytes for _, es in self.plan.files for e in es), default=0))
-            if latch.failed:  # every gather is still entered: the producer runs, nothing is written
+            if latch.failed:  # nothing is written; the producer still runs, so every gather is entered
                 self.host = None
-                self._write(staging, producer, readback, latch)
-                return latch.error
-            return self._write(staging, producer, readback)
+            return self._write(staging, producer, readback, latch)
 
     def _write(self, staging: Path, producer: Producer, readback: bool,
                latch: _Latch | None = None) -> BaseException | None:

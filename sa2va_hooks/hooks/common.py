@@ -248,11 +248,10 @@ class BackgroundExports:
         if not enabled:
             return
         if wants_host_process(enabled, model) and self.host is None:
-            t0 = time.perf_counter()
             self.host = HostProcess()
-            self.host.start()
+            self.host.start()  # its imports go on while training starts; the first export waits for them
             runner.logger.info(f"[sa2va_hooks] background exports hash, write and read back in a process of their "
-                               f"own (pid {self.host.pid}, started in {time.perf_counter() - t0:.2f}s)")
+                               f"own (pid {self.host.pid})")
         if self.group is None:
             self.group = RankGroup.background(timeout_s)
         mode = checkpoint_export_mode(model)
