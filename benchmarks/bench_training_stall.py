@@ -47,7 +47,11 @@ need all three), ASIDE (attribution runs after the modes, each against "none" of
 "thread" = the export's host work in threads, not in the host process of decision 62; "nice",
 "pin", "nice_pin" = the export's threads reniced to 19 and/or the training thread alone on core 0;
 "hog_in", "hog_out" = no export, but HOG_S seconds (8) of the export's hashing of a HOG_GIB (2)
-buffer plus one write of it after each checkpoint, in a thread / in a process of its own).
+buffer plus one write of it after each checkpoint, in a thread / in a process of its own);
+"no_ring" = the host process, but the export's thread skips the copy into its shared buffer (the
+process writes stale bytes, digests of what it wrote); "no_d2h" = that, and the export's threads also
+skip the copies to the host (the merge and the statistics still run on the GPU). Both write wrong
+bytes on purpose: attribution only, never a snapshot to keep.
 Every train row also has "cpu_s": each iteration's CPU part (from its start to the end of
 train_step's launches, before any sync), to tell a slower CPU from a slower GPU.
 
@@ -359,6 +363,35 @@ class Hog:
         self.replies.put(None)
 
 
+def _skip_copies(aside: str) -> contextlib.ExitStack:
+    """Bench-only attribution ("no_ring", "no_d2h"): take a copy out of the export's threads, to see
+    what it costs training. The training thread (the checkpoint's fingerprints) keeps every copy."""
+    import threading
+    from unittest import mock
+    from sa2va_hooks.core import host as host_mod
+    from sa2va_hooks.core.host_process import HostProcess
+    stack = contextlib.ExitStack()
+    if aside not in ("no_ring", "no_d2h"):
+        return stack
+    os.environ["SA2VA_HOOKS_HOST_PROCESS"] = "1"
+
+    def put(self, t):
+        flat_n = t.numel() * t.element_size()
+        self.ensure_ring(flat_n)
+        return flat_n, t.dtype, tuple(t.shape)
+    stack.enter_context(mock.patch.object(HostProcess, "put", put))
+    if aside == "no_d2h":
+        to_host = host_mod.HostStager.to_host
+
+        def no_copy(self, t):
+            if t.device.type != "cuda" or threading.current_thread() is threading.main_thread():
+                return to_host(self, t)
+            nbytes = t.numel() * t.element_size()
+            return self._buffer(max(nbytes, 1))[:nbytes].view(t.dtype).view(t.shape)
+        stack.enter_context(mock.patch.object(host_mod.HostStager, "to_host", no_copy))
+    return stack
+
+
 def train(model, size: str, mode: str, aside: str = "") -> dict:
     import threading
     stop = threading.Event()
@@ -372,7 +405,8 @@ def train(model, size: str, mode: str, aside: str = "") -> dict:
     if aside == "thread":  # the export's host work in threads of this process, as before decision 62
         os.environ["SA2VA_HOOKS_HOST_PROCESS"] = "0"
     try:
-        return _train(model, size, "none" if hog else mode, hog)
+        with _skip_copies(aside):
+            return _train(model, size, "none" if hog else mode, hog)
     finally:
         if hog:
             hog.close()
