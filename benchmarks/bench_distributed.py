@@ -77,6 +77,9 @@ ITERS = int(os.environ.get("ITERS", str(EXPORTS * INTERVAL + INTERVAL - 1)))
 REF_ITERS = int(os.environ.get("REF_ITERS", str(max(INTERVAL, 4))))
 WARMUP = min(int(os.environ.get("WARMUP", "2")), REF_ITERS - 2)
 MAX_SHARD = os.environ.get("MAX_SHARD", "4MB" if SIZE == "tiny" else "2GB")
+LORA = os.environ.get("LORA", "all")  # "attn": q/k/v/o only, so most of the model is frozen (hard links)
+if LORA not in ("all", "attn"):
+    raise SystemExit(f"LORA must be 'all' or 'attn', got {LORA!r}")
 TARGETS = {"whole_cost_s": 0.3, "overlap_slowdown_pct": 5.0, "paused_s": 0.3}
 CUDA = torch.cuda.is_available()  # without CUDA: a CPU smoke run (gloo, fp32, tests/dist_launch.py's workarounds)
 DEVICE = "cuda" if CUDA else "cpu"
@@ -136,7 +139,8 @@ def build_model(device: str):
         base = Qwen2ForCausalLM(make_config()).to(DTYPE)
     pm = get_peft_model(base, LoraConfig(
         r=64, lora_alpha=128, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])).to(DTYPE)
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        + (["gate_proj", "up_proj", "down_proj"] if LORA == "all" else []))).to(DTYPE)
     g = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():
         for p in pm.parameters():
@@ -232,7 +236,8 @@ def distributed(mode: str) -> None:
     from sa2va_hooks.hooks import hf_export_hook
     from sa2va_hooks.hooks.common import checkpoint_point, unwrapped_model
 
-    log("config", mode=mode, seq=SEQ, max_shard_size=MAX_SHARD, interval=INTERVAL, exports=EXPORTS, iters=ITERS,
+    log("config", mode=mode, lora=LORA, seq=SEQ, max_shard_size=MAX_SHARD, interval=INTERVAL, exports=EXPORTS,
+        iters=ITERS,
         ref_iters=REF_ITERS,
         warmup=WARMUP, world=int(os.environ.get("WORLD_SIZE", "1")), cuda=CUDA,
         device=torch.cuda.get_device_name(0) if CUDA else "cpu", torch=torch.__version__)
