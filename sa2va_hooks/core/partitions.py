@@ -10,9 +10,12 @@ collective gather over the training's process group, which only the training thr
   flat shard), into host buffers allocated once (:class:`PartitionBuffers`). No collective, no
   kernel but the copies;
 - the frozen partitions never change, so they are read later, by the export's thread, from the
-  live partition; its version counter, recorded at the capture, proves afterwards that nothing
-  wrote to it. An FSDP unit that also holds trainable parameters shares one storage (and version
-  counter) between frozen and trained slices, so its frozen slices are copied at the capture too;
+  live partition, never copied at a checkpoint. What proves afterwards that nothing wrote to one:
+  its version counter, recorded at the capture; or, for the frozen slices of an FSDP unit that
+  also holds trainable parameters (one storage, so one version counter, that every optimizer step
+  bumps), their content: fp64 norm and sum queued on the GPU at the capture, computed again after
+  the export (decision 63). Copying those slices at every capture cost 12.2 GiB of host buffers
+  per rank and a D2H copy of the whole local shard at 7.6B on 2 H200s;
 - the export's thread assembles each whole tensor on the rank that writes it from every rank's
   piece, with ``gather`` over a gloo process group of its own (:class:`PieceExchange`, made once
   before training), never over the training group. Every rank walks the same tensors in the same
@@ -112,9 +115,9 @@ def pieces(model: nn.Module) -> list[tuple[nn.Parameter, Piece]]:
 
 
 def is_captured(p: nn.Parameter, piece: Piece) -> bool:
-    """Whether a capture copies this piece (trainable, or sharing storage with a trainable one)
-    rather than leaving it to be read live by the export (frozen, storage not shared)."""
-    return p.requires_grad or piece.shared
+    """Whether a capture copies this piece (trainable) rather than leaving it to be read live by the
+    export (frozen: checked by version, or by content when ``piece.shared``, see the module's text)."""
+    return p.requires_grad
 
 
 def partition_support(model: nn.Module) -> str | None:
@@ -128,8 +131,8 @@ def partition_support(model: nn.Module) -> str | None:
 
 
 class PartitionBuffers:
-    """Host buffers for the pieces a capture copies (the trainable parameters' pieces, and the
-    frozen pieces whose storage is shared with trainable ones), allocated once and reused."""
+    """Host buffers for the pieces a capture copies (the trainable parameters' pieces), allocated
+    once and reused."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 import os
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -107,6 +108,10 @@ class Capture:
     live_pieces: dict[int, Piece] = dataclasses.field(default_factory=dict)
     partitioned: bool = False
     module_params: dict[int, dict] = dataclasses.field(default_factory=dict)  # see own_parameters
+    # frozen pieces read live whose storage also holds trainable ones (FSDP): checked by content,
+    # their (norm, sum) at the capture (queued there, read when checked), see :mod:`.partitions`
+    checked: list[Piece] = dataclasses.field(default_factory=list)
+    checked_stats: Callable[[], list[tuple[float, float]]] = lambda: []
 
     def wait(self, name: str | None = None) -> None:
         """Wait until the copy of ``name`` (or of everything) into its host buffer is complete."""
@@ -128,6 +133,8 @@ class Capture:
     def check_unchanged(self, what: str) -> None:
         """Raise :class:`ModelChangedError` if any uncaptured tensor was written since the capture."""
         changed = [n for n, (t, v) in self.versions.items() if t._version != v]
+        changed += [piece.name for piece, before in zip(self.checked, self.checked_stats(), strict=True)
+                    if not _same_stats(tensor_stats(piece.read()), before)]
         if not changed:
             return
         if self.background:
@@ -139,6 +146,12 @@ class Capture:
         raise ModelChangedError(
             f"{len(changed)} parameter(s) were modified in place while {what} was reading the model, e.g. "
             f"{changed[:5]}; the snapshot would mix two training states and was not published. Fix: {hint}")
+
+
+def _same_stats(now: tuple[float, float], before: tuple[float, float]) -> bool:
+    """The same fp64 norm and sum, bit for bit (the same kernels over the same bytes); NaN equals NaN
+    here, so a frozen NaN is reported as NaN by the export's own check, not as a change."""
+    return all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(now, before, strict=True))
 
 
 def _captured_tensors(model: nn.Module, parameters: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -270,12 +283,14 @@ class SnapshotBuffers:
                 trainable.append(piece.name)
         for name, t in _captured_tensors(model, parameters=False):
             self._copy(name, t, by_id, by_name, ready)
-        versions = {piece.name: (piece.storage, piece.storage._version) for piece in live.values()}
+        versions = {piece.name: (piece.storage, piece.storage._version) for piece in live.values() if not piece.shared}
+        checked = [piece for piece in live.values() if piece.shared]  # one version counter with trained slices
         nbytes = sum(b.numel() * b.element_size() for _, b in copied.values()) + \
             sum(b.numel() * b.element_size() for b in by_name.values())
         # dict.items: the raw entries (DeepSpeed's ZeROOrderedDict gathers a parameter read by key in a forward)
         module_params = {id(m): dict(dict.items(m._parameters)) for m in model.modules()}
-        return Capture(by_id, by_name, versions, nbytes, trainable, {}, ready, copied, live, True, module_params)
+        return Capture(by_id, by_name, versions, nbytes, trainable, {}, ready, copied, live, True, module_params,
+                       checked, _queue_stats([piece.read() for piece in checked]))
 
 
 def _whole_trainable(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

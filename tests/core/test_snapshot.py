@@ -130,3 +130,25 @@ def test_a_background_reader_merges_from_the_parameters_a_module_held_at_the_cap
     from sa2va_hooks.core.materialize import UnsupportedModuleError
     with pytest.raises(UnsupportedModuleError, match="must match the size"):  # the live module, without it
         MergeGroup(layer, "q_proj", ["default"]).take("weight")
+
+
+def test_a_frozen_slice_sharing_storage_with_a_trained_one_is_read_live_and_checked_by_content():
+    """An FSDP unit with frozen and trainable parameters: one local shard, one version counter that
+    every optimizer step bumps. The frozen slice is not copied; a write to the trained slice is
+    training (no error), a write to the frozen slice is caught by content, naming it."""
+    from sa2va_hooks.core.partitions import Piece
+    torch.manual_seed(3)
+    shard = torch.randn(40)  # [0, 24): frozen "a.weight"; [24, 40): trainable "b.weight"
+    frozen, trained = nn.Parameter(torch.empty(0), requires_grad=False), nn.Parameter(torch.empty(0))
+    a = Piece("a.weight", (4, 6), shard.dtype, 0, 24, shard, 0, True)
+    b = Piece("b.weight", (4, 4), shard.dtype, 0, 16, shard, 24, False)
+    at_capture = shard.clone()
+    cap = SnapshotBuffers()._capture_pieces(nn.Module(), [(frozen, a), (trained, b)])
+    assert list(cap.live_pieces.values()) == [a] and [p.name for p, _ in cap.pieces.values()] == ["b.weight"]
+    assert cap.nbytes == 16 * 4 and cap.versions == {}  # only the trained slice was copied
+    assert torch.equal(cap.pieces[id(trained)][1], at_capture[24:])
+    shard[24:].add_(1.0)  # an optimizer step: the shared version counter moves, the frozen bytes do not
+    cap.check_unchanged("the test")
+    shard[5] = shard[5] * 2 + 1  # a write to the frozen slice
+    with pytest.raises(ModelChangedError, match=r"1 parameter\(s\) were modified in place .*\['a.weight'\]"):
+        cap.check_unchanged("the test")
