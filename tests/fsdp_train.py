@@ -10,10 +10,13 @@ FSDP, so this is the plain mmengine path a user of FSDPStrategy takes.
 
 CPU-only workarounds, none of them in the product's code path: ``torch.cuda.set_device`` made a
 no-op (tests/dist_launch.py), and FSDP's ``device_id=torch.device('cpu')`` (mmengine passes the
-local rank, i.e. a CUDA device).
+local rank, i.e. a CUDA device). And the frozen slices of each unit are checked by content, as on a
+GPU, instead of copied, as on the CPU (decision 63): so these launches cover the GPU's path. With
+SA2VA_TEST_FSDP_COPY=1 they take the CPU's path (copied).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +37,9 @@ def main() -> None:
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
     import sa2va_hooks  # noqa: F401 - registers the hooks
+    import sa2va_hooks.core.snapshot as snapshot
+    if os.environ.get("SA2VA_TEST_FSDP_COPY") != "1":
+        snapshot.checks_by_content = lambda piece: piece.shared  # the GPU's path (see above)
     from sa2va_demo.tiny_llm import TinyTokenDataset
 
     work, llm_dir = sys.argv[1], sys.argv[2]

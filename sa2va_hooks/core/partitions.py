@@ -15,7 +15,9 @@ collective gather over the training's process group, which only the training thr
   also holds trainable parameters (one storage, so one version counter, that every optimizer step
   bumps), their content: fp64 norm and sum queued on the GPU at the capture, computed again after
   the export (decision 63). Copying those slices at every capture cost 12.2 GiB of host buffers
-  per rank and a D2H copy of the whole local shard at 7.6B on 2 H200s;
+  per rank and a D2H copy of the whole local shard at 7.6B on 2 H200s. On the CPU (FSDP's CPU
+  offload) the statistics would cost far more than the copy, so there they are still copied
+  (:func:`~.snapshot.checks_by_content`);
 - the export's thread assembles each whole tensor on the rank that writes it from every rank's
   piece, with ``gather`` over a gloo process group of its own (:class:`PieceExchange`, made once
   before training), never over the training group. Every rank walks the same tensors in the same
@@ -115,8 +117,9 @@ def pieces(model: nn.Module) -> list[tuple[nn.Parameter, Piece]]:
 
 
 def is_captured(p: nn.Parameter, piece: Piece) -> bool:
-    """Whether a capture copies this piece (trainable) rather than leaving it to be read live by the
-    export (frozen: checked by version, or by content when ``piece.shared``, see the module's text)."""
+    """Whether this piece is trainable, so every capture copies it. A frozen one is read live by the
+    export, checked by version; or, when ``piece.shared``, by content on a GPU and copied on the CPU
+    (:func:`~.snapshot.copied_at_capture`)."""
     return p.requires_grad
 
 
@@ -131,8 +134,8 @@ def partition_support(model: nn.Module) -> str | None:
 
 
 class PartitionBuffers:
-    """Host buffers for the pieces a capture copies (the trainable parameters' pieces), allocated
-    once and reused."""
+    """Host buffers for the pieces a capture copies (the trainable parameters' pieces; on the CPU also
+    the frozen pieces that share storage with them), allocated once and reused."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}

@@ -132,16 +132,26 @@ def test_a_background_reader_merges_from_the_parameters_a_module_held_at_the_cap
         MergeGroup(layer, "q_proj", ["default"]).take("weight")
 
 
-def test_a_frozen_slice_sharing_storage_with_a_trained_one_is_read_live_and_checked_by_content():
-    """An FSDP unit with frozen and trainable parameters: one local shard, one version counter that
-    every optimizer step bumps. The frozen slice is not copied; a write to the trained slice is
-    training (no error), a write to the frozen slice is caught by content, naming it."""
+
+def _mixed_unit():
+    """An FSDP unit with frozen and trainable parameters: one local shard (one version counter, which
+    every optimizer step bumps), [0, 24) frozen "a.weight", [24, 40) trainable "b.weight"."""
     from sa2va_hooks.core.partitions import Piece
     torch.manual_seed(3)
-    shard = torch.randn(40)  # [0, 24): frozen "a.weight"; [24, 40): trainable "b.weight"
+    shard = torch.randn(40)
     frozen, trained = nn.Parameter(torch.empty(0), requires_grad=False), nn.Parameter(torch.empty(0))
     a = Piece("a.weight", (4, 6), shard.dtype, 0, 24, shard, 0, True)
     b = Piece("b.weight", (4, 4), shard.dtype, 0, 16, shard, 24, False)
+    return shard, frozen, trained, a, b
+
+
+def test_a_frozen_slice_sharing_storage_with_a_trained_one_is_read_live_and_checked_by_content(monkeypatch):
+    """On a GPU (forced here: the check is the same on any device) the frozen slice is not copied; a
+    write to the trained slice is training (no error), a write to the frozen slice is caught by
+    content, naming it."""
+    import sa2va_hooks.core.snapshot as snapshot
+    monkeypatch.setattr(snapshot, "checks_by_content", lambda piece: piece.shared)
+    shard, frozen, trained, a, b = _mixed_unit()
     at_capture = shard.clone()
     cap = SnapshotBuffers()._capture_pieces(nn.Module(), [(frozen, a), (trained, b)])
     assert list(cap.live_pieces.values()) == [a] and [p.name for p, _ in cap.pieces.values()] == ["b.weight"]
@@ -152,3 +162,16 @@ def test_a_frozen_slice_sharing_storage_with_a_trained_one_is_read_live_and_chec
     shard[5] = shard[5] * 2 + 1  # a write to the frozen slice
     with pytest.raises(ModelChangedError, match=r"1 parameter\(s\) were modified in place .*\['a.weight'\]"):
         cap.check_unchanged("the test")
+
+
+def test_on_the_cpu_a_frozen_slice_sharing_storage_is_copied_at_the_capture():
+    """On the CPU the statistics would cost far more than the copy (decision 63): both slices are
+    copied, so a later write to either leaves the capture as it was."""
+    shard, frozen, trained, a, b = _mixed_unit()
+    at_capture = shard.clone()
+    cap = SnapshotBuffers()._capture_pieces(nn.Module(), [(frozen, a), (trained, b)])
+    assert cap.live_pieces == {} and cap.checked == [] and cap.nbytes == 40 * 4
+    shard.add_(1.0)
+    cap.check_unchanged("the test")
+    assert torch.equal(cap.pieces[id(frozen)][1], at_capture[:24])
+    assert torch.equal(cap.pieces[id(trained)][1], at_capture[24:])

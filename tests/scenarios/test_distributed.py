@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -184,6 +185,12 @@ def test_hooks_fire_and_record_what_each_checkpoint_holds(runs, mode):
     assert "hash, write and read back in a process of their own" in log  # rank 0 logs at INFO
     if mode in ("zero3", "fsdp"):  # each rank copied its own partitions; nothing gathered in the training thread
         assert "this rank's partitions of the trainable tensors" in log and "gathered in" not in log
+    if mode == "fsdp":  # decision 63: each unit's frozen slices are read live and checked by content, not copied
+        allocated = int(re.search(r"background export: (\d+) bytes of capture buffers", log).group(1))
+        lora = sum(v.numel() * v.element_size() for v in _lora(state).values())
+        frozen = sum(v.numel() * v.element_size() for k, v in state.items() if "lora_" not in k and "layers." in k)
+        # two sets of at most all the LoRA pieces; with the frozen slices copied too, about lora + frozen
+        assert 0 < allocated <= 2 * lora < lora + frozen
 
 
 @pytest.mark.parametrize("mode", list(LAUNCH))
