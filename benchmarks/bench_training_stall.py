@@ -541,7 +541,9 @@ def measure(size: str) -> dict:
     for kind in ASIDE:
         r = train(model, size, "async", aside=kind)
         log("aside", size=size, aside=kind, iter_s=r["iter_s"], cpu_s=r["cpu_s"], paused_s=r["paused_s"],
-            exports=r["exports"],
+            exports=r["exports"], extra_rss_gib=round(r["extra_rss_gib"] - runs["none"]["extra_rss_gib"], 3),
+            extra_gpu_gib=(round(r["gpu_peak_gib"] - runs["none"]["gpu_peak_gib"], 2)
+                           if r["gpu_peak_gib"] is not None else None),
             **issue18(runs["none"], r))
     if not {"sync", "async"} & set(runs):
         return {}
