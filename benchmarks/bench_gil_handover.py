@@ -37,9 +37,11 @@ def loop_once(x: torch.Tensor) -> float:
     return time.perf_counter() - t
 
 
-def side_work(rate: int, stop) -> None:
-    """RATE small torch calls per second, in bursts every millisecond, until ``stop`` is set."""
+def side_work(rate: int, stop, ready) -> None:
+    """RATE small torch calls per second, in bursts every millisecond, until ``stop`` is set;
+    ``ready`` is set once it runs (a spawned process has imported torch by then)."""
     y = torch.ones(256)
+    ready.set()
     per_ms = rate / 1000.0
     done, t0 = 0.0, time.perf_counter()
     while not stop.is_set():
@@ -57,14 +59,15 @@ def measure(rate: int, where: str) -> float:
     if rate == 0:
         return statistics.median(loop_once(x) for _ in range(LOOPS))
     if where == "thread":
-        stop = threading.Event()
-        worker = threading.Thread(target=side_work, args=(rate, stop), daemon=True)
+        stop, ready = threading.Event(), threading.Event()
+        worker = threading.Thread(target=side_work, args=(rate, stop, ready), daemon=True)
     else:
-        stop = multiprocessing.get_context("spawn").Event()
-        worker = multiprocessing.get_context("spawn").Process(target=side_work, args=(rate, stop), daemon=True)
+        ctx = multiprocessing.get_context("spawn")
+        stop, ready = ctx.Event(), ctx.Event()
+        worker = ctx.Process(target=side_work, args=(rate, stop, ready), daemon=True)
     worker.start()
     try:
-        time.sleep(0.5)  # a spawned process imports torch first; not a result, only a start
+        ready.wait()  # the side work runs before the loop is timed
         return statistics.median(loop_once(x) for _ in range(LOOPS))
     finally:
         stop.set()

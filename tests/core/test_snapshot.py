@@ -132,7 +132,6 @@ def test_a_background_reader_merges_from_the_parameters_a_module_held_at_the_cap
         MergeGroup(layer, "q_proj", ["default"]).take("weight")
 
 
-
 def _mixed_unit():
     """An FSDP unit with frozen and trainable parameters: one local shard (one version counter, which
     every optimizer step bumps), [0, 24) frozen "a.weight", [24, 40) trainable "b.weight"."""
