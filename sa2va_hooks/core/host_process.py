@@ -124,8 +124,12 @@ class HostProcess:
         self._starting = True
 
     def ensure_ring(self, nbytes: int) -> None:
-        """A shared buffer of at least ``nbytes`` (the export's largest tensor)."""
+        """A running process (a new one if the last died) and a shared buffer of at least ``nbytes``
+        (the export's largest tensor). Called once, as an export begins."""
         self.start()
+        self._fit_ring(nbytes)
+
+    def _fit_ring(self, nbytes: int) -> None:
         if self._ring is not None and self._ring.nbytes >= nbytes:
             return
         if self._ring is not None:
@@ -139,11 +143,20 @@ class HostProcess:
     def put(self, t: torch.Tensor) -> tuple[int, torch.dtype, tuple[int, ...]]:
         """Copy a host tensor's bytes into the shared buffer (a torch copy: the GIL is released)."""
         flat = t.contiguous().view(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
-        self.ensure_ring(flat.numel())
+        self._alive()
+        self._fit_ring(flat.numel())
         self._ring.tensor[:flat.numel()].copy_(flat)
         return flat.numel(), t.dtype, tuple(t.shape)
 
+    def _alive(self) -> None:
+        """Mid-export, a dead process fails the export; it is never replaced there: a new one
+        would hold none of the export's state (its open shard), so the next answer would be a
+        misleading error, or a wrong one."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise HostProcessError(self._died())
+
     def send(self, op: str, *args: Any) -> None:
+        self._alive()
         if self._starting:
             self._starting = False
             self.reply()

@@ -91,3 +91,19 @@ def test_the_host_process_ends_when_its_parent_goes_away(host):
     proc = host._proc
     host._conn.close()  # as when the training process dies: the socket closes
     assert proc.wait(timeout=120) == 0
+
+
+def test_a_host_process_that_died_between_two_tensors_fails_the_export_and_is_replaced_only_by_the_next(host):
+    # the CI failure of 2026-12-01: a process killed while no tensor was in flight was restarted
+    # by the next hand-over, and the new one, holding no open shard, answered with a misleading error
+    host.ensure_ring(64)
+    pid = host.pid
+    host._proc.kill()
+    host._proc.wait()
+    with pytest.raises(HostProcessError, match=rf"host process \(pid {pid}\) ended unexpectedly \(exit code -9\)"):
+        host.put(torch.arange(8, dtype=torch.float32))
+    with pytest.raises(HostProcessError, match=rf"pid {pid}\) ended unexpectedly"):
+        host.send("ping")
+    assert host.pid == pid  # not replaced mid-export
+    host.ensure_ring(64)  # the next export begins: a new process
+    assert host.pid != pid and host.call("ping") == host.pid
