@@ -113,7 +113,7 @@ class Fingerprint:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return n * getattr(torch, self.dtype).itemsize
 
 
 def tensor_bytes(t: torch.Tensor):
@@ -139,17 +139,28 @@ def tensor_stats_pending(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     GPU the kernels are queued and nothing waits, so many tensors cost one synchronisation
     (:func:`stats_values`). Computed in chunks, so a 150k-row embedding needs no full fp64 copy."""
     flat = t.detach().reshape(-1)
-    squares = torch.zeros((), dtype=torch.float64, device=flat.device)
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
     if flat.dtype == torch.bool:
         n = flat.sum(dtype=torch.float64)
-        return squares + n, total + n
+        return n + 0.0, n + 0.0
+    if flat.numel() <= CHUNK_ELEMENTS:  # one chunk (nearly every tensor): 4 calls, not 11 (see _one_chunk)
+        return _one_chunk(flat)
+    squares = torch.zeros((), dtype=torch.float64, device=flat.device)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
     for start in range(0, flat.numel(), CHUNK_ELEMENTS):
         c = flat[start:start + CHUNK_ELEMENTS]
         c = (c.abs() if c.is_complex() else c).to(torch.float64)
         squares += torch.dot(c, c)
         total += c.sum()
     return squares, total
+
+
+def _one_chunk(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop above for one chunk, value for value: ``0 + x`` is ``x`` for the sum of squares
+    (never -0.0), and the sum gets the same ``+ 0.0`` (it turns a -0.0 sum into 0.0, as the loop
+    does). Why it matters: every torch call of the export's thread is a GIL hand-over that the
+    training thread waits for (issue 18, docs/benchmarks.md)."""
+    c = (flat.abs() if flat.dtype.is_complex else flat).to(torch.float64)
+    return torch.dot(c, c), c.sum() + 0.0
 
 
 def stats_values(pending: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:

@@ -30,8 +30,13 @@ class NonFiniteError(BadInputError, FloatingPointError):
 
 
 def _chunks(t: torch.Tensor):
+    """``t`` flat, in chunks; one chunk (nearly every tensor) is not sliced: every torch call of the
+    export's thread is a GIL hand-over the training thread waits for (issue 18)."""
     flat = t.detach().reshape(-1)
-    return (flat[i:i + CHUNK_ELEMENTS] for i in range(0, flat.numel(), CHUNK_ELEMENTS))
+    n = flat.numel()
+    if n <= CHUNK_ELEMENTS:
+        return (flat,) if n else ()
+    return (flat[i:i + CHUNK_ELEMENTS] for i in range(0, n, CHUNK_ELEMENTS))
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -41,7 +46,13 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def non_finite_names(named: list[tuple[str, torch.Tensor]]) -> list[str]:
-    return [n for n, t in named if t is not None and t.is_floating_point() and not all_finite(t)]
+    """The names of the floating tensors that hold a NaN or Inf. Tensors of one chunk on one device
+    (a tuner layer's parameters) are checked together: one wait, not one per tensor (issue 18)."""
+    floats = [(n, t) for n, t in named if t is not None and t.is_floating_point()]
+    if floats and len({t.device for _, t in floats}) == 1 and all(t.numel() <= CHUNK_ELEMENTS for _, t in floats):
+        finite = torch.stack([torch.isfinite(t).all() for _, t in floats]).tolist()
+        return [n for (n, _), ok in zip(floats, finite, strict=True) if not ok]
+    return [n for n, t in floats if not all_finite(t)]
 
 
 @dataclasses.dataclass
@@ -58,12 +69,11 @@ def cast_copy(t: torch.Tensor, dtype: torch.dtype, private: bool = False) -> tor
     """A private, contiguous copy in ``dtype`` on the tensor's own device (the GPU does the
     arithmetic; the exporter moves the result to the host once). ``private``: ``t`` is already a
     copy nobody else holds, so it is not copied again (one tensor less of GPU memory)."""
-    # .to() of the same dtype returns the same storage; clone so the writer never holds a view
-    # of a live parameter that training may update mid-write.
-    out = t.detach().to(dtype=dtype)
-    if out.data_ptr() == t.data_ptr() and not private:
-        out = out.clone()
-    return out.contiguous()
+    # .to() of the same dtype returns the same storage: copy=True, so the writer never holds a view
+    # of a live parameter that training may update mid-write. The copy is made contiguous in the same
+    # pass: each torch call of the export's thread is a GIL hand-over the training thread waits for
+    # (issue 18). .contiguous() returns at once, holding the GIL, unless .to() made no copy (private).
+    return t.detach().to(dtype=dtype, copy=not private, memory_format=torch.contiguous_format).contiguous()
 
 
 def same_after_cast(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -71,12 +81,19 @@ def same_after_cast(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) ->
     mask)."""
     if out.shape != ref.shape:
         return False
+    if out.numel() <= CHUNK_ELEMENTS:  # one chunk: 2 calls, not 8 (GIL hand-overs, issue 18)
+        return torch.equal(out.detach(), ref.detach().to(dtype=dtype))
     return all(torch.equal(a, b.to(dtype=dtype)) for a, b in zip(_chunks(out), _chunks(ref), strict=True))
 
 
 def delta_norms(merged: torch.Tensor, base: torch.Tensor) -> tuple[float, float]:
     """||merged - base|| and ||base|| in fp64, chunk by chunk (no full-size fp64 copies)."""
     m, b = merged.detach().reshape(-1), base.detach().reshape(-1)
+    if m.numel() <= CHUNK_ELEMENTS:  # the loop below for one chunk, value for value (0 + x is x), one sync
+        bc = b.to(torch.float64)
+        dc = m.to(torch.float64) - bc
+        delta, norm = torch.stack((torch.dot(dc, dc), torch.dot(bc, bc))).sqrt().tolist()
+        return delta, norm
     delta = torch.zeros((), dtype=torch.float64, device=m.device)
     norm = torch.zeros((), dtype=torch.float64, device=m.device)
     for start in range(0, m.numel(), CHUNK_ELEMENTS):
@@ -145,7 +162,8 @@ def _plain_linear(module: nn.Module) -> nn.Module:
 def _fp32_param(p: torch.Tensor | None, requires_grad: bool = False):
     if p is None or not p.is_floating_point():
         return p
-    return nn.Parameter(live(p).detach().float().clone(), requires_grad=requires_grad)
+    # one copy, not two (.float() of a bf16 tensor already copies; .clone() copied again)
+    return nn.Parameter(live(p).detach().to(torch.float32, copy=True), requires_grad=requires_grad)
 
 
 def _private_copy(module: nn.Module) -> nn.Module:

@@ -22,6 +22,7 @@ parameter names that feed each tensor are kept in ``sources``.
 """
 from __future__ import annotations
 
+import math
 import dataclasses
 from typing import Callable
 
@@ -116,10 +117,12 @@ def _merged_base_tensor(name: str, pname: str, original: torch.Tensor, group: Me
     def produce(dtype: torch.dtype) -> MergedTensor:
         merged32 = group.take(pname)
         ref = dequantized_weight(base) if quantized else live(original)
-        if merged32.is_floating_point() and not all_finite(merged32):
+        delta, base_norm = delta_norms(merged32, ref)
+        # the base was checked finite before the merge: a NaN/Inf in the merge makes the fp64 delta
+        # norm NaN/Inf, and a finite one proves none (no check of its own: fewer calls, issue 18)
+        if not math.isfinite(delta) and merged32.is_floating_point() and not all_finite(merged32):
             raise NonFiniteError(f"merged '{_join(name, pname)}' has NaN or Inf: the adapter weights are not "
                                      "finite. Check the training loss for divergence before exporting.")
-        delta, base_norm = delta_norms(merged32, ref)
         out = cast_copy(merged32, dtype)
         rel = delta / base_norm if base_norm else (float("inf") if delta else 0.0)
         # a frozen base parameter other than the weight (a bias) is "merged" only if the tuner

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -161,3 +162,24 @@ def test_fingerprints_of_different_versions_are_incomparable_never_a_mismatch():
     assert fp.compare_fingerprints({"w": old}, {"w": fp.fingerprint_tensor("w", t, algorithm=V1)}) == []
     legacy = {k: v for k, v in old.to_json().items() if k != "algorithm"}  # a record that names none is v1
     assert fp.Fingerprint.from_json(legacy).algorithm == V1
+
+
+def test_one_chunk_statistics_are_the_fp64_dot_and_sum_bit_for_bit():
+    """The one-chunk path must give the chunked loop's very bits (a statistic recorded at a capture is
+    compared exactly with a recomputation). Reference: fp64 arithmetic here, the loop's ``0 + x``
+    included (it turns a -0.0 sum into +0.0)."""
+    g = torch.Generator().manual_seed(4)
+    cases = [torch.randn(5, 9, generator=g), torch.randn(31, generator=g).to(torch.bfloat16), torch.tensor(2.5),
+             torch.zeros(0, 3), torch.randint(-9, 9, (11,), generator=g), torch.tensor([-0.0, -0.0]),
+             torch.randn(4, generator=g, dtype=torch.complex64)]
+    for t in cases:
+        squares, total = fp.tensor_stats_pending(t)
+        v = (t.abs() if t.is_complex() else t).to(torch.float64).reshape(-1)
+        want_sq, want_sum = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        want_sq += torch.dot(v, v)
+        want_sum += v.sum()
+        assert squares.item() == want_sq.item() and total.item() == want_sum.item(), t
+        assert math.copysign(1.0, total.item()) == math.copysign(1.0, want_sum.item()), t
+    assert math.copysign(1.0, fp.tensor_stats_pending(torch.tensor([-0.0, -0.0]))[1].item()) == 1.0
+    squares, total = fp.tensor_stats_pending(torch.tensor([True, False, True]))
+    assert (squares.item(), total.item()) == (2.0, 2.0)
