@@ -98,7 +98,9 @@ class Fingerprint:
     algorithm: str = DIGEST_ALGORITHM
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
+        # every field is a str, a float or the shape: no deep copy needed (asdict's recursion, per
+        # tensor, held the GIL in the export's thread, issue 18)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["shape"] = list(self.shape)
         return d
 

@@ -1,4 +1,5 @@
-"""The host half of an export in a process of its own: hashing, writing and reading back shards.
+"""The host half of an export in a process of its own: hashing, writing and reading back shards,
+and on the rank that publishes, the load check and the verify of the staged snapshot.
 
 Why (issue 18, item 3; decision 62): training loops on a GPU are launch-bound, and every torch op
 releases and retakes the GIL. Any thread of ours that takes the GIL in between (a digest worker
@@ -261,7 +262,8 @@ class HostShard:
 
 # -- the process's side ----------------------------------------------------------------------
 class _Server:
-    """What the host process does for its parent: one shard being written at a time."""
+    """What the host process does for its parent: one shard being written at a time; the load
+    check and the staged snapshot's verify (pure Python that held the GIL in the export's thread)."""
 
     def __init__(self) -> None:
         from .workers import Workers
@@ -310,6 +312,16 @@ class _Server:
     def read_back(self, staging: str, files: list, expected: dict) -> None:
         from .finish import read_back
         read_back(Path(staging), files, expected)
+
+    def load_check(self, staging: str, tensors: dict, template_table: str | None, required_tokens: list,
+                   label: Path) -> dict:
+        from .loadcheck import check_snapshot_loads
+        return check_snapshot_loads(Path(staging), tensors, template_table=template_table,
+                                    required_tokens=required_tokens, label=label)
+
+    def verify_staged(self, staging: str) -> list[str]:
+        from .verify import verify_snapshot
+        return verify_snapshot(Path(staging), data=False)
 
     def holds(self, path: str, digests: dict) -> bool:
         from .rank_writer import _holds

@@ -141,7 +141,7 @@ class ExportTask:
                  capture: Capture | None = None, observer: ExportObserver | None = None,
                  exchange: PieceExchange | None = None, host: HostProcess | None = None) -> None:
         self.model, self.out_dir = model, Path(out_dir)
-        self.host = host  # hashes, writes and reads back this rank's shards in a process of its own
+        self.host = host  # hashes, writes, reads back (and on rank 0 load-checks) in a process of its own
         self.exchange = exchange  # a partitioned capture's tensors are assembled over it
         # first, before anything can raise: every rank opens the same session, in the same order
         self.group = (group or RankGroup.current()).session(self.out_dir.name)
@@ -228,7 +228,7 @@ class ExportTask:
         snapshot, then publish it, unless the model changed meanwhile or a rank gave up."""
         manifest = describe_snapshot(staging, parts, self.export_plan, model=self.model, conv=self.conv, dt=self.dt,
                                      trained=trained, provenance=provenance, readback=self.readback,
-                                     out_dir=self.out_dir)
+                                     out_dir=self.out_dir, host=self.host)
         self.capture.check_unchanged("the export")
         self.group.raise_if_abandoned()  # a rank that gave up has logged a failure: do not contradict it
         publish(staging, self.out_dir, overwrite=self.overwrite)

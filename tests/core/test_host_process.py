@@ -3,6 +3,7 @@ the same files as in-process exports, PEFT's merge in them, and a process that d
 the export it was working for, at once, with nothing published."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -107,3 +108,38 @@ def test_a_host_process_that_died_between_two_tensors_fails_the_export_and_is_re
     assert host.pid == pid  # not replaced mid-export
     host.ensure_ring(64)  # the next export begins: a new process
     assert host.pid != pid and host.call("ping") == host.pid
+
+
+def test_the_load_check_and_the_verify_run_in_the_host_process_and_their_errors_come_back_as_themselves(
+        tmp_path, host, monkeypatch):
+    """Both are pure Python that held the GIL in the export's thread (67 ms per export at 7.6B): in
+    the host process, they are out of the training process. Proof that they ran there and not here:
+    here they raise; the export passes and its manifest holds the check's result."""
+    import sa2va_hooks.core.finish as finish
+    from sa2va_hooks.core.loadcheck import SnapshotLoadError
+
+    def not_here(*a, **k):
+        raise AssertionError("ran in the training process")
+
+    pm = _peft()
+    monkeypatch.setattr(finish, "check_snapshot_loads", not_here)
+    monkeypatch.setattr(finish, "verify_snapshot", not_here)
+    ok = start_export(pm, tmp_path / "ok", dtype="bf16", max_shard_size="20KB", host=host).result()
+    assert ok.provenance["load_check"] == {"class": "modeling_qwen2.Qwen2ForCausalLM", "tensors": len(ok.tensors),
+                                           "template_table": None, "required_tokens": []}
+    assert verify_snapshot(tmp_path / "ok") == []
+    written = finish._write_config_and_extras
+
+    def one_row_more(staging, *a, **k):  # the config no longer fits the tensors
+        notes = written(staging, *a, **k)
+        cfg = json.loads((staging / "config.json").read_text())
+        (staging / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
+        return notes
+
+    monkeypatch.setattr(finish, "_write_config_and_extras", one_row_more)
+    rows = json.loads((tmp_path / "ok" / "config.json").read_text())["vocab_size"]
+    with pytest.raises(SnapshotLoadError, match=rf"model\.embed_tokens\.weight: written as \[{rows}, \d+\], but the "
+                                                rf"class expects \[{rows + 1}, \d+\]"):
+        start_export(pm, tmp_path / "out" / "bad", dtype="bf16", max_shard_size="20KB", host=host).result()
+    assert sorted(os.listdir(tmp_path / "out")) == []  # nothing published, no staging left behind
+    assert host.call("ping") == host.pid  # the process goes on serving

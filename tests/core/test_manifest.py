@@ -216,3 +216,13 @@ def test_a_v1_manifest_is_still_read_and_says_its_digests_are_v1():
     assert MANIFEST_FORMAT == "sa2va_hooks.export_manifest/v2"
     with pytest.raises(ManifestError, match="format: 'sa2va_hooks.export_manifest/v3' is not one of"):
         ExportManifest.from_json({**valid(), "format": "sa2va_hooks.export_manifest/v3"})
+
+
+def test_package_versions_are_the_installed_ones_and_each_call_gets_its_own_dict():
+    from importlib import metadata
+
+    from sa2va_hooks.core.manifest import package_versions
+    first = package_versions()
+    assert first["torch"] == metadata.version("torch") and first["peft"] == metadata.version("peft")
+    first["torch"] = "tampered"
+    assert package_versions()["torch"] == metadata.version("torch")  # read once, never shared
