@@ -89,11 +89,11 @@ def _load_check(host: Any, staging: Path, tensors: dict, conv: ConverterProtocol
     thread waits for every hand-over of the GIL (issue 18, item 3). It reads only the staged files,
     so the process checks the same thing; its errors (a :class:`~.loadcheck.SnapshotLoadError`
     listing the problems) come back as themselves."""
-    args = (tensors, conv.template_table, list(conv.required_tokens), out_dir)
+    table, tokens = conv.template_table, list(conv.required_tokens)
     if host is None:
-        return check_snapshot_loads(staging, args[0], template_table=args[1], required_tokens=args[2], label=args[3])
+        return check_snapshot_loads(staging, tensors, template_table=table, required_tokens=tokens, label=out_dir)
     with host.lock:
-        return host.call("load_check", str(staging), *args)
+        return host.call("load_check", str(staging), tensors, table, tokens, out_dir)
 
 
 def _write_config_and_extras(staging: Path, model: nn.Module, conv: ConverterProtocol, dt: Any,

@@ -22,8 +22,8 @@ parameter names that feed each tensor are kept in ``sources``.
 """
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from typing import Callable
 
 import torch
